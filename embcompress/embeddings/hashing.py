@@ -1,0 +1,59 @@
+"""``hash``: the hashing trick. Each large field's ids share that field's rows by a 64-bit hash.
+
+Field f gets ``rows[f]`` rows (see :func:`~embcompress.embeddings.ops.allocate_rows`): a field with at
+least as many rows as values keeps one row per value; otherwise local id ``i`` is served by row
+``hash64(i, seed) % rows[f]``, with :func:`~embcompress.embeddings.ops.hash64` the SplitMix64 finaliser,
+so sequential ids spread evenly and no two fields share a row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
+from .ops import allocate_rows, field_of, field_starts, hash64
+from .registry import register
+
+_BUFFERS_PER_FIELD = 4  # field start, field size, rows, row base: int64 each
+
+
+@register("hash")
+class HashEmbeddingBag(IndexedEmbeddingBag):
+    def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
+                 mode: str = "sum", seed: int = 0, sparse: bool = True) -> None:
+        rows = [int(r) for r in rows_per_field]
+        if len(rows) != len(field_sizes) or min(rows) < 1:
+            raise ValueError("rows_per_field needs one positive count per field")
+        rows = [min(r, int(n)) for r, n in zip(rows, field_sizes)]
+        super().__init__(field_sizes, embedding_dim, sum(rows), mode, sparse)
+        self.seed = int(seed)
+        self.register_buffer("starts", field_starts(self.field_sizes))
+        self.register_buffer("sizes", torch.tensor(self.field_sizes, dtype=torch.int64))
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64))
+        self.register_buffer("row_base", field_starts(rows))
+        uniform_rows_(self.weight, rows)
+
+    def row_index(self, ids: Tensor) -> Tensor:
+        f = field_of(ids, self.starts)
+        local = ids - self.starts[f]
+        m = self.rows[f]
+        slot = torch.where(m < self.sizes[f], hash64(local, self.seed) % m, local)
+        return self.row_base[f] + slot
+
+    @classmethod
+    def _overhead(cls, field_sizes: Sequence[int]) -> int:
+        return _BUFFERS_PER_FIELD * 8 * len(field_sizes)
+
+    @classmethod
+    def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
+        row = embedding_dim * FLOAT_BYTES
+        return len(field_sizes) * row + cls._overhead(field_sizes), sum(field_sizes) * row + cls._overhead(field_sizes)
+
+    @classmethod
+    def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
+                          **options: Any) -> "HashEmbeddingBag":
+        total = (budget_bytes - cls._overhead(field_sizes)) // (embedding_dim * FLOAT_BYTES)
+        return cls(field_sizes, embedding_dim, allocate_rows(field_sizes, total), **options)

@@ -1,0 +1,92 @@
+"""Integer helpers shared by the tables: a 64-bit hash, field lookup, and splitting a row budget."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+
+
+def _signed64(c: int) -> int:
+    c &= _MASK64
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+def _shift_right_logical(z: Tensor, s: int) -> Tensor:
+    # torch's >> on int64 is arithmetic; mask off the copied sign bits.
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def hash64(x: Tensor, seed: int = 0) -> Tensor:
+    """SplitMix64 finaliser of ``x + (seed + 1) * golden``: a well-mixed, non-negative int64 (63 bits).
+
+    Integer arithmetic only (int64 multiplication wraps modulo 2^64, as in C), so it is exact for any
+    id, identical on CPU and CUDA, and matches :func:`hash64_reference`. Different seeds give
+    independent-looking functions, which CAFE's multi-level hashing relies on.
+    """
+    z = x.long() + _signed64((seed + 1) * _GOLDEN)
+    z = (z ^ _shift_right_logical(z, 30)) * _signed64(_M1)
+    z = (z ^ _shift_right_logical(z, 27)) * _signed64(_M2)
+    z = z ^ _shift_right_logical(z, 31)
+    return z & 0x7FFFFFFFFFFFFFFF
+
+
+def hash64_reference(x: int, seed: int = 0) -> int:
+    """Pure-Python :func:`hash64` for one id (used by tests)."""
+    z = (x + (seed + 1) * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+    z ^= z >> 31
+    return z & 0x7FFFFFFFFFFFFFFF
+
+
+def field_starts(field_sizes: Sequence[int]) -> Tensor:
+    """Global id of each field's first row, int64 (F,)."""
+    starts = [0]
+    for s in list(field_sizes)[:-1]:
+        starts.append(starts[-1] + int(s))
+    return torch.tensor(starts, dtype=torch.int64)
+
+
+def field_of(ids: Tensor, starts: Tensor) -> Tensor:
+    """Field index of each global id, given :func:`field_starts`."""
+    return torch.bucketize(ids, starts[1:], right=True)
+
+
+def allocate_rows(field_sizes: Sequence[int], total_rows: int, min_rows: Sequence[int] | None = None) -> list[int]:
+    """Split ``total_rows`` among fields: field f gets ``max(min_rows[f], min(n_f, cap))`` rows.
+
+    The cap is the largest that fits, and the rows left over go one each to the largest fields, so the
+    total is used exactly while it is below ``sum(field_sizes)``. Small fields stay whole; every large
+    field gets about the same number of rows (the rule of the DLRM reference's ``--max-ind-range``).
+    """
+    sizes = [int(s) for s in field_sizes]
+    mins = [1] * len(sizes) if min_rows is None else [int(m) for m in min_rows]
+
+    def used(cap: int) -> int:
+        return sum(max(m, min(n, cap)) for n, m in zip(sizes, mins))
+
+    if used(0) > total_rows:
+        raise ValueError(f"{total_rows} rows cannot give each of {len(sizes)} fields its minimum ({used(0)} in all)")
+    lo, hi = 0, max(sizes)
+    while lo < hi:  # largest cap with used(cap) <= total_rows
+        mid = (lo + hi + 1) // 2
+        if used(mid) <= total_rows:
+            lo = mid
+        else:
+            hi = mid - 1
+    rows = [max(m, min(n, lo)) for n, m in zip(sizes, mins)]
+    left = total_rows - sum(rows)
+    for f in sorted(range(len(sizes)), key=lambda f: -sizes[f]):
+        if left <= 0:
+            break
+        if rows[f] < sizes[f]:
+            rows[f] += 1
+            left -= 1
+    return rows

@@ -1,0 +1,61 @@
+import torch
+from hypothesis import given, settings, strategies as st
+
+from embcompress.embeddings.ops import allocate_rows, field_of, field_starts, hash64, hash64_reference
+from embcompress.embeddings.qr import QREmbeddingBag, largest_remainder, plan_field, smallest_qr
+
+
+@given(st.lists(st.integers(0, 2**62), min_size=1, max_size=20), st.integers(0, 5))
+@settings(max_examples=50, deadline=None)
+def test_hash64_matches_reference(xs, seed):
+    got = hash64(torch.tensor(xs), seed).tolist()
+    assert got == [hash64_reference(x, seed) for x in xs]
+    assert all(0 <= g < 2**63 for g in got)
+
+
+def test_hash64_spreads_sequential_ids():
+    buckets = hash64(torch.arange(100_000)) % 100
+    counts = torch.bincount(buckets, minlength=100).float()
+    # each bucket expects 1000 ids; a plain modulo would give exactly 1000, a bad hash far off
+    assert counts.min() > 850 and counts.max() < 1150
+    assert not torch.equal(hash64(torch.arange(10), 0), hash64(torch.arange(10), 1))
+
+
+def test_field_of():
+    starts = field_starts([3, 5, 2])
+    assert field_of(torch.tensor([0, 2, 3, 7, 8, 9]), starts).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@given(st.lists(st.integers(1, 10_000), min_size=1, max_size=12), st.data())
+@settings(max_examples=80, deadline=None)
+def test_allocate_rows(sizes, data):
+    total = data.draw(st.integers(len(sizes), sum(sizes)))
+    rows = allocate_rows(sizes, total)
+    assert sum(rows) == total
+    assert all(1 <= r <= n for r, n in zip(rows, sizes))
+    # small fields stay whole before any large field gets more rows than they have
+    cap = max(r for r, n in zip(rows, sizes) if r < n) if any(r < n for r, n in zip(rows, sizes)) else None
+    if cap is not None:
+        assert all(r == n for r, n in zip(rows, sizes) if n < cap - 1)
+
+
+@given(st.integers(1, 10**7), st.integers(2, 10**5))
+@settings(max_examples=100, deadline=None)
+def test_qr_plan_fits_and_is_maximal(n, rows):
+    v, m = plan_field(n, rows)
+    assert 1 <= m <= v <= n
+    used = m + -(-v // m)
+    assert used <= max(rows, smallest_qr(v)[0])
+    if v == n and rows <= n:
+        assert largest_remainder(n, rows) == m
+        assert m == n or m + 1 + -(-n // (m + 1)) > rows
+
+
+def test_qr_pairs_are_unique_within_a_field():
+    table = QREmbeddingBag([1000], 4, remainders=[37])
+    ids = torch.arange(1000)
+    q, r = ids // 37, ids % 37
+    assert len(set(zip(q.tolist(), r.tolist()))) == 1000
+    # and embeddings differ for ids sharing a remainder
+    out = table(ids.view(-1, 1))
+    assert not torch.allclose(out[0], out[37])
