@@ -1,0 +1,256 @@
+"""``cafe``: CAFE (SIGMOD 2024). Hot features get their own row; the rest share per-field hashed rows.
+
+One :class:`~embcompress.embeddings.hotsketch.HotSketch` over the global id space (one sketch for all
+fields: the CAFE ablation found per-field sketches far worse) decides which features are hot. The single
+parameter ``weight`` holds, in order, the per-field hash rows (``hash``'s layout: small fields whole, large
+fields hashed by ``hash64``) and the shared hot rows; a lookup is one ``embedding_bag`` over it with
+sparse gradients, so the only extra cost over ``hash`` is the sketch query.
+
+Training (DESIGN.md §4): forward only queries the sketch. In train mode it records, for every lookup of a
+hashed field, the norm of that lookup's embedding gradient (a hook on the output: the gradient of a bag
+times the lookup's weight). ``before_optimizer_step`` (registered by ``embcompress.attach(model, opt)``,
+the one extra line in an ordinary loop) normalises the norms per field per batch to mean 1
+(``s_i = ||g_i|| * B_f / sum_j ||g_j||``), inserts them into the sketch (``importance="frequency"``
+inserts 1 per lookup), and migrates: a promoted feature's hot row becomes a copy of the hashed row that
+served it; a demoted feature goes back to its hashed row (its hot row returns to the free list). All of
+this happens before ``optimizer.step()``. Eval-mode forwards record nothing and change nothing.
+
+Budget: ``memory_bytes`` is the bytes of the state dict. A hot row costs 4·D bytes for its weights plus
+its share of the sketch: ``buckets_per_row`` buckets of ``slots`` slots of 16 bytes (int64 id, float32
+score, int32 row) and 1 byte of free-row mask, i.e. 4·D + 65 with the defaults (the paper's 48 bytes per
+bucket use 4-byte ids; ours hold any int64 id). ``hash_rate`` of the budget goes to hash rows, the rest to
+hot rows and sketch. ``threshold`` and ``hash_rate`` default to the CAFE artifact's values for the nearest
+compression ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
+from .hotsketch import SLOT_BYTES, HotSketch
+from .ops import allocate_rows, field_of, field_starts, hash64
+from .registry import register
+
+log = logging.getLogger(__name__)
+
+# CAFE artifact defaults by compression ratio CR = 1 / ratio (DESIGN.md §4).
+REFERENCE_CR = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
+REFERENCE_THRESHOLD = (10, 10, 20, 30, 50, 100, 200, 500, 500, 500, 500, 500)
+REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1)
+_FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
+_MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
+
+
+def reference_defaults(ratio: float) -> tuple[float, float]:
+    """(threshold T, hash_rate) of the artifact for the CR nearest (in log scale) to ``1 / ratio``."""
+    cr = 1.0 / ratio
+    i = min(range(len(REFERENCE_CR)), key=lambda j: abs(math.log(REFERENCE_CR[j] / cr)))
+    return float(REFERENCE_THRESHOLD[i]), float(REFERENCE_HASH_RATE[i])
+
+
+@dataclass
+class _Pending:
+    """Lookups of hashed fields seen by one training forward, waiting for their gradient norms."""
+
+    ids: Tensor  # (m,) global ids
+    field: Tensor  # (m,) field index
+    bag: Tensor | None = None  # (m,) bag of each lookup
+    scale: Tensor | None = None  # (m,) |per-sample weight| (or 1/bag length in mean mode)
+    norms: Tensor | None = None  # (m,) set by the backward hook
+
+    def capture(self, grad: Tensor) -> None:
+        norms = grad.detach().norm(dim=1)[self.bag]
+        self.norms = norms if self.scale is None else norms * self.scale
+
+
+@register("cafe")
+class CafeEmbeddingBag(IndexedEmbeddingBag):
+    """CAFE table. Options: ``threshold``, ``hash_rate``, ``decay`` (0.98), ``importance``
+    (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (1), ``decay_mass`` (10)."""
+
+    def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
+                 num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
+                 slots: int = 4, buckets_per_row: float = 1.0, decay_mass: float = 10.0,
+                 extra_rows: int = 0, mode: str = "sum", seed: int = 0, sparse: bool = True) -> None:
+        rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
+        if len(rows) != len(field_sizes) or min(rows) < 1 or num_hot_rows < 1:
+            raise ValueError("rows_per_field needs one positive count per field, and num_hot_rows >= 1")
+        if importance not in ("gradient", "frequency"):
+            raise ValueError(f"importance must be 'gradient' or 'frequency', got {importance!r}")
+        self.num_hash_rows = sum(rows) + int(extra_rows)  # extra rows: cafe-ml's second hash table
+        super().__init__(field_sizes, embedding_dim, self.num_hash_rows + int(num_hot_rows), mode, sparse)
+        self.importance = importance
+        self.seed = int(seed)
+        self.register_buffer("starts", field_starts(self.field_sizes))
+        self.register_buffer("sizes", torch.tensor(self.field_sizes, dtype=torch.int64))
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64))
+        self.register_buffer("row_base", field_starts(rows))
+        buckets = max(1, int(round(buckets_per_row * num_hot_rows)))
+        self.sketch = HotSketch(buckets, int(num_hot_rows), threshold, slots=slots, decay=decay,
+                                decay_mass=decay_mass)
+        uniform_rows_(self.weight[: sum(rows)], rows)
+        with torch.no_grad():
+            self.weight[sum(rows):].zero_()  # extra and hot rows: set when used
+        self._pending: list[_Pending] = []
+        self._warned = False
+
+    @property
+    def num_hot_rows(self) -> int:
+        return self.sketch.num_hot_rows
+
+    # ------------------------------------------------------------------ routing ids to rows
+    def hashed_row(self, ids: Tensor, field: Tensor | None = None) -> Tensor:
+        """Row of the per-field hash table serving each id (whole fields: the id's own row)."""
+        f = field_of(ids, self.starts) if field is None else field
+        local = ids - self.starts[f]
+        m = self.rows[f]
+        return self.row_base[f] + torch.where(m < self.sizes[f], hash64(local, self.seed) % m, local)
+
+    def _route(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(row of ``weight`` serving each id, field of each id, sketch score of each id)."""
+        f = field_of(ids, self.starts)
+        hot, score = self.sketch.query(ids)
+        rows = torch.where(hot >= 0, hot + self.num_hash_rows, self.hashed_row(ids, f))
+        return rows, f, score
+
+    def row_index(self, ids: Tensor) -> Tensor:
+        return self._route(ids)[0]
+
+    # ------------------------------------------------------------------ forward
+    def _pool(self, ids: Tensor, rows: Tensor, score: Tensor, field: Tensor, offsets: Tensor,
+              psw: Tensor | None) -> Tensor:
+        return F.embedding_bag(rows, self.weight, offsets, mode=self.mode, per_sample_weights=psw,
+                               sparse=self.sparse)
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
+        if self.validate_ids:
+            self.check_ids(ids)
+        rows, field, score = self._route(ids)
+        out = self._pool(ids, rows, score, field, offsets, psw)  # (B, D)
+        if self.training and torch.is_grad_enabled() and ids.numel() > 0:
+            self._record(out, ids, field, offsets, psw)
+        return out
+
+    def _record(self, out: Tensor, ids: Tensor, field: Tensor, offsets: Tensor, psw: Tensor | None) -> None:
+        if len(self._pending) >= _MAX_PENDING:
+            if not self._warned:
+                log.warning("%s: %d training forwards without an optimizer step; call "
+                            "embcompress.attach(model, optimizer) so the sketch is updated",
+                            self._label(), len(self._pending))
+                self._warned = True
+            self._pending.pop(0)
+        hashed = self.rows[field] < self.sizes[field]  # whole fields never need a hot row
+        entry = _Pending(ids=ids[hashed], field=field[hashed])
+        if self.importance == "gradient" and out.requires_grad:
+            n = ids.numel()
+            bag = torch.bucketize(torch.arange(n, device=ids.device), offsets, right=True) - 1
+            scale = None
+            if psw is not None:
+                scale = psw.detach().abs()[hashed]
+            elif self.mode == "mean":
+                lengths = torch.diff(offsets, append=torch.tensor([n], device=ids.device))
+                scale = 1.0 / lengths[bag[hashed]].clamp(min=1).float()
+            entry.bag, entry.scale = bag[hashed], scale
+            out.register_hook(entry.capture)
+        self._pending.append(entry)
+
+    # ------------------------------------------------------------------ training step
+    def before_optimizer_step(self) -> None:
+        """Turn the recorded lookups into importance scores and apply them (sketch + migration)."""
+        pending, self._pending = self._pending, []
+        ids, scores = [], []
+        for e in pending:
+            if self.importance == "frequency":
+                ids.append(e.ids)
+                scores.append(torch.ones(e.ids.shape, device=e.ids.device))
+            elif e.norms is not None:  # forwards whose output got no gradient carry no importance
+                ids.append(e.ids)
+                scores.append(self._normalise(e.norms, e.field))
+        if ids:
+            self.apply_importance(torch.cat(ids), torch.cat(scores))
+
+    def _normalise(self, norms: Tensor, field: Tensor) -> Tensor:
+        """Per field, scale norms to mean 1; a field whose gradients are all zero counts 1 per lookup."""
+        nf = len(self.field_sizes)
+        count = torch.bincount(field, minlength=nf).float()
+        total = torch.zeros(nf, device=norms.device).index_add_(0, field, norms.float())
+        scores = norms * count[field] / total[field].clamp(min=1e-30)
+        return torch.where(total[field] > 0, scores, torch.ones_like(scores))
+
+    @torch.no_grad()
+    def apply_importance(self, ids: Tensor, scores: Tensor) -> None:
+        """The one state update: insert (ids, scores) into the sketch, then migrate rows.
+
+        Distributed training must all-gather (ids, scores) first so every rank applies the same update.
+        """
+        update = self.sketch.insert(ids, scores)
+        if update.promoted_ids.numel():
+            self.weight[update.promoted_rows + self.num_hash_rows] = self.cold_embedding(update.promoted_ids)
+
+    def cold_embedding(self, ids: Tensor) -> Tensor:
+        """The embedding that serves ``ids`` when they are not hot (copied into a new hot row)."""
+        return self.weight[self.hashed_row(ids)]
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        rows, field, score = self._route(ids)
+        return F.embedding(rows, self.weight, sparse=self.sparse)
+
+    # ------------------------------------------------------------------ budget
+    @classmethod
+    def _hot_row_bytes(cls, embedding_dim: int, slots: int = 4, buckets_per_row: float = 1.0) -> float:
+        return embedding_dim * FLOAT_BYTES + buckets_per_row * slots * SLOT_BYTES + 1
+
+    @classmethod
+    def _fixed_bytes(cls, field_sizes: Sequence[int]) -> int:
+        return _FIELD_BUFFERS * 8 * len(field_sizes) + 8 + SLOT_BYTES * 4  # + sketch counter, rounding slack
+
+    @classmethod
+    def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
+        hot = cls._hot_row_bytes(embedding_dim, options.get("slots", 4), options.get("buckets_per_row", 1.0))
+        row = embedding_dim * FLOAT_BYTES
+        fixed = cls._fixed_bytes(field_sizes)
+        lo = fixed + len(field_sizes) * row + 2 * hot
+        hi = fixed + sum(int(n) for n in field_sizes) * (row + hot)
+        return int(lo), int(hi)
+
+    @classmethod
+    def _plan(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
+              options: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+        """(hash rows, hot rows, constructor options) for a budget."""
+        opts = dict(options)
+        ratio = sum(int(n) for n in field_sizes) * embedding_dim * FLOAT_BYTES / budget_bytes
+        t_ref, rate_ref = reference_defaults(ratio)
+        opts.setdefault("threshold", t_ref)
+        hash_rate = float(opts.pop("hash_rate", None) or rate_ref)
+        hot = cls._hot_row_bytes(embedding_dim, opts.get("slots", 4), opts.get("buckets_per_row", 1.0))
+        row = embedding_dim * FLOAT_BYTES
+        usable = budget_bytes - cls._fixed_bytes(field_sizes)
+        hash_rows = max(len(field_sizes), min(sum(int(n) for n in field_sizes), int(hash_rate * usable) // row))
+        hot_rows = int((usable - hash_rows * row) // hot)
+        if hot_rows < 1:
+            hash_rows = (usable - int(hot) - 1) // row
+            hot_rows = 1
+        return hash_rows, hot_rows, opts
+
+    @classmethod
+    def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
+                          **options: Any) -> "CafeEmbeddingBag":
+        hash_rows, hot_rows, opts = cls._plan(field_sizes, embedding_dim, budget_bytes, options)
+        table = cls(field_sizes, embedding_dim, allocate_rows(field_sizes, hash_rows), hot_rows, **opts)
+        log.info("cafe: %d hash rows, %d hot rows, T=%g, %d bytes", table.num_hash_rows, hot_rows,
+                 table.sketch.threshold, table.memory_bytes())
+        return table
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", hash_rows={self.num_hash_rows}, hot_rows={self.num_hot_rows}, "
+                f"importance={self.importance}")

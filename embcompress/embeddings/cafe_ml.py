@@ -1,0 +1,115 @@
+"""``cafe-ml``: CAFE with a multi-level hash embedding for the features that are not hot.
+
+Three tiers, decided by the HotSketch score of a feature:
+- hot (has a hot row): its own row, as in ``cafe``;
+- medium (not hot, score >= ``medium_fraction`` · T): the sum of its row in the first hash table and its
+  row in a second per-field hash table indexed by an independent hash (``hash64`` with another seed);
+- cold: its row in the first hash table only.
+Only medium features touch the second table, so its rows are shared by far fewer features than the first
+table's. ``medium_rate`` of the hash bytes go to the second table (hashed fields only; small fields stay
+whole in the first). A promoted feature's hot row starts as the sum of its two hashed rows: a feature
+reaching T has almost always passed through the medium tier.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import FLOAT_BYTES, uniform_rows_
+from .cafe import CafeEmbeddingBag
+from .ops import allocate_rows, field_starts, hash64
+from .registry import register
+
+log = logging.getLogger(__name__)
+
+_SECOND_SEED_OFFSET = 0x51  # the second table's hash seed is seed + this
+
+
+@register("cafe-ml")
+class CafeMLEmbeddingBag(CafeEmbeddingBag):
+    """Options of ``cafe`` plus ``medium_fraction`` (0.2) and ``medium_rate`` (0.3)."""
+
+    def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
+                 second_rows_per_field: Sequence[int], num_hot_rows: int, threshold: float,
+                 medium_fraction: float = 0.2, **options: Any) -> None:
+        rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
+        rows2 = [int(r) if r_ < int(n) else 0 for r, r_, n in zip(second_rows_per_field, rows, field_sizes)]
+        super().__init__(field_sizes, embedding_dim, rows, num_hot_rows, threshold,
+                         extra_rows=sum(rows2), **options)
+        if not 0 < medium_fraction <= 1:
+            raise ValueError(f"medium_fraction must be in (0, 1], got {medium_fraction}")
+        self.medium_fraction = float(medium_fraction)
+        self.register_buffer("rows2", torch.tensor(rows2, dtype=torch.int64))
+        self.register_buffer("row2_base", field_starts(rows2) + sum(rows))
+        # Second-table rows start small so a feature entering the medium tier keeps roughly its embedding.
+        uniform_rows_(self.weight[sum(rows): self.num_hash_rows], [r for r in rows2 if r > 0])
+        with torch.no_grad():
+            self.weight[sum(rows): self.num_hash_rows].mul_(0.1)
+
+    def second_row(self, ids: Tensor, field: Tensor) -> Tensor:
+        """Row of the second hash table for each id (meaningless for whole fields, which have none)."""
+        local = ids - self.starts[field]
+        return self.row2_base[field] + hash64(local, self.seed + _SECOND_SEED_OFFSET) % self.rows2[field].clamp(min=1)
+
+    def _medium(self, rows: Tensor, score: Tensor, field: Tensor) -> Tensor:
+        threshold = self.medium_fraction * self.sketch.threshold
+        return (score >= threshold) & (rows < self.num_hash_rows) & (self.rows2[field] > 0)
+
+    def _rows_of(self, ids: Tensor, rows: Tensor, score: Tensor, field: Tensor) -> Tensor:
+        emb = F.embedding(rows, self.weight, sparse=self.sparse)  # (n, D)
+        pos = torch.nonzero(self._medium(rows, score, field)).squeeze(1)
+        if pos.numel():
+            second = F.embedding(self.second_row(ids[pos], field[pos]), self.weight, sparse=self.sparse)
+            emb = emb.index_add(0, pos, second)
+        return emb
+
+    def _pool(self, ids: Tensor, rows: Tensor, score: Tensor, field: Tensor, offsets: Tensor,
+              psw: Tensor | None) -> Tensor:
+        emb = self._rows_of(ids, rows, score, field)
+        index = torch.arange(ids.numel(), device=ids.device)
+        return F.embedding_bag(index, emb, offsets, mode=self.mode, per_sample_weights=psw)
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        rows, field, score = self._route(ids)
+        return self._rows_of(ids, rows, score, field)
+
+    def cold_embedding(self, ids: Tensor) -> Tensor:
+        field = torch.bucketize(ids, self.starts[1:], right=True)
+        emb = self.weight[self.hashed_row(ids, field)]
+        has_second = self.rows2[field] > 0
+        return emb + torch.where(has_second[:, None], self.weight[self.second_row(ids, field)], 0.0)
+
+    # ------------------------------------------------------------------ budget
+    @classmethod
+    def _fixed_bytes(cls, field_sizes: Sequence[int]) -> int:
+        return super()._fixed_bytes(field_sizes) + 2 * 8 * len(field_sizes)
+
+    @classmethod
+    def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
+                          **options: Any) -> "CafeMLEmbeddingBag":
+        opts = dict(options)
+        medium_rate = float(opts.pop("medium_rate", 0.3))
+        hash_rows, hot_rows, opts = cls._plan(field_sizes, embedding_dim, budget_bytes, opts)
+        sizes = [int(n) for n in field_sizes]
+        first = max(len(sizes), int(round(hash_rows * (1 - medium_rate))))
+        rows = allocate_rows(sizes, first)
+        hashed = [f for f, (r, n) in enumerate(zip(rows, sizes)) if r < n]
+        second_total = hash_rows - sum(rows)
+        rows2 = [0] * len(sizes)
+        if hashed and second_total >= len(hashed):
+            for f, r in zip(hashed, allocate_rows([sizes[f] for f in hashed], second_total)):
+                rows2[f] = r
+        else:  # nothing to hash twice, or too few rows: give them back to the first table
+            rows = allocate_rows(sizes, min(sum(sizes), hash_rows))
+        leftover = budget_bytes - cls._fixed_bytes(field_sizes) - (sum(rows) + sum(rows2)) * embedding_dim * FLOAT_BYTES
+        hot_rows = max(1, int(leftover // cls._hot_row_bytes(embedding_dim, opts.get("slots", 4),
+                                                              opts.get("buckets_per_row", 1.0))))
+        table = cls(field_sizes, embedding_dim, rows, rows2, hot_rows, **opts)
+        log.info("cafe-ml: %d + %d hash rows, %d hot rows, T=%g, %d bytes", sum(rows), sum(rows2), hot_rows,
+                 table.sketch.threshold, table.memory_bytes())
+        return table

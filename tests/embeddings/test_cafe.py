@@ -1,0 +1,161 @@
+"""The ``cafe`` and ``cafe-ml`` tables: budget split, importance, migration, tiers, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import embcompress as ec
+from embcompress.embeddings.cafe import CafeEmbeddingBag, reference_defaults
+from embcompress.embeddings.hotsketch import HotSketch
+
+FIELDS = [4, 50, 20_000, 50_000]
+DIM = 8
+
+
+def table(method: str = "cafe", ratio: float = 10, **options) -> CafeEmbeddingBag:
+    torch.manual_seed(0)
+    return ec.make_table(method, FIELDS, DIM, compression=ratio, **options)
+
+
+def big_ids(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Ids of the two hashed fields, (n, 1)."""
+    return torch.randint(54, sum(FIELDS), (n, 1), generator=gen)
+
+
+def step(t: CafeEmbeddingBag, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    t.train()
+    out = t(ids)
+    (out if weights is None else out * weights[:, None]).sum().backward()
+    t.before_optimizer_step()
+    return out.detach()
+
+
+def test_reference_defaults_by_nearest_ratio():
+    assert reference_defaults(10) == (20, 0.5)
+    assert reference_defaults(100) == (100, 0.3)
+    assert reference_defaults(1000) == (500, 0.2)
+    assert reference_defaults(10000) == (500, 0.1)
+    assert reference_defaults(80) == (100, 0.3)  # 100x is nearer than 50x in log scale
+    t = table(ratio=100)
+    assert t.sketch.threshold == 100
+    t2 = table(ratio=100, threshold=7, decay=0.9, hash_rate=0.6, importance="frequency")
+    assert (t2.sketch.threshold, t2.sketch.decay, t2.importance) == (7, 0.9, "frequency")
+    assert t2.num_hash_rows > t.num_hash_rows  # a larger hash_rate buys hash rows with hot rows
+
+
+@pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
+@pytest.mark.parametrize("ratio", [10, 100, 1000])
+def test_memory_counts_every_buffer(method, ratio):
+    t = table(method, ratio)
+    state = t.state_dict()
+    assert t.memory_bytes() == sum(v.numel() * v.element_size() for v in state.values())
+    h, w = t.num_hot_rows, t.sketch.num_buckets
+    assert state["weight"].shape == (t.num_hash_rows + h, DIM)
+    assert HotSketch.memory_bytes_for(w, h) == sum(
+        v.numel() * v.element_size() for k, v in state.items() if k.startswith("sketch."))
+    hash_bytes = t.num_hash_rows * DIM * 4
+    budget = ec.full_table_bytes(FIELDS, DIM) / ratio
+    _, rate = reference_defaults(ratio)
+    assert abs(hash_bytes / budget - rate) < 0.05 + (0.2 if method == "cafe-ml" else 0)
+    if method == "cafe-ml":
+        assert int(t.rows2.sum()) > 0 and t.num_hash_rows == int(t.rows.sum() + t.rows2.sum())
+
+
+def test_small_fields_stay_whole_and_are_never_sketched():
+    t = table(ratio=100, threshold=1.0, importance="frequency")
+    assert t.rows[:2].tolist() == [4, 50] and (t.rows[2:] < torch.tensor(FIELDS[2:])).all()
+    step(t, torch.arange(54).reshape(-1, 1))
+    assert (t.sketch.keys < 0).all()
+
+
+def test_gradient_importance_is_normalised_per_field():
+    t = table(ratio=10, threshold=1e9, buckets_per_row=8)  # no promotion; few sketch collisions
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randperm(20_000, generator=gen)[:6] + 54  # field 2
+    b = torch.randperm(50_000, generator=gen)[:4] + 20_054  # field 3
+    ids = torch.cat([a, b]).reshape(-1, 1)
+    c = torch.tensor([1.0, 2, 3, 4, 5, 6, 1, 1, 2, 4])
+    step(t, ids, c)  # d loss / d embedding of lookup i = c_i * ones(D): norm c_i * sqrt(D)
+    _, scores = t.sketch.query(ids.reshape(-1))
+    expected = torch.cat([c[:6] * 6 / c[:6].sum(), c[6:] * 4 / c[6:].sum()])
+    torch.testing.assert_close(scores, expected)
+
+
+def test_frequency_importance_counts_lookups():
+    t = table(ratio=10, threshold=1e9, importance="frequency", buckets_per_row=8)
+    ids = torch.tensor([[100], [100], [30_000], [100]])
+    step(t, ids)
+    assert t.sketch.query(torch.tensor([100, 30_000]))[1].tolist() == [3.0, 1.0]
+
+
+@pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
+def test_promotion_copies_the_served_row_and_demotion_returns_to_it(method):
+    extra = {"medium_fraction": 0.5} if method == "cafe-ml" else {}
+    t = table(method, ratio=10, threshold=4.0, importance="frequency", decay=0.5, **extra)
+    ids = torch.tensor([[123], [40_000]])
+    step(t, ids.repeat(3, 1))  # score 3: medium tier in cafe-ml, not hot
+    assert (t.sketch.query(ids.reshape(-1))[0] < 0).all()
+    t.train()
+    served = t(ids).detach()
+    t.zero_grad()
+    step(t, ids.repeat(2, 1))  # score 5 >= T: promoted into a hot row holding a copy of what served it
+    rows, _ = t.sketch.query(ids.reshape(-1))
+    assert (rows >= 0).all()
+    t.eval()
+    torch.testing.assert_close(t(ids), served)
+    with torch.no_grad():  # move the hot rows away so we can tell them from the hashed rows
+        t.weight[rows + t.num_hash_rows] += 1.0
+    torch.testing.assert_close(t(ids), served + 1.0)
+    t.sketch.apply_decay()  # 5 * 0.5 < T: demoted, served by the hashed row(s) again
+    assert (t.sketch.query(ids.reshape(-1))[0] < 0).all() and t.sketch.num_hot() == 0
+    expected = t.cold_embedding(ids.reshape(-1)) if method == "cafe-ml" else t.weight[t.hashed_row(ids.reshape(-1))]
+    torch.testing.assert_close(t(ids), expected)
+
+
+def test_cafe_ml_tiers():
+    t = table("cafe-ml", ratio=10, threshold=10.0, importance="frequency", medium_fraction=0.3)
+    cold, medium = torch.tensor([70]), torch.tensor([30_000])
+    step(t, medium.repeat(4).reshape(-1, 1))  # score 4 >= 0.3 * 10: medium
+    t.eval()
+    f = torch.tensor([3])
+    torch.testing.assert_close(t(medium.reshape(1, 1)), t.weight[t.hashed_row(medium)] +
+                               t.weight[t.second_row(medium, f)])
+    torch.testing.assert_close(t(cold.reshape(1, 1)), t.weight[t.hashed_row(cold)])
+    assert t.second_row(medium, f).item() >= int(t.rows.sum())  # the second table is its own rows
+
+
+@pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
+def test_ordinary_loop_promotes_the_frequent_ids_and_checkpoint_reproduces(method):
+    t = table(method, ratio=100, threshold=20.0)
+    opt = torch.optim.SGD(t.parameters(), lr=0.05)
+    ec.attach(t, opt)
+    gen = torch.Generator().manual_seed(1)
+    frequent = torch.tensor([60, 61, 62, 20_100, 20_101])
+    target = torch.randn(64, DIM, generator=gen)
+    for _ in range(30):
+        ids = torch.cat([frequent.repeat(8), big_ids(24, gen).reshape(-1)]).reshape(-1, 1)
+        opt.zero_grad()
+        (t(ids) - target).pow(2).mean().backward()
+        opt.step()
+    assert (t.sketch.query(frequent)[0] >= 0).all()
+    t.eval()
+    before = copy.deepcopy(t.state_dict())
+    probe = torch.cat([frequent, big_ids(50, gen).reshape(-1)]).reshape(-1, 1)
+    out = t(probe)
+    assert all(torch.equal(v, t.state_dict()[k]) for k, v in before.items())  # eval is pure
+    other = ec.make_table(method, FIELDS, DIM, compression=100, threshold=20.0)
+    other.load_state_dict(before)
+    other.eval()
+    assert torch.equal(other(probe), out)
+
+
+def test_training_forward_without_backward_records_nothing_harmful():
+    t = table(ratio=10, threshold=1.0)
+    t.train()
+    with torch.no_grad():
+        t(torch.tensor([[100]]))
+    t.before_optimizer_step()
+    assert (t.sketch.keys < 0).all()

@@ -1,0 +1,181 @@
+"""HotSketch: the sequential rules of DESIGN.md §4, the batch rule, decay/demotion, and recall on Zipf."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from embcompress.embeddings.hotsketch import HotSketch
+
+
+def one_bucket(slots: int = 4, hot_rows: int = 2, threshold: float = 100.0, decay_mass: float = 1e9) -> HotSketch:
+    """A sketch of one bucket (every id collides), without decay unless asked."""
+    return HotSketch(1, hot_rows, threshold, slots=slots, decay_mass=decay_mass)
+
+
+def state(sk: HotSketch) -> dict[int, tuple[float, int]]:
+    """{id: (score, hot row)} of the occupied slots."""
+    keys, scores, rows = sk.keys.view(-1), sk.scores.view(-1), sk.hot_row.view(-1)
+    return {int(k): (float(s), int(r)) for k, s, r in zip(keys, scores, rows) if k >= 0}
+
+
+def ins(sk: HotSketch, ids, scores=None):
+    return sk.insert(torch.tensor(ids), None if scores is None else torch.tensor(scores, dtype=torch.float32))
+
+
+def test_accumulate_fill_and_space_saving_replacement():
+    sk = one_bucket(slots=2)
+    ins(sk, [7], [3.0])
+    ins(sk, [7], [2.0])
+    assert state(sk) == {7: (5.0, -1)}
+    ins(sk, [9], [1.0])  # fills the empty slot
+    assert state(sk) == {7: (5.0, -1), 9: (1.0, -1)}
+    ins(sk, [11], [0.5])  # bucket full: replaces the smallest (9), inheriting its score
+    assert state(sk) == {7: (5.0, -1), 11: (1.5, -1)}
+    rows, scores = sk.query(torch.tensor([7, 9, 11]))
+    assert rows.tolist() == [-1, -1, -1] and scores.tolist() == [5.0, 0.0, 1.5]
+
+
+def test_promotion_at_threshold_and_drop_when_smallest_is_hot():
+    sk = one_bucket(slots=2, hot_rows=2, threshold=10.0)
+    up = ins(sk, [1, 2], [10.0, 12.0])  # both reach T: promoted, highest score first into the lowest rows
+    assert up.promoted_ids.tolist() == [2, 1] and up.promoted_rows.tolist() == [0, 1]
+    assert state(sk) == {1: (10.0, 1), 2: (12.0, 0)}
+    ins(sk, [3], [100.0])  # the smallest slot is hot: dropped
+    assert state(sk) == {1: (10.0, 1), 2: (12.0, 0)}
+    assert sk.query(torch.tensor([1, 2, 3]))[0].tolist() == [1, 0, -1]
+
+
+def test_promotion_waits_for_a_free_row():
+    sk = one_bucket(slots=4, hot_rows=1, threshold=5.0)
+    assert ins(sk, [1], [6.0]).promoted_ids.tolist() == [1]
+    up = ins(sk, [2], [7.0])  # above T but no free row
+    assert up.promoted_ids.numel() == 0 and state(sk)[2] == (7.0, -1)
+    # a non-hot entry above a hot one is not evictable ("smallest is hot" -> drop)
+    ins(sk, [3, 4], [8.0, 8.0])
+    ins(sk, [5], [1.0])
+    assert state(sk) == {1: (6.0, 0), 2: (7.0, -1), 3: (8.0, -1), 4: (8.0, -1)}
+
+
+def test_batch_rule_newcomers_in_one_bucket():
+    # Bucket of 4 slots holding two entries; five newcomers arrive in one batch, two of them twice.
+    sk = one_bucket(slots=4, hot_rows=1, threshold=1000.0)
+    ins(sk, [100, 200], [5.0, 2.0])
+    ids = [10, 11, 12, 13, 14, 11, 13]
+    sc = [1.0, 2.0, 0.5, 1.5, 1.0, 2.0, 0.0]  # aggregated: 10:1, 11:4, 12:0.5, 13:1.5, 14:1
+    ins(sk, ids, sc)
+    # ranked by aggregated score (ties: smaller id): 11, 13, 10, 14, 12. Evictable slots, smallest first:
+    # the two empty ones (score 0), then 200 (2.0), then 100 (5.0). Newcomers never evict each other.
+    assert state(sk) == {11: (4.0, -1), 13: (1.5, -1), 10: (3.0, -1), 14: (6.0, -1)}
+
+
+def test_batch_result_does_not_depend_on_order_within_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (5000,), generator=gen)
+    scores = torch.randint(1, 4, (5000,), generator=gen).float()  # integer scores: sums exact in any order
+    a, b = HotSketch(16, 8, 40.0), HotSketch(16, 8, 40.0)
+    for chunk in torch.arange(5000).split(1000):
+        a.insert(ids[chunk], scores[chunk])
+        perm = chunk[torch.randperm(len(chunk), generator=gen)]
+        b.insert(ids[perm], scores[perm])
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
+
+
+def test_single_id_batches_follow_the_sequential_rule():
+    """Inserting one id at a time through insert() matches a direct Python model of DESIGN.md §4."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 12, (400,), generator=gen).tolist()
+    sk = one_bucket(slots=3, hot_rows=1, threshold=30.0, decay_mass=1e9)
+    slots: list[list] = []  # [id, score, hot] in slot order, as the sketch stores them
+    free = 1
+    for x in ids:
+        sk.insert(torch.tensor([x]))
+        hit = [s for s in slots if s[0] == x]
+        if hit:
+            hit[0][1] += 1
+        elif len(slots) < 3:
+            slots.append([x, 1.0, False])
+        else:
+            # the smallest non-hot slot (lowest slot on ties), unless a hot slot is smaller still
+            low = min((i for i in range(3) if not slots[i][2]), key=lambda i: (slots[i][1], i), default=None)
+            min_hot = min((s[1] for s in slots if s[2]), default=float("inf"))
+            if low is not None and slots[low][1] <= min_hot:
+                slots[low] = [x, slots[low][1] + 1, False]
+        for s in sorted(slots, key=lambda s: -s[1]):
+            if s[1] >= 30 and not s[2] and free:
+                s[2], free = True, free - 1
+    got = {k: (s, r >= 0) for k, (s, r) in state(sk).items()}
+    assert got == {s[0]: (s[1], s[2]) for s in slots}
+    assert sk.keys.view(-1).tolist() == [s[0] for s in slots]
+
+
+def test_decay_demotes_and_frees_rows():
+    sk = HotSketch(1, 1, threshold=10.0, slots=2, decay=0.5, decay_mass=3.0)  # decays past 30 of mass
+    up = ins(sk, [1], [12.0])
+    assert up.promoted_ids.tolist() == [1] and sk.num_hot() == 1
+    ins(sk, [2], [9.0])
+    up = ins(sk, [2], [10.0])  # mass 31 > 30: all scores halve; 1 (6 < T) is demoted; 2 (9.5) stays cold
+    assert up.demoted_ids.tolist() == [1] and up.demoted_rows.tolist() == [0]
+    assert state(sk) == {1: (6.0, -1), 2: (9.5, -1)} and sk.num_hot() == 0 and float(sk.mass) == 0
+    up = ins(sk, [2], [1.0])  # 10.5 >= T: takes the freed row
+    assert up.promoted_ids.tolist() == [2] and up.promoted_rows.tolist() == [0]
+
+
+def test_query_changes_nothing_and_state_dict_round_trip():
+    sk = HotSketch(64, 16, 5.0)
+    ids = torch.randint(0, 1000, (3000,), generator=torch.Generator().manual_seed(2))
+    sk.insert(ids)
+    before = copy.deepcopy(sk.state_dict())
+    rows, scores = sk.query(ids)
+    assert all(torch.equal(v, sk.state_dict()[k]) for k, v in before.items())
+    other = HotSketch(64, 16, 5.0)
+    other.load_state_dict(before)
+    r2, s2 = other.query(ids)
+    assert torch.equal(rows, r2) and torch.equal(scores, s2)
+    # memory: the fixed-size buffers and nothing else
+    assert sum(t.numel() * t.element_size() for t in before.values()) == HotSketch.memory_bytes_for(64, 16)
+
+
+def test_buckets_spread_sequential_ids():
+    sk = HotSketch(100, 1, 1.0)
+    counts = torch.bincount(sk.bucket(torch.arange(100_000)), minlength=100)
+    assert counts.min() > 850 and counts.max() < 1150
+
+
+def zipf_stream(n: int, universe: int, exponent: float, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, universe + 1, dtype=np.float64) ** -exponent
+    draws = rng.choice(universe, size=n, p=p / p.sum())
+    return torch.from_numpy(rng.permutation(universe)[draws] * 7919 + 13)  # popularity not id order
+
+
+@pytest.mark.parametrize("exponent", [1.05, 1.1, 1.3])
+def test_hot_set_recalls_true_top_k_on_zipf(exponent):
+    k, buckets_per_row = 200, 16
+    ids = zipf_stream(400_000, 200_000, exponent, seed=int(exponent * 100))
+    uniq, counts = torch.unique(ids, return_counts=True)
+    order = torch.argsort(counts, descending=True, stable=True)
+    true_top = set(uniq[order[:k]].tolist())
+    kth = counts[order[k - 1]].item()
+    sk = HotSketch(k * buckets_per_row, k, threshold=kth / 2, decay=0.98)
+    for chunk in ids.split(4096):
+        sk.insert(chunk)
+    hot = set(sk.hot_entries()[0].tolist())
+    assert len(hot) <= k
+    assert len(hot & true_top) / k >= 0.95
+    assert len(set(sk.top(k).tolist()) & true_top) / k >= 0.95
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_and_cuda_agree():
+    ids = zipf_stream(50_000, 20_000, 1.1, seed=3)
+    a, b = HotSketch(128, 64, 20.0), HotSketch(128, 64, 20.0).cuda()
+    for chunk in ids.split(2048):
+        a.insert(chunk)
+        b.insert(chunk.cuda())
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name].cpu()), name
