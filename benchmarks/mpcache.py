@@ -1,0 +1,165 @@
+"""mpcache vs full on synthetic Criteo-like data: AUC, DLRM training speed, cache hit rate, quantisation time.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/mpcache.py [--rows 200000 --scale 0.002 --epochs 2 --dim 16]
+
+Prints one JSON object (machine, git commit, settings, one entry per configuration). All runs share one
+dataset and one process, so the speed ratios (``speed_vs_full``) compare runs made on the same machine
+under the same load. The share of training time spent in (de)quantisation comes from a separate,
+instrumented run (timers around every quantise/dequantise call) so that it does not slow the timed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from typing import Any, Callable
+
+import torch
+
+from embcompress.data import make_synthetic
+from embcompress.embeddings import full_table_bytes, mpcache
+from embcompress.embeddings.mpcache import PRECISIONS, _cache_rows, table_bytes
+from embcompress.train import loop
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(cfg: loop.TrainConfig, dataset: Any) -> tuple[dict[str, Any], torch.nn.Module]:
+    """run_training, keeping hold of the model so the table's counters can be read afterwards."""
+    built: list[torch.nn.Module] = []
+    original = loop.build_model
+
+    def capture(c: loop.TrainConfig, ds: Any) -> torch.nn.Module:
+        built.append(original(c, ds))
+        return built[-1]
+
+    loop.build_model = capture
+    try:
+        return loop.run_training(cfg, dataset), built[0]
+    finally:
+        loop.build_model = original
+
+
+def timed(fn: Callable[..., Any], clock: dict[str, float], device: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if clock["on"]:
+            clock["s"] += time.perf_counter() - t
+        return out
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--scale", type=float, default=0.002, help="synthetic cardinality scale (0.002: ~67.5k ids)")
+    ap.add_argument("--skew", type=float, default=1.1)
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--policy", default="lfu", choices=["lfu", "lru"])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch's default; 1 avoids oversubscribing shared cores)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    ds = make_synthetic(rows=args.rows, scale=args.scale, skew=args.skew, seed=args.seed)
+    gen_s = time.perf_counter() - t0
+    n = sum(ds.field_sizes)
+    full_bytes = full_table_bytes(ds.field_sizes, args.dim)
+    base = dict(data="synthetic", embedding_dim=args.dim, epochs=args.epochs, batch_size=args.batch_size,
+                lr=args.lr, seed=args.seed, device=args.device, progress=False)
+
+    configs: list[tuple[str, str, dict[str, Any]]] = [("full", "full", {})]
+    for precision, frac in (("int8", 0.05), ("int4", 0.01)):
+        opts = dict(precision=precision, cache_fraction=frac, policy=args.policy)
+        configs.append((f"mpcache-{precision}-{int(frac * 100)}%", "mpcache", opts))
+
+    results: dict[str, Any] = {}
+    for label, method, opts in configs:
+        kw: dict[str, Any] = {}
+        if method == "mpcache":
+            bits = PRECISIONS[opts["precision"]]
+            exact = table_bytes(n, args.dim, bits, _cache_rows(n, bits, None, opts["cache_fraction"]), opts["policy"])
+            kw = dict(budget_bytes=exact, method_options=opts)
+        summary, model = run(loop.TrainConfig(method=method, **kw, **base), ds)
+        table = loop.embedding_tables(model)[0]
+        entry = {k: summary[k] for k in ("compression_actual", "embedding_bytes", "test_auc", "test_logloss",
+                                          "train_samples_per_s", "train_seconds", "steps")}
+        if method == "mpcache":
+            entry.update(cache_rows=table.num_cache_rows, hit_rate=table.hit_rate(), precision=table.precision)
+        results[label] = entry
+        results.setdefault("bayes_auc", summary.get("bayes_auc"))
+
+    full = results["full"]
+    for label, entry in results.items():
+        if isinstance(entry, dict) and label != "full":
+            entry["auc_minus_full"] = entry["test_auc"] - full["test_auc"]
+            entry["auc_relative_loss_pct"] = 100 * (full["test_auc"] - entry["test_auc"]) / full["test_auc"]
+            entry["speed_vs_full"] = entry["train_samples_per_s"] / full["train_samples_per_s"]
+
+    # quantisation share: one instrumented INT8 run, timers around quantise / dequantise calls made
+    # inside train_epoch (table initialisation and evaluation are not counted)
+    clock = {"s": 0.0, "on": 0.0}
+    saved = mpcache.quantize_rows, mpcache.dequantize_rows, loop.train_epoch
+    mpcache.quantize_rows = timed(saved[0], clock, args.device)
+    mpcache.dequantize_rows = timed(saved[1], clock, args.device)
+
+    def train_epoch(*a: Any, **k: Any) -> Any:
+        clock["on"] = 1.0
+        try:
+            return saved[2](*a, **k)
+        finally:
+            clock["on"] = 0.0
+
+    loop.train_epoch = train_epoch
+    try:
+        label, method, opts = configs[1]
+        steps = min(500, results[label]["steps"])
+        summary, _ = run(loop.TrainConfig(method=method, budget_bytes=results[label]["embedding_bytes"],
+                                          method_options=opts, max_steps=steps, **base), ds)
+        results["quantisation_share"] = {
+            "config": label, "steps": steps, "quant_seconds": clock["s"],
+            "train_seconds": summary["train_seconds"], "share": clock["s"] / summary["train_seconds"],
+        }
+    finally:
+        mpcache.quantize_rows, mpcache.dequantize_rows, loop.train_epoch = saved
+
+    print(json.dumps({
+        "benchmark": "mpcache", "machine": machine(), "commit": git_commit(),
+        "settings": {**vars(args), "num_ids": n, "fields": len(ds.field_sizes), "data_seconds": gen_s},
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""``mpcache``: INT8/INT4 row-wise quantised table with a full-precision cache of hot rows.
+
+After "Mixed-Precision Embedding Using a Cache" (Yang et al., 2020). Every row is stored quantised in
+FBGEMM's fused row layout (see :mod:`.quant`): INT8 rows are ``D`` codes + fp32 scale + fp32 bias and
+can be handed to ``torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat`` / TorchRec as they are.
+A cache of C rows (default 5% of rows at INT8, 1% at INT4) holds the hot rows in float32.
+
+Training (one optimizer step; ``embcompress.attach(model, optimizer)`` is the only extra call):
+
+1. forward: cached ids read ``cache_weight`` (an ``nn.Parameter``, sparse gradient); the other ids are
+   dequantised into ``staging``, a second ``nn.Parameter`` that holds this step's missed rows, so the
+   project's optimizer computes the update of *every* row, cached or not, with its own rule and lr.
+2. ``optimizer.step()`` updates cached rows (full precision) and staged rows.
+3. ``after_optimizer_step`` calls :meth:`update_state` with the step's ids and counts: staged rows are
+   written back to their codes with stochastic rounding (dequantise -> update -> requantise, so the
+   update is unbiased), then the cache admits the rows the policy prefers; an evicted row is written
+   back with stochastic rounding; an admitted row moves in with its freshly updated float value.
+
+``staging`` is a per-step workspace, not state: it is left out of ``state_dict`` and ``memory_bytes``.
+Optimizer state is per slot, so SGD (the DLRM default) is exact; with Adagrad/SparseAdam a staging
+slot or a reused cache slot carries the accumulator of whichever row used it before.
+
+Cache policy (batch granularity; :meth:`update_state` is the whole rule, a test replays it exactly):
+every candidate (cached rows and this step's other ids) gets a key and the C best survive, ordered by
+key descending, then cached before new, then smaller id first.
+* ``lru``: key = last step the row was used.
+* ``lfu``: key = estimated frequency from a count-min sketch (``sketch_depth`` x C int32 counters,
+  hashed with :func:`~.ops.hash64`) that every step's counts are added to; when the mass added since the
+  last reset reaches ``sketch_reset`` x C all counters are halved (TinyLFU ageing), so popularity can
+  drift. New ids therefore enter only when they are used more often than the weakest cached row.
+
+Memory: N·row_bytes + C·(4·D + 24 [sorted id, slot, key] + 4·depth [sketch, lfu only]) + 32 bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import FLOAT_BYTES, CompressedEmbeddingBag
+from .ops import field_of, field_starts, hash64
+from .quant import dequantize_rows, quantize_rows, row_bytes
+from .registry import register
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"int8": 8, "int4": 4}
+DEFAULT_CACHE_FRACTION = {8: 0.05, 4: 0.01}
+_STATS = 4  # step, hit lookups, lookups, sketch mass since the last halving
+_INIT_CHUNK = 1 << 20
+
+
+def cache_row_bytes(dim: int, policy: str, sketch_depth: int) -> int:
+    """Bytes per cache row: the float row, its sorted id, slot and key, and (lfu) its sketch columns."""
+    return dim * FLOAT_BYTES + 24 + (4 * sketch_depth if policy == "lfu" else 0)
+
+
+def table_bytes(num_rows: int, dim: int, bits: int, cache_rows: int, policy: str = "lfu",
+                sketch_depth: int = 2) -> int:
+    """Exact ``memory_bytes()`` of an mpcache table with these settings."""
+    return num_rows * row_bytes(bits, dim) + cache_rows * cache_row_bytes(dim, policy, sketch_depth) + 8 * _STATS
+
+
+@register("mpcache")
+class MPCacheEmbeddingBag(CompressedEmbeddingBag):
+    """Quantised rows + float32 cache. Options: ``precision`` (int8/int4), ``cache_rows`` or
+    ``cache_fraction``, ``policy`` (lfu/lru), ``staging_rows`` (initial workspace rows), ``sketch_depth``,
+    ``sketch_reset``."""
+
+    def __init__(self, field_sizes: Sequence[int], embedding_dim: int, precision: str = "int8",
+                 cache_rows: int | None = None, cache_fraction: float | None = None, policy: str = "lfu",
+                 mode: str = "sum", staging_rows: int = 4096, sketch_depth: int = 2,
+                 sketch_reset: int = 10) -> None:
+        super().__init__(field_sizes, embedding_dim, mode)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if policy not in ("lfu", "lru"):
+            raise ValueError(f"policy must be 'lfu' or 'lru', got {policy!r}")
+        self.bits = PRECISIONS[precision]
+        self.precision = precision
+        self.policy = policy
+        self.sketch_reset = int(sketch_reset)
+        n, d = self.num_embeddings, self.embedding_dim
+        c = _cache_rows(n, self.bits, cache_rows, cache_fraction)
+        self.register_buffer("codes", torch.empty(n, row_bytes(self.bits, d), dtype=torch.uint8))
+        self._init_codes()
+        # Cache index, kept sorted by id so a lookup is one searchsorted; empty entries hold id N (sorts
+        # last, matches no id) and key -1 (loses to any used id).
+        self.register_buffer("cache_ids", torch.full((c,), n, dtype=torch.int64))
+        self.register_buffer("cache_slots", torch.arange(c, dtype=torch.int64))
+        self.register_buffer("cache_keys", torch.full((c,), -1, dtype=torch.int64))
+        width = c if policy == "lfu" else 0
+        self.register_buffer("sketch", torch.zeros(int(sketch_depth), width, dtype=torch.int32))
+        self.register_buffer("stats", torch.zeros(_STATS, dtype=torch.int64))
+        self.cache_weight = nn.Parameter(torch.zeros(c, d))
+        self.staging = nn.Parameter(torch.zeros(max(int(staging_rows), 1), d))
+        self._pending: list[tuple[Tensor, Tensor, Tensor, int]] = []  # (ids, counts, missed ids, staging start)
+        self._staged = 0
+
+    # ------------------------------------------------------------------ construction
+    def _init_codes(self) -> None:
+        """DLRM-style U(±sqrt(1/n_field)) rows, quantised to nearest, in chunks (never N×D floats at once)."""
+        starts = field_starts(self.field_sizes)
+        sizes = torch.tensor(self.field_sizes, dtype=torch.float64)
+        for lo in range(0, self.num_embeddings, _INIT_CHUNK):
+            ids = torch.arange(lo, min(lo + _INIT_CHUNK, self.num_embeddings))
+            bound = torch.sqrt(1.0 / sizes[field_of(ids, starts)]).float()
+            x = (torch.rand(len(ids), self.embedding_dim) * 2 - 1) * bound[:, None]
+            self.codes[lo:lo + len(ids)] = quantize_rows(x, self.bits)
+
+    @property
+    def num_cache_rows(self) -> int:
+        return self.cache_ids.numel()
+
+    # ------------------------------------------------------------------ lookup
+    def _find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(position in the sorted cache index, hit mask) of each id."""
+        if self.num_cache_rows == 0:
+            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        pos = torch.searchsorted(self.cache_ids, ids).clamp_(max=self.num_cache_rows - 1)
+        return pos, self.cache_ids[pos] == ids
+
+    def dequantized(self, ids: Tensor) -> Tensor:
+        """Rows as stored in low precision (ignoring the cache): (n,) -> (n, D)."""
+        return dequantize_rows(self.codes[ids], self.bits, self.embedding_dim)
+
+    def _rows(self, ids: Tensor, counts: Tensor | None) -> Tensor:
+        """Rows of unique ids; in training with grad, records the step for :meth:`after_optimizer_step`."""
+        pos, hit = self._find(ids)
+        hit_idx = hit.nonzero().squeeze(1)
+        miss_idx = (~hit).nonzero().squeeze(1)
+        hit_rows = F.embedding(self.cache_slots[pos[hit_idx]], self.cache_weight, sparse=True)  # (h, D)
+        missed = ids[miss_idx]
+        base = self.dequantized(missed)  # (m, D)
+        if counts is not None and self.training and torch.is_grad_enabled():
+            start = self._reserve(len(missed))
+            with torch.no_grad():
+                self.staging[start:start + len(missed)] = base
+            index = torch.arange(start, start + len(missed), device=ids.device)
+            miss_rows = F.embedding(index, self.staging, sparse=True)
+            self._pending.append((ids, counts, missed, start))
+        else:
+            miss_rows = base
+        order = torch.cat([hit_idx, miss_idx])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=ids.device)
+        return torch.cat([hit_rows, miss_rows])[inverse]  # (u, D) in the order of ids
+
+    def _reserve(self, m: int) -> int:
+        """First staging row of m free ones, growing the workspace when no step is pending."""
+        if self._staged + m > self.staging.shape[0]:
+            if self._staged:
+                log.warning("mpcache: %d rows staged by forwards without an optimizer step; dropping them",
+                            self._staged)
+                self._pending.clear()
+                self._staged = 0
+            if m > self.staging.shape[0]:
+                # Fine for SGD; optimizers that keep per-parameter state need staging_rows set up front.
+                log.warning("mpcache: growing the staging workspace from %d to %d rows",
+                            self.staging.shape[0], 2 * m)
+                self.staging.data = self.staging.new_zeros(2 * m, self.embedding_dim)
+        start = self._staged
+        self._staged += m
+        return start
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        return self._rows(ids, None)
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
+        if self.validate_ids:
+            self.check_ids(ids)
+        unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        rows = self._rows(unique, counts)  # (u, D)
+        return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=psw)
+
+    # ------------------------------------------------------------------ training
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.cache_weight, self.staging]
+
+    def after_optimizer_step(self) -> None:
+        if not self._pending:
+            return
+        with torch.no_grad():
+            ids = torch.cat([p[0] for p in self._pending])
+            counts = torch.cat([p[1] for p in self._pending])
+            missed = torch.cat([p[2] for p in self._pending])
+            values = self.staging[:self._staged].detach()
+            if len(self._pending) > 1:  # several forwards in one step: merge counts and updates
+                ids, inv = torch.unique(ids, return_inverse=True)
+                counts = torch.zeros_like(ids).index_add_(0, inv, counts)
+                missed, inv = torch.unique(missed, return_inverse=True)
+                base = self.dequantized(missed)
+                values = base + torch.zeros_like(base).index_add_(0, inv, values - base[inv])
+            self._pending.clear()
+            self._staged = 0
+            self.update_state(ids, counts, missed, values)
+
+    @torch.no_grad()
+    def update_state(self, ids: Tensor, counts: Tensor, missed: Tensor, values: Tensor) -> None:
+        """Apply one step: ``ids`` sorted unique ids used with ``counts``; ``missed`` (sorted unique) are
+        the uncached ids whose updated float rows are ``values``. Identical inputs give identical state
+        (a distributed run would all-gather them first)."""
+        n = self.num_embeddings
+        self.stats[0] += 1
+        step = self.stats[0].clone()
+        pos, hit = self._find(ids)
+        self.stats[1] += counts[hit].sum()
+        self.stats[2] += counts.sum()
+        new_ids, new_keys = ids[~hit], None
+        c = self.num_cache_rows
+        if c:
+            if self.policy == "lru":
+                self.cache_keys[pos[hit]] = step
+                new_keys = step.expand(len(new_ids))
+            else:
+                self._sketch_add(ids, counts)
+                occupied = self.cache_ids < n
+                self.cache_keys.copy_(torch.where(occupied, self._estimate(self.cache_ids), -1))
+                new_keys = self._estimate(new_ids)
+        freed, admitted = self._admit(new_ids, new_keys) if c and len(new_ids) else (None, None)
+        stays_out = missed
+        if admitted is not None and len(admitted):
+            slots = self.cache_slots[freed]
+            evicted = self.cache_ids[freed]
+            real = evicted < n
+            self.codes[evicted[real]] = quantize_rows(self.cache_weight[slots[real]], self.bits, stochastic=True)
+            at, found = _locate(missed, admitted)
+            rows = self.dequantized(admitted)
+            if len(missed):
+                rows = torch.where(found[:, None], values[at], rows)
+            self.cache_weight[slots] = rows
+            out = ~_isin_sorted(missed, admitted)
+            stays_out, values = missed[out], values[out]
+            self._replace(freed, admitted, new_keys[_locate(new_ids, admitted)[0]])
+        if len(stays_out):
+            self.codes[stays_out] = quantize_rows(values, self.bits, stochastic=True)
+
+    def _admit(self, new_ids: Tensor, new_keys: Tensor) -> tuple[Tensor, Tensor]:
+        """(sorted-index positions to free, ids to admit): the C best of cache ∪ newcomers stay.
+
+        Only cached entries no stronger than the k-th weakest (k = #newcomers) can lose: any stronger
+        one is beaten by at most C - 1 candidates. So only those and the newcomers are sorted.
+        """
+        keys = self.cache_keys
+        k = min(len(new_ids), self.num_cache_rows)
+        weak = (keys <= torch.kthvalue(keys, k).values).nonzero().squeeze(1)  # positions, id order
+        cand = torch.cat([keys[weak], new_keys])
+        # stable sort by key descending: ties keep cached-before-new and id order
+        order = torch.sort(-cand, stable=True).indices
+        win = torch.zeros(len(cand), dtype=torch.bool, device=cand.device)
+        win[order[:len(weak)]] = True
+        return weak[~win[:len(weak)]], new_ids[win[len(weak):]]
+
+    def _replace(self, freed: Tensor, admitted: Tensor, keys: Tensor) -> None:
+        """Swap entries at sorted positions ``freed`` for ``admitted`` ids (sorted), keeping id order."""
+        keep = torch.ones(self.num_cache_rows, dtype=torch.bool, device=freed.device)
+        keep[freed] = False
+        k_ids, k_slots, k_keys = self.cache_ids[keep], self.cache_slots[keep], self.cache_keys[keep]
+        slots = self.cache_slots[freed]
+        # merge two sorted, disjoint id lists by counting how many of the other list precede each element
+        ar_k = torch.arange(len(k_ids), device=freed.device)
+        ar_a = torch.arange(len(admitted), device=freed.device)
+        at_k = ar_k + torch.searchsorted(admitted, k_ids)
+        at_a = ar_a + torch.searchsorted(k_ids, admitted)
+        for buf, kept, new in ((self.cache_ids, k_ids, admitted), (self.cache_slots, k_slots, slots),
+                               (self.cache_keys, k_keys, keys)):
+            buf[at_k] = kept
+            buf[at_a] = new
+
+    def _hashes(self, ids: Tensor) -> Tensor:
+        width = self.sketch.shape[1]
+        return torch.stack([hash64(ids, seed=r) % width for r in range(self.sketch.shape[0])])  # (depth, n)
+
+    def _sketch_add(self, ids: Tensor, counts: Tensor) -> None:
+        self.sketch.scatter_add_(1, self._hashes(ids), counts.to(torch.int32).expand(self.sketch.shape[0], -1))
+        self.stats[3] += counts.sum()
+        if self.stats[3] >= self.sketch_reset * self.sketch.shape[1]:
+            self.sketch.div_(2, rounding_mode="floor")
+            self.stats[3] = 0
+
+    def _estimate(self, ids: Tensor) -> Tensor:
+        return self.sketch.gather(1, self._hashes(ids)).min(dim=0).values.long()
+
+    def hit_rate(self) -> float:
+        """Share of training lookups served by the cache since construction (or the last reset)."""
+        return float(self.stats[1]) / max(int(self.stats[2]), 1)
+
+    def reset_stats(self) -> None:
+        self.stats[1:3] = 0
+
+    # ------------------------------------------------------------------ state_dict: staging is workspace
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "staging", None)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        state_dict.setdefault(prefix + "staging", self.staging.detach())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # ------------------------------------------------------------------ budget
+    @classmethod
+    def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
+        n = sum(int(s) for s in field_sizes)
+        sizes = [table_bytes(n, embedding_dim, b, c, *_policy(options))
+                 for b in _precisions(options)
+                 for c in _cache_choices(n, b, options)]
+        return min(sizes), max(sizes)
+
+    @classmethod
+    def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
+                          **options: Any) -> "MPCacheEmbeddingBag":
+        """Highest precision whose default (or given) cache fits, then a cache that fills the budget
+        unless ``cache_rows`` / ``cache_fraction`` fix it."""
+        n = sum(int(s) for s in field_sizes)
+        policy = _policy(options)
+        fixed = options.get("cache_rows") is not None or options.get("cache_fraction") is not None
+        bits = _precisions(options)[-1]
+        for b in _precisions(options):
+            c = _cache_rows(n, b, options.get("cache_rows"), options.get("cache_fraction"))
+            if table_bytes(n, embedding_dim, b, c, *policy) <= budget_bytes:
+                bits = b
+                break
+        opts = {k: v for k, v in options.items() if k not in ("precision", "cache_fraction", "cache_rows")}
+        if fixed:
+            rows = _cache_rows(n, bits, options.get("cache_rows"), options.get("cache_fraction"))
+        else:
+            spare = budget_bytes - table_bytes(n, embedding_dim, bits, 0, *policy)
+            rows = max(0, min(n, spare // cache_row_bytes(embedding_dim, *policy)))
+        precision = {v: k for k, v in PRECISIONS.items()}[bits]
+        return cls(field_sizes, embedding_dim, precision=precision, cache_rows=rows, **opts)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, precision={self.precision}, cache_rows={self.num_cache_rows}, "
+                f"policy={self.policy}")
+
+
+def _cache_rows(n: int, bits: int, cache_rows: int | None, cache_fraction: float | None) -> int:
+    if cache_rows is not None:
+        return max(0, min(n, int(cache_rows)))
+    frac = DEFAULT_CACHE_FRACTION[bits] if cache_fraction is None else float(cache_fraction)
+    if not 0 <= frac <= 1 or math.isnan(frac):
+        raise ValueError(f"cache_fraction must lie in [0, 1], got {cache_fraction}")
+    return min(n, int(round(frac * n)))
+
+
+def _precisions(options: dict[str, Any]) -> list[int]:
+    """Precisions to consider, best first: 'auto' (the default for budgets) tries INT8 then INT4."""
+    p = options.get("precision", "auto")
+    if p == "auto":
+        return [8, 4]
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {p!r}")
+    return [PRECISIONS[p]]
+
+
+def _policy(options: dict[str, Any]) -> tuple[str, int]:
+    return options.get("policy", "lfu"), int(options.get("sketch_depth", 2))
+
+
+def _cache_choices(n: int, bits: int, options: dict[str, Any]) -> list[int]:
+    if options.get("cache_rows") is not None or options.get("cache_fraction") is not None:
+        return [_cache_rows(n, bits, options.get("cache_rows"), options.get("cache_fraction"))]
+    return [0, n]
+
+
+def _locate(sorted_ids: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+    """(index in ``sorted_ids``, found) of each query id."""
+    if len(sorted_ids) == 0:
+        return torch.zeros_like(query), torch.zeros_like(query, dtype=torch.bool)
+    at = torch.searchsorted(sorted_ids, query).clamp_(max=len(sorted_ids) - 1)
+    return at, sorted_ids[at] == query
+
+
+def _isin_sorted(ids: Tensor, sorted_query: Tensor) -> Tensor:
+    return _locate(sorted_query, ids)[1]

@@ -1,0 +1,112 @@
+"""Row-wise asymmetric quantisation in FBGEMM's fused row layouts (used by the ``mpcache`` table).
+
+A row x of D floats is stored as codes q in [0, L] (L = 2^bits - 1) plus a per-row scale s and bias b,
+and decodes to ``q * s + b``. The bias is the row minimum and the scale spans the row's range, so every
+value lies in [b, b + L·s] and no code is ever clamped.
+
+Layouts, one uint8 buffer per row (so a table is one (N, row_bytes) uint8 tensor):
+
+* INT8 (FBGEMM ``Fused8BitRowwiseQuantized``): ``D`` code bytes, then the fp32 scale, then the fp32
+  bias (little-endian), ``D + 8`` bytes. ``torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat`` decodes it.
+* INT4 (FBGEMM ``FusedNBitRowwiseQuantizedSBHalf`` with bit_rate 4): ``ceil(D / 2)`` bytes, element
+  2j in the low nibble and element 2j+1 in the high nibble of byte j, then an fp16 scale and an fp16
+  bias, ``ceil(D / 2) + 4`` bytes. The fp16 bias is rounded down and the fp16 scale up, so the stored
+  range still covers the row and the half-step error bound holds exactly.
+
+Rounding is to nearest (``stochastic=False``) or stochastic, ``floor(v + U[0, 1))``, which equals
+``round(v + U(-0.5, 0.5))`` and is unbiased: E[q] = v for v = (x - b) / s, so E[decode] = x.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (8, 4)
+
+
+def row_bytes(bits: int, dim: int) -> int:
+    """Bytes of one stored row: codes plus scale and bias."""
+    if bits == 8:
+        return dim + 8
+    if bits == 4:
+        return (dim + 1) // 2 + 4
+    raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def _round_half(x: Tensor, up: bool) -> Tensor:
+    """fp32 -> fp16 rounded towards +inf (``up``) or -inf, so the fp16 value bounds x."""
+    h = x.to(torch.float16)
+    inf = torch.full_like(h, float("inf") if up else float("-inf"))
+    wrong = h.float() < x if up else h.float() > x
+    return torch.where(wrong, torch.nextafter(h, inf), h)
+
+
+def _scale_bias(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-row (scale, bias) as float32 tensors (n,), already rounded to their stored precision."""
+    levels = (1 << bits) - 1
+    lo, hi = torch.aminmax(x, dim=1)
+    if bits == 8:
+        return (hi - lo) / levels, lo
+    bias = _round_half(lo, up=False)
+    scale = _round_half((hi - bias.float()) / levels, up=True)
+    return scale.float(), bias.float()
+
+
+def _codes(x: Tensor, scale: Tensor, bias: Tensor, bits: int, stochastic: bool,
+           generator: torch.Generator | None) -> Tensor:
+    levels = (1 << bits) - 1
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))  # constant rows: all codes 0
+    v = (x - bias[:, None]) * inv[:, None]
+    if stochastic:
+        v = torch.floor(v + torch.rand(v.shape, device=v.device, generator=generator))
+    else:
+        v = torch.round(v)
+    # The clamp only absorbs float rounding at the range ends; the range covers every value.
+    return v.clamp_(0, levels).to(torch.uint8)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """(n, D) uint8 codes in [0, 15] -> (n, ceil(D/2)) bytes, even element in the low nibble."""
+    n, d = codes.shape
+    if d % 2:
+        codes = torch.cat([codes, codes.new_zeros(n, 1)], dim=1)
+    pairs = codes.view(n, -1, 2)
+    return pairs[:, :, 0] | (pairs[:, :, 1] << 4)
+
+
+def unpack_int4(packed: Tensor, dim: int) -> Tensor:
+    """Inverse of :func:`pack_int4`: (n, ceil(D/2)) bytes -> (n, D) uint8 codes."""
+    both = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # (n, ceil(D/2), 2)
+    return both.reshape(packed.shape[0], 2 * packed.shape[1])[:, :dim]
+
+
+def quantize_rows(x: Tensor, bits: int, stochastic: bool = False,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """(n, D) float -> (n, row_bytes(bits, D)) uint8 in the fused layout of ``bits``."""
+    x = x.detach().float()
+    n, d = x.shape
+    if n == 0:
+        return torch.empty(0, row_bytes(bits, d), dtype=torch.uint8, device=x.device)
+    scale, bias = _scale_bias(x, bits)
+    codes = _codes(x, scale, bias, bits, stochastic, generator)
+    if bits == 8:
+        tail = torch.stack([scale, bias], dim=1).contiguous().view(torch.uint8)  # (n, 8)
+        return torch.cat([codes, tail], dim=1)
+    tail = torch.stack([scale.half(), bias.half()], dim=1).contiguous().view(torch.uint8)  # (n, 4)
+    return torch.cat([pack_int4(codes), tail], dim=1)
+
+
+def scale_bias_of(rows: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor]:
+    """Stored (scale, bias) of fused rows, as float32 (n,) each."""
+    width = dim if bits == 8 else (dim + 1) // 2
+    dtype = torch.float32 if bits == 8 else torch.float16
+    sb = rows[:, width:].contiguous().view(dtype).float()  # (n, 2)
+    return sb[:, 0], sb[:, 1]
+
+
+def dequantize_rows(rows: Tensor, bits: int, dim: int) -> Tensor:
+    """(n, row_bytes) uint8 fused rows -> (n, D) float32."""
+    scale, bias = scale_bias_of(rows, bits, dim)
+    codes = rows[:, :dim] if bits == 8 else unpack_int4(rows[:, :(dim + 1) // 2], dim)
+    return codes.float() * scale[:, None] + bias[:, None]

@@ -1,0 +1,236 @@
+"""mpcache: quantisation, stochastic rounding, INT4 packing, cache policy vs an exact simulation, memory."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import embcompress as ec
+from embcompress.embeddings import BudgetError
+from embcompress.embeddings.mpcache import MPCacheEmbeddingBag, table_bytes
+from embcompress.embeddings.ops import hash64_reference
+from embcompress.embeddings.quant import (dequantize_rows, pack_int4, quantize_rows, row_bytes, scale_bias_of,
+                                          unpack_int4)
+
+
+def _rows(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # magnitudes from DLRM-sized (1e-4) to O(1), plus a constant row and a row with one outlier
+    x = torch.randn(n, d, generator=g) * torch.logspace(-4, 0, n)[:, None]
+    x[0] = 0.25
+    x[1, 0] = 50.0
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("d", [16, 7])
+def test_nearest_rounding_error_within_half_a_step(bits, d):
+    x = _rows(64, d)
+    q = quantize_rows(x, bits)
+    assert q.dtype == torch.uint8 and q.shape == (64, row_bytes(bits, d))
+    scale, _ = scale_bias_of(q, bits, d)
+    err = (dequantize_rows(q, bits, d) - x).abs()
+    # half a step, plus float32 rounding of x - b and q*s + b
+    bound = scale[:, None] / 2 + 1e-6 * x.abs().amax(dim=1, keepdim=True)
+    assert torch.all(err <= bound)
+    assert torch.all(err[0] == 0)  # a constant row is exact
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_rounding_is_unbiased(bits):
+    """Each decoded value is lo + s·Bernoulli(p) (s the step), bounded in a range of width s, so by
+    Hoeffding P(|mean of K draws - x| >= t) <= 2 exp(-2 K t² / s²). With n values and a union bound at
+    failure probability delta: t = s · sqrt(ln(2n / delta) / (2K))."""
+    d, k, delta = 16, 4000, 1e-6
+    x = _rows(32, d, seed=1)[2:]  # no constant row: every value strictly inside its range
+    n = x.numel()
+    torch.manual_seed(0)
+    q = quantize_rows(x.repeat(k, 1), bits, stochastic=True)  # the K copies share scale and bias
+    scale, _ = scale_bias_of(q[: len(x)], bits, d)
+    mean = dequantize_rows(q, bits, d).view(k, len(x), d).mean(dim=0)
+    t = scale[:, None] * math.sqrt(math.log(2 * n / delta) / (2 * k))
+    assert torch.all((mean - x).abs() <= t + 1e-6 * x.abs())
+    # the test has power: nearest rounding is off by more than t somewhere
+    nearest = dequantize_rows(quantize_rows(x, bits), bits, d)
+    assert torch.any((nearest - x).abs() > t)
+
+
+@pytest.mark.parametrize("d", [1, 2, 15, 16])
+def test_int4_packing_round_trip(d):
+    codes = torch.randint(0, 16, (11, d), dtype=torch.uint8, generator=torch.Generator().manual_seed(d))
+    packed = pack_int4(codes)
+    assert packed.shape == (11, (d + 1) // 2)
+    assert torch.equal(unpack_int4(packed, d), codes)
+    # FBGEMM's order: element 2j in the low nibble of byte j
+    assert pack_int4(torch.tensor([[1, 2]], dtype=torch.uint8)).item() == 0x21
+
+
+def test_fbgemm_decodes_our_rows():
+    pytest.importorskip("fbgemm_gpu")
+    x = _rows(32, 16)
+    q8 = quantize_rows(x, 8)
+    torch.testing.assert_close(torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat(q8), dequantize_rows(q8, 8, 16))
+    q4 = quantize_rows(x, 4)
+    torch.testing.assert_close(torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q4, 4),
+                               dequantize_rows(q4, 4, 16))
+
+
+# ---------------------------------------------------------------------------- cache policy
+def simulate(batches, capacity, policy, depth=2, reset=10):
+    """Exact replay of the documented rule with dicts: returns (hit lookups, lookups, final cache ids)."""
+    cache: dict[int, int] = {}
+    sketch = [[0] * capacity for _ in range(depth)]
+    mass = hits = total = 0
+
+    def est(i):
+        return min(sketch[r][hash64_reference(i, r) % capacity] for r in range(depth))
+
+    for step, batch in enumerate(batches, start=1):
+        ids, counts = np.unique(batch, return_counts=True)
+        ids, counts = [int(i) for i in ids], [int(c) for c in counts]
+        hits += sum(c for i, c in zip(ids, counts) if i in cache)
+        total += sum(counts)
+        new = [i for i in ids if i not in cache]
+        if policy == "lru":
+            for i in ids:
+                if i in cache:
+                    cache[i] = step
+            keys = {i: step for i in new}
+        else:
+            for i, c in zip(ids, counts):
+                for r in range(depth):
+                    sketch[r][hash64_reference(i, r) % capacity] += c
+            mass += sum(counts)
+            if mass >= reset * capacity:
+                sketch = [[v // 2 for v in row] for row in sketch]
+                mass = 0
+            cache = {i: est(i) for i in cache}
+            keys = {i: est(i) for i in new}
+        ranked = sorted([(-k, 0, i) for i, k in cache.items()] + [(-k, 1, i) for i, k in keys.items()])
+        cache = {i: -k for k, _, i in ranked[:capacity]}
+    return hits, total, set(cache)
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_cache_hit_rate_matches_exact_simulation(policy):
+    n, capacity, steps, batch = 3000, 60, 80, 48
+    rng = np.random.default_rng(0)
+    p = 1.0 / np.arange(1, n + 1) ** 1.1
+    perm = rng.permutation(n)  # hot ids scattered over the id space
+    batches = [perm[rng.choice(n, size=batch, p=p / p.sum())] for _ in range(steps)]
+    torch.manual_seed(0)
+    table = MPCacheEmbeddingBag([1000, 2000], 4, precision="int8", cache_rows=capacity, policy=policy)
+    opt = torch.optim.SGD(table.parameters(), lr=0.05)
+    ec.attach(table, opt)
+    for b in batches:
+        opt.zero_grad()
+        table(torch.from_numpy(b).long()[:, None]).pow(2).sum().backward()
+        opt.step()
+    hits, total, cached = simulate(batches, capacity, policy)
+    assert int(table.stats[2]) == total == steps * batch
+    assert int(table.stats[1]) == hits
+    assert set(table.cache_ids[table.cache_ids < n].tolist()) == cached
+    assert torch.all(table.cache_ids[:-1] <= table.cache_ids[1:])  # index stays sorted
+    assert sorted(table.cache_slots.tolist()) == list(range(capacity))  # every slot used once
+    assert table.hit_rate() > 0.3  # 2% of rows serve a good share of a Zipf stream
+
+
+# ---------------------------------------------------------------------------- training semantics
+def test_rows_are_updated_in_their_precision():
+    torch.manual_seed(0)
+    table = MPCacheEmbeddingBag([100], 8, precision="int8", cache_rows=1, policy="lru")
+    opt = torch.optim.SGD(table.parameters(), lr=0.5)
+    ec.attach(table, opt)
+    ids = torch.tensor([[3], [3], [7]])
+    x3, x7 = table.dequantized(torch.tensor([3, 7]))
+    opt.zero_grad()
+    table(ids).sum().backward()  # d/drow = count of the id
+    opt.step()
+    # id 3 (used twice) wins the single cache slot and moves in with its exact float update
+    assert table.cache_ids.tolist() == [3]
+    torch.testing.assert_close(table.cache_weight[0], x3 - 0.5 * 2)
+    # id 7 stays quantised: within one quantisation step of its float update (stochastic rounding)
+    scale, _ = scale_bias_of(table.codes[7:8], 8, 8)
+    assert torch.all((table.dequantized(torch.tensor([7]))[0] - (x7 - 0.5)).abs() <= scale + 1e-6)
+    # next step id 7 evicts id 3 (LRU); 3 is written back within one step of its float value
+    before = table.cache_weight[0].detach().clone()
+    opt.zero_grad()
+    table(torch.tensor([[7]])).sum().backward()
+    opt.step()
+    assert table.cache_ids.tolist() == [7]
+    scale3, _ = scale_bias_of(table.codes[3:4], 8, 8)
+    assert torch.all((table.dequantized(torch.tensor([3]))[0] - before).abs() <= scale3 + 1e-6)
+    assert "staging" not in table.state_dict()
+
+
+def test_eval_reads_cache_and_changes_nothing():
+    torch.manual_seed(0)
+    table = MPCacheEmbeddingBag([50], 4, precision="int4", cache_rows=5)
+    opt = torch.optim.SGD(table.parameters(), lr=0.1)
+    ec.attach(table, opt)
+    ids = torch.arange(10)[:, None]
+    for _ in range(3):
+        opt.zero_grad()
+        table(ids).sum().backward()
+        opt.step()
+    table.eval()
+    state = {k: v.clone() for k, v in table.state_dict().items()}
+    out = table(ids)
+    cached = table.cache_ids[table.cache_ids < 50]
+    torch.testing.assert_close(out[cached], table.cache_weight[table.cache_slots[:len(cached)]].detach())
+    for k, v in table.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+# ---------------------------------------------------------------------------- memory and budget
+@pytest.mark.parametrize("dim,ratio", [(16, 2.222), (64, 2.963)])
+def test_memory_accounting_int8_with_5_percent_cache(dim, ratio):
+    """INT8 + 5% LFU cache: 64/(24 + 0.05·(64+32)) = 2.22x at D=16; 256/(72 + 0.05·(256+32)) = 2.96x at
+    D=64. The paper's 3x corresponds to D = 64 (D = 128 gives 3.14x)."""
+    fields = [20, 980, 19000]
+    table = MPCacheEmbeddingBag(fields, dim, precision="int8", cache_fraction=0.05)
+    n = sum(fields)
+    assert table.num_cache_rows == n // 20
+    expected = n * (dim + 8) + n // 20 * (4 * dim + 24 + 8) + 32
+    assert table.memory_bytes() == expected == table_bytes(n, dim, 8, n // 20)
+    assert table.compression_ratio() == pytest.approx(ratio, abs=1e-3)
+
+
+def test_int4_accounting_and_budget_errors():
+    fields = [1000, 99000]
+    t4 = MPCacheEmbeddingBag(fields, 64, precision="int4", cache_fraction=0.01)
+    assert t4.memory_bytes() == 100000 * 36 + 1000 * (256 + 32) + 32  # 6.58x
+    with pytest.raises(BudgetError, match="reachable ratios"):
+        ec.make_table("mpcache", fields, 16, compression=10, precision="int8")
+    with pytest.raises(BudgetError, match="reachable ratios"):
+        ec.make_table("mpcache", fields, 16, compression=10)  # INT4 tops out at 64/12 = 5.3x
+    # auto: INT8 while its 5% cache fits, then INT4; the cache fills the rest of the budget
+    t = ec.make_table("mpcache", fields, 16, compression=2)
+    assert t.precision == "int8" and t.num_cache_rows > 5000
+    t = ec.make_table("mpcache", fields, 16, compression=4)
+    assert t.precision == "int4" and t.num_cache_rows > 0
+    for t in (t, ec.make_table("mpcache", fields, 16, compression=2.2, precision="int8", cache_fraction=0.05)):
+        budget = ec.full_table_bytes(fields, 16) / (2.2 if t.precision == "int8" else 4)
+        assert 0.9 * budget <= t.memory_bytes() <= budget
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_trains_without_a_cache(precision):
+    """With no cache every update goes through dequantise -> SGD -> stochastic requantise."""
+    torch.manual_seed(0)
+    table = MPCacheEmbeddingBag([100], 8, precision=precision, cache_rows=0)
+    opt = torch.optim.SGD(table.parameters(), lr=0.5)
+    ec.attach(table, opt)
+    ids, target = torch.arange(20)[:, None], torch.randn(20, 8)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (table(ids) - target).pow(2).sum(dim=1).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert table.memory_bytes() == 100 * (16 if precision == "int8" else 8) + 32
