@@ -1,0 +1,131 @@
+"""``embcompress compress-lowrank``: AFM-compress a trained run and report AUC and speed before/after.
+
+Reads a run directory written by the training loop (``config.json`` + ``checkpoint.pt``), rebuilds its
+data split and model, calibrates on training batches, evaluates both models on the test split, and
+writes a new run directory: ``config.json`` (the source config), ``checkpoint.pt`` (the compressed
+state plus the plan that rebuilds its structure: see :func:`load_compressed_model`),
+``compression.json`` (per-layer ranks) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .afm import apply_plan, compress_model
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("compress-lowrank", help="AFM low-rank compression of a trained run (post-training)")
+    p.add_argument("--run", required=True, help="run directory of a trained model (config.json, checkpoint.pt)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ratio", type=float, help="whole-model parameter reduction, e.g. 3")
+    target.add_argument("--variance", type=float, help="fraction of each layer's output variance to keep")
+    p.add_argument("--out", required=True, help="directory for the compressed run")
+    p.add_argument("--calibration-batches", type=int, default=50)
+    p.add_argument("--calibration-batch-size", type=int, default=1024)
+    p.add_argument("--eval-batch-size", type=int, default=4096, help="batch size of evaluation and timing")
+    p.add_argument("--timing-batches", type=int, default=5, help="test batches timed for samples/s")
+    p.add_argument("--keep-embeddings", action="store_true", help="compress only the linear layers")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run)
+
+
+def _config(run_dir: Path) -> Any:
+    from ..train.loop import TrainConfig
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --run must be a run directory of `embcompress train --out`")
+    raw = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_run_model(run_dir: str | Path) -> tuple[Any, nn.Module, Any, Any]:
+    """(config, model with the run's weights, train view, test view) of a run directory.
+
+    A run written by this command (its checkpoint has a ``compression`` entry) comes back compressed.
+    """
+    from ..data import load_dataset, split_dataset
+    from ..train.checkpoint import load_checkpoint
+    from ..train.loop import build_model
+
+    run_dir = Path(run_dir)
+    cfg = _config(run_dir)
+    ds = load_dataset(cfg.data, **cfg.data_options)
+    train, test = split_dataset(ds, cfg.split, cfg.test_fraction, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, ds)
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    if "compression" in state:
+        apply_plan(model, state["compression"]["plan"])
+    model.load_state_dict(state["model"])
+    return cfg, model, train, test
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import iterate_batches
+    from ..train.checkpoint import save_checkpoint, write_json
+    from ..train.loop import evaluate
+    from .speed import inference_samples_per_s
+
+    cfg, model, train, test = load_run_model(args.run)
+    model.to(cfg.device)
+    before = evaluate(model, test, args.eval_batch_size, cfg.device)
+    calibration = iterate_batches(train, args.calibration_batch_size, shuffle=True, seed=cfg.seed)
+    new, report = compress_model(model, calibration, ratio=args.ratio, variance=args.variance,
+                                 compress_embeddings=not args.keep_embeddings,
+                                 max_batches=args.calibration_batches)
+    after = evaluate(new, test, args.eval_batch_size, cfg.device)
+    timing = [(b.dense.to(cfg.device), b.sparse.to(cfg.device)) for _, b in
+              zip(range(args.timing_batches), iterate_batches(test, args.eval_batch_size))]
+    speed_before, speed_after = inference_samples_per_s([model, new], timing)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    save_checkpoint(out / "checkpoint.pt", {
+        "model": new.state_dict(),
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        "compression": {"plan": report.plan(), "source_run": str(Path(args.run).resolve())},
+    })
+    write_json(out / "compression.json", report.to_dict())
+    summary = {
+        "source_run": str(args.run),
+        "model": cfg.model,
+        "method": cfg.method,
+        "ratio_target": args.ratio,
+        "variance_target": args.variance,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_ratio": report.ratio,
+        "auc_before": before["auc"],
+        "auc_after": after["auc"],
+        "logloss_before": before["logloss"],
+        "logloss_after": after["logloss"],
+        "infer_samples_per_s_before": speed_before,
+        "infer_samples_per_s_after": speed_after,
+        "infer_speedup": speed_after / speed_before,
+        "eval_batch_size": args.eval_batch_size,
+        "calibration_samples": report.calibration_samples,
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_json(out / "summary.json", summary)
+    if args.json:
+        print(json.dumps(summary, default=lambda x: float(x) if isinstance(x, np.floating) else str(x)))
+    else:
+        print(f"params {report.params_before:,} -> {report.params_after:,} ({report.ratio:.2f}x)  "
+              f"AUC {before['auc']:.4f} -> {after['auc']:.4f}  "
+              f"infer {speed_before:,.0f} -> {speed_after:,.0f} samples/s ({speed_after / speed_before:.2f}x)")
+    return 0
