@@ -1,0 +1,104 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from embcompress.data import Dataset, make_synthetic
+from embcompress.train import TrainConfig, TrainingDiverged, load_checkpoint, run_training
+from embcompress.train.loop import build_model, build_optimizers
+
+
+def test_run_writes_run_directory_and_summary(tmp_path, small_synthetic):
+    cfg = TrainConfig(method="hash", compression=10, batch_size=512, progress=False, out=str(tmp_path / "run"),
+                      log_every=10)
+    s = run_training(cfg, dataset=small_synthetic)
+    for key in ("method", "compression_target", "compression_actual", "embedding_bytes", "full_embedding_bytes",
+                "test_auc", "test_logloss", "train_samples_per_s", "eval_samples_per_s", "rows_train",
+                "rows_test", "epochs"):
+        assert key in s
+    assert s["rows_train"] + s["rows_test"] == small_synthetic.num_rows
+    assert abs(s["rows_test"] - small_synthetic.num_rows / 7) <= 1
+    assert 9 <= s["compression_actual"] <= 11.2
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["test_auc"] == pytest.approx(s["test_auc"])
+    assert json.loads((run / "config.json").read_text())["method"] == "hash"
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(l["kind"] == "train" for l in lines) and lines[-1]["kind"] == "eval"
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["step"] == s["steps"]
+
+
+def test_checkpoint_reloads_to_identical_predictions(tmp_path, small_synthetic):
+    cfg = TrainConfig(method="qr", compression=10, batch_size=512, progress=False, out=str(tmp_path), max_steps=20)
+    run_training(cfg, dataset=small_synthetic)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    model = build_model(cfg, small_synthetic)
+    model.load_state_dict(state["model"])
+    torch.manual_seed(123)  # a different init, overwritten by the checkpoint
+    again = build_model(cfg, small_synthetic)
+    again.load_state_dict(state["model"])
+    dense = torch.from_numpy(np.asarray(small_synthetic.dense[:64]))
+    sparse = torch.from_numpy(np.asarray(small_synthetic.sparse[:64])).long()
+    model.eval(), again.eval()
+    torch.testing.assert_close(model(dense, sparse), again(dense, sparse))
+
+
+def test_same_seed_same_result(small_synthetic):
+    cfg = TrainConfig(method="hash", compression=100, batch_size=512, progress=False, max_steps=30)
+    a, b = run_training(cfg, dataset=small_synthetic), run_training(cfg, dataset=small_synthetic)
+    assert a["test_auc"] == b["test_auc"] and a["train_loss"] == b["train_loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])
+def test_optimizers_take_sparse_gradients(optimizer, small_synthetic):
+    cfg = TrainConfig(method="full", optimizer=optimizer, lr=0.01 if optimizer == "adam" else 0.1)
+    model = build_model(cfg, small_synthetic)
+    opts = build_optimizers(model, cfg)
+    before = model.sparse_arch.embedding.weight.detach().clone()
+    dense = torch.from_numpy(np.asarray(small_synthetic.dense[:32]))
+    sparse = torch.from_numpy(np.asarray(small_synthetic.sparse[:32])).long()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), torch.ones(32))
+    loss.backward()
+    assert model.sparse_arch.embedding.weight.grad.is_sparse
+    for o in opts:
+        o.step()
+    assert not torch.equal(before, model.sparse_arch.embedding.weight)
+
+
+def test_nan_loss_stops_clearly_and_keeps_last_good_checkpoint(tmp_path, small_synthetic):
+    ds = small_synthetic
+    dense = np.array(ds.dense, copy=True)
+    dense[30 * 256:] = np.nan  # poison everything after step 30
+    bad = Dataset(dense=dense, sparse=ds.sparse, labels=ds.labels, field_sizes=ds.field_sizes, meta=ds.meta)
+    cfg = TrainConfig(method="hash", compression=10, batch_size=256, progress=False, out=str(tmp_path),
+                      checkpoint_every=10)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 30.*last good checkpoint"):
+        run_training(cfg, dataset=bad)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 30
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_full_beats_trivial_and_hash_1000x_is_below_full():
+    # 8 fields, 24.7k ids, Bayes-optimal AUC 0.704. Measured: full 0.665, hash@1000x 0.649 (Adagrad);
+    # with SGD lr 0.1 one epoch barely moves the embeddings and both sit at 0.646-0.649.
+    ds = make_synthetic(rows=300_000, fields=8, scale=0.002, seed=1)
+    common = dict(batch_size=256, optimizer="adagrad", lr=0.05, progress=False)
+    full = run_training(TrainConfig(method="full", **common), dataset=ds)
+    hashed = run_training(TrainConfig(method="hash", compression=1000, **common), dataset=ds)
+    # a trivial predictor (a constant) has AUC 0.5; the Bayes-optimal model tops what anyone can reach
+    assert full["test_auc"] > 0.64, full
+    assert full["test_auc"] <= full["bayes_auc"] + 0.005
+    assert hashed["test_auc"] < full["test_auc"] - 0.005, (hashed["test_auc"], full["test_auc"])
+
+
+def test_criteo_sample_end_to_end(tmp_path, criteo_sample):
+    cfg = TrainConfig(data=f"criteo:{criteo_sample}", data_options={"min_count": 2, "cache_dir": str(tmp_path / "c")},
+                      method="full", progress=False)  # defaults: Adagrad lr 0.05, batch 128, one epoch
+    s = run_training(cfg)
+    assert s["rows_train"] + s["rows_test"] == 9999
+    # measured 0.7515; a one-hot logistic regression reaches 0.750 on this split
+    assert s["test_auc"] > 0.73, s
+    assert math.isfinite(s["test_logloss"])
