@@ -234,6 +234,9 @@ def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, 
 def run_training(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns (and writes) the summary."""
     cfg.validate()
+    # Say explicitly that sparse-gradient invariants go unchecked (the fast path; our tables build
+    # valid sparse gradients): torch otherwise warns on every sparse Adagrad step.
+    torch.sparse.check_sparse_tensor_invariants.disable()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     ds = dataset if dataset is not None else load_dataset(cfg.data, **cfg.data_options)
