@@ -1,0 +1,207 @@
+"""tt (TT-Rec) on synthetic Criteo-like data: lookup speed with and without the cache, DLRM speed and AUC.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/tt.py [--rows 300000 --scale 0.01 --dim 16 --threads 1]
+
+Prints one JSON object (machine, git commit, settings, results). Everything runs in one process on one
+dataset, so the ratios (``speed_vs_full``, lookup rows/s with vs without cache) compare runs made on the
+same machine under the same load.
+
+- ``lookup``: forward + backward (+ the cache bookkeeping hook) of the table alone, on the ids of the
+  training batches (B x F lookups per step), in rows/s: tt@100x without cache, tt@100x with a warmed
+  cache, and ``full`` for reference. The cache is warmed by ``--warm-steps`` training steps first.
+- ``train``: DLRM via ``embcompress.train.loop.run_training``: full; tt@100x; tt@100x without cache;
+  tt@100x with one shared TT (``layout=shared``); tt@1000x; hash@1000x. Test AUC, samples/s, bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from typing import Any
+
+import torch
+
+import embcompress as ec
+from embcompress.data import make_synthetic
+from embcompress.embeddings.ops import field_starts
+from embcompress.train import loop
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg": os.getloadavg()}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(cfg: loop.TrainConfig, dataset: Any) -> tuple[dict[str, Any], torch.nn.Module]:
+    """run_training, keeping hold of the model so the table's counters can be read afterwards."""
+    built: list[torch.nn.Module] = []
+    original = loop.build_model
+
+    def capture(c: loop.TrainConfig, ds: Any) -> torch.nn.Module:
+        built.append(original(c, ds))
+        return built[-1]
+
+    loop.build_model = capture
+    try:
+        return loop.run_training(cfg, dataset), built[0]
+    finally:
+        loop.build_model = original
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def lookup_speed(table: ec.CompressedEmbeddingBag, batches: list[torch.Tensor], warm: int, device: str) -> dict:
+    """Rows/s of forward + backward + SGD step + table hooks, after ``warm`` untimed steps."""
+    table.to(device).train()
+    opt = torch.optim.SGD(table.parameters(), lr=0.05)
+    ec.attach(table, opt)
+
+    def step(ids: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        table(ids).pow(2).sum().backward()
+        opt.step()
+
+    for i in range(warm):
+        step(batches[i % len(batches)])
+    sync(device)
+    start = time.perf_counter()
+    rows = 0
+    for ids in batches:
+        step(ids)
+        rows += ids.numel()
+    sync(device)
+    seconds = time.perf_counter() - start
+    out = {"rows_per_s": rows / seconds, "steps": len(batches), "rows": rows, "bytes": table.memory_bytes(),
+           "compression": table.compression_ratio()}
+    if getattr(table, "cache_keys", None) is not None and table.cache_keys.numel():
+        ids = torch.cat(batches).reshape(-1)
+        hit, _ = table._cache_find(ids)
+        out.update(cache_rows=table.cache_keys.numel(), cache_hit_rate=hit.float().mean().item(),
+                   cache_stats=dict(zip(["refreshes", "admissions", "evictions"], table.stats.tolist())))
+    return out
+
+
+def tt_info(table: Any) -> dict[str, Any]:
+    return {"ranks": table.ranks, "q_shape": table.q_shape, "tt_groups": len(table.groups),
+            "raw_rows": table.raw_weight.shape[0], "cache_rows": table.cache_keys.numel(),
+            "cache_stats": dict(zip(["refreshes", "admissions", "evictions"], table.stats.tolist()))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=300_000)
+    ap.add_argument("--scale", type=float, default=0.01, help="synthetic cardinality scale (0.01: ~338k ids)")
+    ap.add_argument("--skew", type=float, default=1.1)
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=None, help="default: the training loop's")
+    ap.add_argument("--optimizer", default=None, help="default: the training loop's")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--lookup-steps", type=int, default=200)
+    ap.add_argument("--lookup-batch", type=int, default=512, help="samples per lookup step (x fields ids)")
+    ap.add_argument("--warm-steps", type=int, default=300)
+    ap.add_argument("--parts", default="lookup,train", help="comma list of: lookup, train")
+    ap.add_argument("--configs", default="full,tt100,tt100-nocache,tt100-shared,tt1000,hash1000")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
+
+    t0 = time.perf_counter()
+    ds = make_synthetic(rows=args.rows, scale=args.scale, skew=args.skew, seed=args.seed)
+    gen_s = time.perf_counter() - t0
+    sizes = list(ds.field_sizes)
+    results: dict[str, Any] = {}
+
+    if "lookup" in parts:
+        starts = field_starts(sizes)
+        sparse = torch.as_tensor(ds.sparse[: (args.lookup_steps + args.warm_steps) * args.lookup_batch]).long()
+        glob = (sparse + starts).to(args.device)  # (rows, F) global ids, as DLRM passes them
+        b = args.lookup_batch
+        batches = [glob[i * b:(i + 1) * b].reshape(-1, 1) for i in range(args.warm_steps + args.lookup_steps)]
+        warm, timed = batches[: args.warm_steps], batches[args.warm_steps:]
+        look: dict[str, Any] = {}
+        for label, method, kw in (("full", "full", {"compression": 1}),
+                                  ("tt100-nocache", "tt", {"compression": 100, "cache_fraction": 0.0}),
+                                  ("tt100-cache", "tt", {"compression": 100})):
+            torch.manual_seed(args.seed)
+            table = ec.make_table(method, sizes, args.dim, **kw)
+            for ids in warm:  # the cache fills from the same id stream training would see
+                table.train()
+                if method == "tt":
+                    table(ids)
+                    table.after_optimizer_step()
+            look[label] = lookup_speed(table, timed, 10, args.device)
+        look["cache_speedup"] = look["tt100-cache"]["rows_per_s"] / look["tt100-nocache"]["rows_per_s"]
+        look["tt_vs_full"] = look["tt100-cache"]["rows_per_s"] / look["full"]["rows_per_s"]
+        results["lookup"] = look
+
+    if "train" in parts:
+        base = dict(data="synthetic", embedding_dim=args.dim, batch_size=args.batch_size, seed=args.seed,
+                    device=args.device, progress=False)
+        base.update({k: v for k, v in (("lr", args.lr), ("optimizer", args.optimizer)) if v is not None})
+        defaults = loop.TrainConfig()
+        args.lr, args.optimizer = base.get("lr", defaults.lr), base.get("optimizer", defaults.optimizer)
+        configs = {
+            "full": ("full", None, {}),
+            "tt100": ("tt", 100, {}),
+            "tt100-nocache": ("tt", 100, {"cache_fraction": 0.0}),
+            "tt100-shared": ("tt", 100, {"layout": "shared"}),
+            "tt1000": ("tt", 1000, {}),
+            "hash1000": ("hash", 1000, {}),
+            "hash100": ("hash", 100, {}),
+            "tt100-bigcache": ("tt", 100, {"cache_fraction": 0.01, "cache_max_share": 0.5}),
+        }
+        train: dict[str, Any] = {}
+        for label in args.configs.split(","):
+            method, ratio, opts = configs[label]
+            summary, model = run(loop.TrainConfig(method=method, compression=ratio, method_options=opts, **base), ds)
+            entry = {k: summary[k] for k in ("compression_actual", "embedding_bytes", "test_auc", "test_logloss",
+                                              "train_samples_per_s", "eval_samples_per_s", "train_seconds", "steps")}
+            if method == "tt":
+                entry.update(tt_info(loop.embedding_tables(model)[0]))
+            train[label] = entry
+            train.setdefault("bayes_auc", summary.get("bayes_auc"))
+        full = train.get("full")
+        for label, entry in train.items():
+            if isinstance(entry, dict) and full and label != "full":
+                entry["auc_minus_full"] = entry["test_auc"] - full["test_auc"]
+                entry["auc_relative_loss_pct"] = 100 * (full["test_auc"] - entry["test_auc"]) / full["test_auc"]
+                entry["speed_vs_full"] = entry["train_samples_per_s"] / full["train_samples_per_s"]
+        if "tt1000" in train and "hash1000" in train:
+            train["tt1000_minus_hash1000_auc"] = train["tt1000"]["test_auc"] - train["hash1000"]["test_auc"]
+        if "tt100" in train and "tt100-nocache" in train:
+            train["cache_auc_effect"] = train["tt100"]["test_auc"] - train["tt100-nocache"]["test_auc"]
+        results["train"] = train
+
+    print(json.dumps({
+        "benchmark": "tt", "machine": machine(), "commit": git_commit(),
+        "settings": {**vars(args), "num_ids": sum(sizes), "fields": len(sizes), "data_seconds": gen_s},
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

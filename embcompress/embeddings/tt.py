@@ -1,0 +1,319 @@
+"""``tt``: tensor-train embedding table with a cache of hot rows (TT-Rec, Yin et al., MLSys 2021).
+
+Layout (``layout="field"``, the default): every field large enough to gain gets its own TT over its
+local ids; fields whose raw rows are no larger than their TT would be are stored uncompressed and exact.
+All TTs share the number of cores T, the column modes q and the ranks, so their cores are stacked along
+the row-mode axis and one batched chain product (:func:`~.tt_cores.tt_rows`) serves every field at once.
+``layout="shared"`` puts all compressed fields into one TT over their concatenated id space instead.
+Why per field by default: at the same bytes a shared TT gets higher ranks (its p_t ~ N^(1/T) are paid
+once, not per field) but makes unrelated fields share core slices, and every lookup pays for the higher
+rank. Measured with benchmarks/tt.py (synthetic, 338k ids, 100x, 300k rows, one CPU thread): shared
+ranks (15, 14) vs per field (8, 7), test AUC 0.6696 vs 0.6685 (a difference inside run-to-run noise at
+this size) and DLRM training 0.44x vs 0.70x the speed of ``full`` (on a shared, loaded machine; the
+ranks alone make a shared TT row ~3.7x the multiply-adds). Equal accuracy, slower: per field wins.
+
+Forward: ids are deduplicated, each distinct row is computed once (cache hit: one row of ``cache_weight``;
+raw field: one row of ``raw_weight``; otherwise the TT chain product), then pooled with
+``F.embedding_bag``. Gradients: autograd through the gathers and batched matmuls (dense, small core
+gradients); the raw and cache rows take sparse gradients.
+
+Cache of hot rows: ``cache_rows`` TT-served ids (about ``cache_fraction`` of the TT rows, see
+:func:`~.tt_cores.plan_for_budget`) are held uncompressed and trained directly. Training-mode forwards
+record (id, count) of the TT ids they saw; ``after_optimizer_step`` applies them with
+:meth:`TTEmbeddingBag.update_state` (decayed counts kept for the ``tracker_rows`` most frequent ids) and
+every ``refresh_every`` steps makes the cache hold the most counted ids. A newly admitted row starts as its
+current TT value, so admission does not change the model. Eviction: a cached row's learned value is
+*discarded* and the id is served by the TT again. Folding it back is impossible without moving other rows
+(a TT cannot store one row independently), so two rules keep evictions rare instead: a cached id keeps its
+place unless a candidate's count exceeds its own by ``hysteresis`` times, and counts decay slowly
+(``decay`` per step), so on stationary data the hot set settles after the first refreshes. ``stats``
+counts refreshes, admissions and evictions. Counting happens only in training mode; eval changes nothing.
+Optimizer state of a cache slot (Adagrad's sum, SparseAdam's moments) stays with the slot, so a newly
+admitted row inherits its predecessor's; with the project's default SGD there is no such state.
+
+Budget (:func:`~.tt_cores.plan_for_budget`): ranks as large as fit, fields whose raw rows are cheaper than
+their TT stay raw, ``cache_fraction`` (default 1%) of the TT rows are cached (at most ``cache_max_share``,
+default half, of the budget: on synthetic data at 100x, 1M rows, Adagrad, half the budget in cache (1064
+rows, ranks 6/5) lost 0.65% AUC to ``full`` where a quarter (350 rows, ranks 8/7) lost 1.24%), and bytes left below the next rank step become more cache rows. ``memory_bytes()`` counts
+cores, raw rows, cache rows and keys, the tracker and the index buffers: everything in ``state_dict()``.
+Explicit ``num_cores`` (2-4), ``q_shape``, ``ranks``, ``max_rank`` and ``layout`` options are accepted;
+the constructor takes groups and p shapes directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import CompressedEmbeddingBag, uniform_rows_
+from .ops import field_of, field_starts
+from .registry import register
+from .sync import gather_across_ranks
+from .tt_cores import (EMPTY, TTPlan, core_std, plan_bytes, plan_for_budget, split_index, trunc_normal_slice_,
+                       tt_params, tt_rows)
+
+log = logging.getLogger(__name__)
+
+_PLAN_OPTIONS = ("layout", "num_cores", "q_shape", "ranks", "max_rank", "cache_fraction", "cache_max_share",
+                 "tracker_per_row")
+_MAX_PENDING = 16  # training forwards recorded between optimizer steps before they are merged
+
+
+@register("tt")
+class TTEmbeddingBag(CompressedEmbeddingBag):
+    dedup = True
+
+    def __init__(self, field_sizes: Sequence[int], embedding_dim: int, *, groups: Sequence[Sequence[int]],
+                 p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int],
+                 cache_rows: int = 0, tracker_rows: int | None = None, mode: str = "sum", sparse: bool = True,
+                 decay: float = 0.999, refresh_every: int = 50, hysteresis: float = 2.0, seed: int | None = None
+                 ) -> None:
+        super().__init__(field_sizes, embedding_dim, mode)
+        t_cores = len(q_shape)
+        if len(ranks) != t_cores - 1 or any(len(p) != t_cores for p in p_shapes) or len(p_shapes) != len(groups):
+            raise ValueError("need one p shape of T modes per group and T - 1 ranks")
+        if math.prod(q_shape) != self.embedding_dim:
+            raise ValueError(f"q_shape {list(q_shape)} must multiply to {self.embedding_dim}")
+        self.groups = [list(g) for g in groups]
+        self.p_shapes = [list(p) for p in p_shapes]
+        self.q_shape, self.ranks = list(q_shape), list(ranks)
+        self.sparse, self.decay, self.refresh_every, self.hysteresis = sparse, decay, refresh_every, hysteresis
+        cache_rows = int(cache_rows) if self.groups else 0
+        if not cache_rows:
+            tracker_rows = 0
+        tracker_rows = 2 * cache_rows if tracker_rows is None else int(tracker_rows)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        # field -> group (-1: raw) and the field's offset in its group's id space / in raw_weight
+        nf = len(self.field_sizes)
+        field_group, field_base = [-1] * nf, [0] * nf
+        for g, fields in enumerate(self.groups):
+            offset = 0
+            for f in fields:
+                if field_group[f] != -1:
+                    raise ValueError(f"field {f} is in two TT groups")
+                field_group[f], field_base[f] = g, offset
+                offset += self.field_sizes[f]
+            if offset > math.prod(self.p_shapes[g]):
+                raise ValueError(f"p_shape {self.p_shapes[g]} covers fewer than the {offset} rows of group {g}")
+        raw_sizes = [n for f, n in enumerate(self.field_sizes) if field_group[f] < 0]
+        raw_base = field_starts(raw_sizes).tolist() if raw_sizes else []
+        for f in (f for f in range(nf) if field_group[f] < 0):
+            field_base[f] = raw_base.pop(0)
+        self.register_buffer("starts", field_starts(self.field_sizes))
+        self.register_buffer("field_group", torch.tensor(field_group, dtype=torch.int64))
+        self.register_buffer("field_base", torch.tensor(field_base, dtype=torch.int64))
+        radix = torch.tensor(self.p_shapes, dtype=torch.int64).reshape(len(self.groups), t_cores)
+        self.register_buffer("radix", radix)
+        self.register_buffer("core_base", torch.cumsum(radix, 0) - radix)  # (G, T) first core row of each group
+
+        # cores, stacked over groups; each group's slices initialised for its own row count
+        r = [1, *self.ranks, 1]
+        totals = radix.sum(0).tolist() if self.groups else [0] * t_cores
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(totals[t], r[t], self.q_shape[t], r[t + 1])) for t in range(t_cores))
+        for g, fields in enumerate(self.groups):
+            std = core_std(sum(self.field_sizes[f] for f in fields), self.ranks, t_cores)
+            for t, core in enumerate(self.cores):
+                start = int(self.core_base[g, t])
+                trunc_normal_slice_(core.data, start, start + self.p_shapes[g][t], std, gen)
+
+        self.raw_weight = nn.Parameter(torch.empty(sum(raw_sizes), self.embedding_dim))
+        uniform_rows_(self.raw_weight, raw_sizes, gen)
+
+        # cache of hot TT rows: slot-major weights, plus ids sorted for searchsorted and each id's slot
+        self.cache_weight = nn.Parameter(torch.zeros(cache_rows, self.embedding_dim))
+        self.register_buffer("cache_keys", torch.full((cache_rows,), EMPTY, dtype=torch.int64))
+        self.register_buffer("cache_slots", torch.arange(cache_rows, dtype=torch.int64))
+        self.register_buffer("track_ids", torch.full((tracker_rows,), EMPTY, dtype=torch.int64))
+        self.register_buffer("track_counts", torch.zeros(tracker_rows))
+        self.register_buffer("steps", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("stats", torch.zeros(3, dtype=torch.int64))  # refreshes, admissions, evictions
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, ids: Tensor) -> Tensor:
+        return self._rows(ids)
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
+        if self.validate_ids:
+            self.check_ids(ids)
+        unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        record = self.training and self.cache_keys.numel() > 0
+        rows = self._rows(unique, counts if record else None)  # (u, D)
+        return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=psw)
+
+    def _rows(self, ids: Tensor, counts: Tensor | None = None) -> Tensor:
+        """Rows for distinct ids (n,) -> (n, D); ``counts`` given: record the TT ids' accesses."""
+        n = ids.shape[0]
+        f = field_of(ids, self.starts)
+        group = self.field_group[f]
+        local = ids - self.starts[f] + self.field_base[f]  # raw row, or id within the TT group
+        is_tt = group >= 0
+        raw_pos = torch.nonzero(~is_tt).squeeze(1)
+        tt_pos = torch.nonzero(is_tt).squeeze(1)
+        if counts is not None and tt_pos.numel():
+            self._record(ids[tt_pos], counts[tt_pos])
+        parts, positions = [], []
+        if raw_pos.numel():
+            parts.append(F.embedding(local[raw_pos], self.raw_weight, sparse=self.sparse))
+            positions.append(raw_pos)
+        if tt_pos.numel():
+            hit, slot = self._cache_find(ids[tt_pos])
+            if bool(hit.any()):
+                parts.append(F.embedding(slot[hit], self.cache_weight, sparse=self.sparse))
+                positions.append(tt_pos[hit])
+                tt_pos = tt_pos[~hit]
+            if tt_pos.numel():
+                parts.append(self._tt(group[tt_pos], local[tt_pos]))
+                positions.append(tt_pos)
+        if not parts:
+            return self.raw_weight.new_zeros(n, self.embedding_dim)
+        if len(parts) == 1:
+            return parts[0]
+        # undo the split: row i of the concatenation belongs to position order[i]
+        order = torch.cat(positions)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=ids.device)
+        dtype = self.cores[0].dtype if len(self.cores) else self.raw_weight.dtype
+        return torch.cat([p.to(dtype) for p in parts]).index_select(0, inverse)
+
+    def _tt(self, group: Tensor, local: Tensor) -> Tensor:
+        """TT rows for (group, id within group) pairs: mixed-radix digits -> stacked core rows -> chain product."""
+        digits = split_index(local, self.radix[group])  # (m, T)
+        return tt_rows(list(self.cores), digits + self.core_base[group])
+
+    def _tt_rows_for_ids(self, ids: Tensor) -> Tensor:
+        f = field_of(ids, self.starts)
+        return self._tt(self.field_group[f], ids - self.starts[f] + self.field_base[f])
+
+    def _cache_find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(hit mask, cache slot) per id; cache_keys is sorted with EMPTY (never a valid id) at the end."""
+        if self.cache_keys.numel() == 0:
+            return torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids)
+        pos = torch.searchsorted(self.cache_keys, ids).clamp_(max=self.cache_keys.numel() - 1)
+        return self.cache_keys[pos] == ids, self.cache_slots[pos]
+
+    # ------------------------------------------------------------------ cache state
+    def _record(self, ids: Tensor, counts: Tensor) -> None:
+        self._pending.append((ids.detach(), counts.detach()))
+        if len(self._pending) > _MAX_PENDING:  # forwards without optimizer steps: keep the list short
+            self._pending = [self._merge_pending()]
+
+    def _merge_pending(self) -> tuple[Tensor, Tensor]:
+        if len(self._pending) == 1:  # one forward per step: its ids are already distinct
+            ids, counts = self._pending[0]
+            return ids, counts.to(self.track_counts.dtype)
+        ids = torch.cat([p[0] for p in self._pending])
+        counts = torch.cat([p[1] for p in self._pending]).to(self.track_counts.dtype)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return unique, torch.zeros(unique.shape[0], dtype=counts.dtype, device=ids.device).index_add_(0, inverse, counts)
+
+    def after_optimizer_step(self) -> None:
+        if self.cache_keys.numel() == 0:
+            self._pending = []
+            return
+        if self._pending:
+            ids, counts = self._merge_pending()
+        else:  # still take part in the gather: every rank must call it
+            ids = self.track_ids.new_zeros(0)
+            counts = self.track_counts.new_zeros(0)
+        self._pending = []
+        ids, counts = gather_across_ranks(ids, counts)  # identity in one process
+        if ids.numel():
+            self.update_state(ids, counts)
+
+    @torch.no_grad()
+    def update_state(self, ids: Tensor, counts: Tensor) -> None:
+        """Apply one step's accesses (distinct TT ids and their counts): the only place state changes.
+
+        Under distributed training :meth:`after_optimizer_step` gathers (ids, counts) from every rank first
+        (duplicates across ranks are summed here), so every rank's tracker and cache stay identical.
+        """
+        self.steps += 1
+        valid = self.track_ids != EMPTY
+        all_ids = torch.cat([self.track_ids[valid], ids])
+        all_counts = torch.cat([self.track_counts[valid] * self.decay, counts.to(self.track_counts.dtype)])
+        unique, inverse = torch.unique(all_ids, return_inverse=True)
+        summed = torch.zeros(unique.shape[0], dtype=all_counts.dtype, device=all_counts.device)
+        summed.index_add_(0, inverse, all_counts)
+        keep = min(unique.shape[0], self.track_ids.numel())
+        top = torch.topk(summed, keep).indices
+        self.track_ids.fill_(EMPTY)
+        self.track_counts.zero_()
+        self.track_ids[:keep] = unique[top]
+        self.track_counts[:keep] = summed[top]
+        if int(self.steps) % self.refresh_every == 0:
+            self.refresh_cache()
+
+    @torch.no_grad()
+    def refresh_cache(self) -> None:
+        """Make the cache hold the most counted TT ids (cached ones favoured by ``hysteresis``)."""
+        capacity = self.cache_keys.numel()
+        valid = self.track_ids != EMPTY
+        cand, score = self.track_ids[valid], self.track_counts[valid].clone()
+        cached_now, _ = self._cache_find(cand)
+        score[cached_now] *= self.hysteresis
+        want = cand[torch.topk(score, min(capacity, cand.numel())).indices]
+        keep, keep_slot = self._cache_find(want)
+        old_valid = self.cache_keys != EMPTY
+        n_old = int(old_valid.sum())
+        kept_ids, kept_slots = want[keep], keep_slot[keep]
+        new_ids = want[~keep]
+        free = torch.ones(capacity, dtype=torch.bool, device=want.device)
+        free[kept_slots] = False
+        new_slots = torch.nonzero(free).squeeze(1)[: new_ids.numel()]
+        if new_ids.numel():  # admitted rows start as their current TT value: the model does not change
+            self.cache_weight[new_slots] = self._tt_rows_for_ids(new_ids).to(self.cache_weight.dtype)
+        ids = torch.cat([kept_ids, new_ids])
+        slots = torch.cat([kept_slots, new_slots])
+        order = torch.argsort(ids)
+        self.cache_keys.fill_(EMPTY)
+        self.cache_keys[: ids.numel()] = ids[order]
+        free[new_slots] = False
+        self.cache_slots.copy_(torch.cat([slots[order], torch.nonzero(free).squeeze(1)]))
+        evicted = n_old - kept_ids.numel()
+        self.stats += torch.tensor([1, new_ids.numel(), evicted], device=self.stats.device)
+        log.debug("tt cache refresh: %d kept, %d admitted, %d evicted", kept_ids.numel(), new_ids.numel(), evicted)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.raw_weight, self.cache_weight] if self.sparse else []
+
+    # ------------------------------------------------------------------ budget
+    @classmethod
+    def _split_options(cls, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        plan_opts = {k: v for k, v in options.items() if k in _PLAN_OPTIONS}
+        return plan_opts, {k: v for k, v in options.items() if k not in _PLAN_OPTIONS}
+
+    @classmethod
+    def from_plan(cls, plan: TTPlan, **options: Any) -> "TTEmbeddingBag":
+        return cls(plan.field_sizes, plan.dim, groups=plan.groups, p_shapes=plan.p_shapes, q_shape=plan.q_shape,
+                   ranks=plan.ranks, cache_rows=plan.cache_rows, tracker_rows=plan.tracker_rows, **options)
+
+    @classmethod
+    def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
+        plan_opts, _ = cls._split_options(options)
+        lo = plan_for_budget(field_sizes, embedding_dim, None, **plan_opts).nbytes()
+        hi = plan_bytes(field_sizes, embedding_dim, [], [], [embedding_dim], [], 0, 0)  # all raw, no cache
+        return lo, hi
+
+    @classmethod
+    def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
+                          **options: Any) -> "TTEmbeddingBag":
+        plan_opts, table_opts = cls._split_options(options)
+        plan = plan_for_budget(field_sizes, embedding_dim, int(budget_bytes), **plan_opts)
+        log.info("tt plan: %d TT groups, ranks %s, q %s, %d raw fields, %d cache rows, %d bytes",
+                 len(plan.groups), plan.ranks, plan.q_shape, len(plan.raw_fields()), plan.cache_rows, plan.nbytes())
+        return cls.from_plan(plan, **table_opts)
+
+    def extra_repr(self) -> str:
+        tt = sum(tt_params(p, self.q_shape, self.ranks) for p in self.p_shapes)
+        return (f"{super().extra_repr()}, groups={len(self.groups)}, q={self.q_shape}, ranks={self.ranks}, "
+                f"core_floats={tt}, raw_rows={self.raw_weight.shape[0]}, cache_rows={self.cache_keys.numel()}")
