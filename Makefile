@@ -20,8 +20,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/embcompress demo --out demo-out
 
+# One torch thread per worker: two xdist workers with two threads each would oversubscribe two cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 tests
 
 clean:
 	rm -rf $(VENV) demo-out
