@@ -75,6 +75,13 @@ class CompressedEmbeddingBag(nn.Module):
         """Rows for global ids: int64 (n,) -> float (n, D). Differentiable w.r.t. the parameters."""
         raise NotImplementedError
 
+    def lookup_unique(self, unique: Tensor, counts: Tensor) -> Tensor:
+        """Rows for the distinct ids of a batch and how often each occurs (tables with ``dedup``).
+
+        Tables that count accesses (for a cache) override this instead of :meth:`forward`.
+        """
+        return self.lookup(unique)
+
     @classmethod
     def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
         """Smallest and largest ``memory_bytes()`` this method can be built with, given ``options``."""
@@ -168,8 +175,8 @@ class CompressedEmbeddingBag(nn.Module):
         if self.validate_ids:
             self.check_ids(ids)
         if self.dedup and ids.numel() > 0:
-            unique, inverse = torch.unique(ids, return_inverse=True)
-            rows = self.lookup(unique)  # (u, D)
+            unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+            rows = self.lookup_unique(unique, counts)  # (u, D)
             index = inverse
         else:
             rows = self.lookup(ids)  # (n, D)
