@@ -3,86 +3,106 @@
     PYTHONPATH=. .venv/bin/python benchmarks/hotsketch.py                # a few minutes on 2 cores
     PYTHONPATH=. .venv/bin/python benchmarks/hotsketch.py --stream 10000000 --universe 5000000
 
-Prints one JSON line: machine, commit, settings, ids/s, and recall of the true top-k (exact counting) by
-the hot set and by the sketch's top-k, per Zipf exponent and buckets per hot row (memory).
+Throughput: per batch one ``query`` (as in the forward) and one ``insert`` of the same ids with the
+located slots reused (as in the training step), on 1 and on 2 threads; best of ``--repeats`` passes
+because the machine is shared (the load average is recorded). Recall: the true top-k by exact counting
+against the hot set (``recall_hot``) and the sketch's k highest scores (``recall_top``), per Zipf exponent,
+batch size and buckets per hot row (memory). Prints JSON lines (benchmarks/common.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import time
 
 import numpy as np
 import torch
 
+from common import emit, log  # type: ignore[import-not-found]
 from embcompress.embeddings.hotsketch import HotSketch
-
-
-def machine() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit}
 
 
 def zipf_stream(n: int, universe: int, exponent: float, seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     p = np.arange(1, universe + 1, dtype=np.float64) ** -exponent
     draws = rng.choice(universe, size=n, p=p / p.sum())
-    return torch.from_numpy(rng.permutation(universe)[draws] * 7919 + 13)
+    return torch.from_numpy(rng.permutation(universe)[draws] * 7919 + 13)  # popularity not id order
 
 
-def throughput(ids: torch.Tensor, batch: int, hot_rows: int, repeats: int) -> float:
+def throughput(ids: torch.Tensor, batch: int, hot_rows: int, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
     sk = HotSketch(hot_rows, hot_rows, threshold=50.0)
     batches = ids[: (len(ids) // batch) * batch].split(batch)
-    sk.insert(batches[0])  # warm-up
+    for b in batches[:2]:  # warm-up
+        sk.insert(b)
     best = float("inf")
     for _ in range(repeats):  # best of several passes: the machine is shared
         t0 = time.perf_counter()
         for b in batches:
-            sk.query(b)
-            sk.insert(b)
+            loc = sk.locate(b)
+            sk.query(b, loc)
+            sk.insert(b, located=loc)
         best = min(best, time.perf_counter() - t0)
-    return len(batches) * batch / best
+    return {"threads": threads, "ids_per_s": round(len(batches) * batch / best),
+            "ms_per_batch": round(best / len(batches) * 1e3, 2), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def recall(ids: torch.Tensor, k: int, buckets_per_row: int, batch: int) -> dict:
+def recall(ids: torch.Tensor, k: int, buckets_per_row: float, batch: int, dim: int) -> dict:
+    """Recall of the true top-k with k hot rows; and the lookup mass served by hot rows when the hot rows
+    and their sketch share get a fixed memory (that of ``k`` rows at one bucket per row, D = ``dim``)."""
     uniq, counts = torch.unique(ids, return_counts=True)
     order = torch.argsort(counts, descending=True, stable=True)
-    true_top = set(uniq[order[:k]].tolist())
-    kth = counts[order[k - 1]].item()
-    sk = HotSketch(k * buckets_per_row, k, threshold=kth / 2)
-    for b in ids.split(batch):
-        sk.insert(b)
+    count_of = dict(zip(uniq.tolist(), counts.tolist()))
+
+    def run(rows: int) -> tuple[HotSketch, set, float]:
+        kth = counts[order[rows - 1]].item()
+        sk = HotSketch(max(1, int(rows * buckets_per_row)), rows, threshold=kth / 2)
+        for b in ids.split(batch):
+            sk.insert(b)
+        return sk, set(uniq[order[:rows]].tolist()), kth / 2
+
+    sk, true_top, threshold = run(k)
     hot = set(sk.hot_entries()[0].tolist())
-    mem = HotSketch.memory_bytes_for(k * buckets_per_row, k)
-    return {"buckets_per_row": buckets_per_row, "sketch_bytes_per_hot_row": round(mem / k, 1),
-            "threshold": kth / 2, "recall_hot": len(hot & true_top) / k,
-            "recall_top": len(set(sk.top(k).tolist()) & true_top) / k}
+    w = max(1, int(k * buckets_per_row))
+    row_bytes = 4 * dim + HotSketch.memory_bytes_for(w, k) / k
+    rows_eq = int(k * (4 * dim + HotSketch.memory_bytes_for(k, k) / k) / row_bytes)
+    sk_eq, _, _ = run(rows_eq)
+    hot_eq = sk_eq.hot_entries()[0].tolist()
+    return {"batch": batch, "buckets_per_row": buckets_per_row, "sketch_bytes_per_hot_row": round(row_bytes - 4 * dim, 1),
+            "threshold": threshold, "recall_hot": round(len(hot & true_top) / k, 4),
+            "recall_top": round(len(set(sk.top(k).tolist()) & true_top) / k, 4),
+            "equal_memory_hot_rows": rows_eq,
+            "equal_memory_hot_mass": round(sum(count_of.get(i, 0) for i in hot_eq) / len(ids), 4),
+            "top_k_mass": round(counts[order[:k]].sum().item() / len(ids), 4)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stream", type=int, default=2_000_000)
+    ap.add_argument("--stream", type=int, default=4_000_000)
     ap.add_argument("--universe", type=int, default=1_000_000)
     ap.add_argument("--k", type=int, default=1000, help="hot rows for the recall runs")
     ap.add_argument("--speed-hot-rows", type=int, default=65536)
     ap.add_argument("--batch", type=int, default=4096 * 26)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recall-batches", default="4096,106496")
+    ap.add_argument("--buckets-per-row", default="0.5,1,2,4")
+    ap.add_argument("--exponents", default="1.05,1.1,1.3")
+    ap.add_argument("--threads", default="1,2", help="thread counts for the throughput runs")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=16, help="embedding dim for the equal-memory comparison")
+    ap.add_argument("--skip-recall", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    result = {"benchmark": "hotsketch", **machine(), "settings": vars(args), "throughput_ids_per_s": {},
-              "recall": {}}
-    for exponent in (1.05, 1.1, 1.3):
+    for exponent in (float(e) for e in args.exponents.split(",")):
         ids = zipf_stream(args.stream, args.universe, exponent, seed=0)
-        result["throughput_ids_per_s"][str(exponent)] = round(throughput(ids, args.batch, args.speed_hot_rows,
-                                                                         args.repeats))
-        result["recall"][str(exponent)] = [recall(ids, args.k, m, args.batch) for m in (1, 2, 4, 8, 16)]
-    print(json.dumps(result))
+        speed = [throughput(ids, args.batch, args.speed_hot_rows, args.repeats, int(t))
+                 for t in args.threads.split(",")]
+        log(f"zipf {exponent}: {speed}")
+        torch.set_num_threads(2)
+        rec = [] if args.skip_recall else [
+            recall(ids, args.k, float(m), int(b), args.dim) for b in args.recall_batches.split(",")
+            for m in args.buckets_per_row.split(",")]
+        emit({"benchmark": "hotsketch", "settings": vars(args), "exponent": exponent,
+              "throughput": speed, "recall": rec})
 
 
 if __name__ == "__main__":

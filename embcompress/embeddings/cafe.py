@@ -14,6 +14,10 @@ the one extra line in an ordinary loop) normalises the norms per field per batch
 inserts 1 per lookup), and migrates: a promoted feature's hot row becomes a copy of the hashed row that
 served it; a demoted feature goes back to its hashed row (its hot row returns to the free list). All of
 this happens before ``optimizer.step()``. Eval-mode forwards record nothing and change nothing.
+The forward keeps the sketch slots it located for its lookups and the update reuses them (the sketch
+has not changed in between), so the hash and slot search run once per step. Under data parallelism the
+(ids, scores) of all ranks are gathered first (:func:`~embcompress.embeddings.sync.gather_across_ranks`)
+so every rank applies the same update.
 
 Budget: ``memory_bytes`` is the bytes of the state dict. A hot row costs 4·D bytes for its weights plus
 its share of the sketch: ``buckets_per_row`` buckets of ``slots`` slots of 16 bytes (int64 id, float32
@@ -35,9 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
-from .hotsketch import SLOT_BYTES, HotSketch
+from .hotsketch import SLOT_BYTES, HotSketch, Located
 from .ops import allocate_rows, field_of, field_starts, hash64
 from .registry import register
+from .sync import distributed_world, gather_across_ranks
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ class _Pending:
 
     ids: Tensor  # (m,) global ids
     field: Tensor  # (m,) field index
+    located: Located | None = None  # where the forward found them in the sketch
     bag: Tensor | None = None  # (m,) bag of each lookup
     scale: Tensor | None = None  # (m,) |per-sample weight| (or 1/bag length in mean mode)
     norms: Tensor | None = None  # (m,) set by the backward hook
@@ -74,12 +80,13 @@ class _Pending:
 @register("cafe")
 class CafeEmbeddingBag(IndexedEmbeddingBag):
     """CAFE table. Options: ``threshold``, ``hash_rate``, ``decay`` (0.98), ``importance``
-    (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (1), ``decay_mass`` (10)."""
+    (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (1), ``decay_mass`` (10),
+    ``pressure_decay`` and ``preempt`` (True; :mod:`.hotsketch` explains both)."""
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
                  slots: int = 4, buckets_per_row: float = 1.0, decay_mass: float = 10.0,
-                 extra_rows: int = 0, mode: str = "sum", seed: int = 0, sparse: bool = True) -> None:
+                 pressure_decay: bool = True, preempt: bool = True, extra_rows: int = 0, mode: str = "sum", seed: int = 0, sparse: bool = True) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
         if len(rows) != len(field_sizes) or min(rows) < 1 or num_hot_rows < 1:
             raise ValueError("rows_per_field needs one positive count per field, and num_hot_rows >= 1")
@@ -95,7 +102,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         self.register_buffer("row_base", field_starts(rows))
         buckets = max(1, int(round(buckets_per_row * num_hot_rows)))
         self.sketch = HotSketch(buckets, int(num_hot_rows), threshold, slots=slots, decay=decay,
-                                decay_mass=decay_mass)
+                                decay_mass=decay_mass, pressure_decay=pressure_decay, preempt=preempt)
         uniform_rows_(self.weight[: sum(rows)], rows)
         with torch.no_grad():
             self.weight[sum(rows):].zero_()  # extra and hot rows: set when used
@@ -114,12 +121,13 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         m = self.rows[f]
         return self.row_base[f] + torch.where(m < self.sizes[f], hash64(local, self.seed) % m, local)
 
-    def _route(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(row of ``weight`` serving each id, field of each id, sketch score of each id)."""
+    def _route(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Located]:
+        """(row of ``weight`` serving each id, field of each id, sketch score of each id, sketch slots)."""
         f = field_of(ids, self.starts)
-        hot, score = self.sketch.query(ids)
+        located = self.sketch.locate(ids)
+        hot, score = self.sketch.query(ids, located)
         rows = torch.where(hot >= 0, hot + self.num_hash_rows, self.hashed_row(ids, f))
-        return rows, f, score
+        return rows, f, score, located
 
     def row_index(self, ids: Tensor) -> Tensor:
         return self._route(ids)[0]
@@ -135,13 +143,14 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
         if self.validate_ids:
             self.check_ids(ids)
-        rows, field, score = self._route(ids)
+        rows, field, score, located = self._route(ids)
         out = self._pool(ids, rows, score, field, offsets, psw)  # (B, D)
         if self.training and torch.is_grad_enabled() and ids.numel() > 0:
-            self._record(out, ids, field, offsets, psw)
+            self._record(out, ids, field, offsets, psw, located)
         return out
 
-    def _record(self, out: Tensor, ids: Tensor, field: Tensor, offsets: Tensor, psw: Tensor | None) -> None:
+    def _record(self, out: Tensor, ids: Tensor, field: Tensor, offsets: Tensor, psw: Tensor | None,
+                located: Located) -> None:
         if len(self._pending) >= _MAX_PENDING:
             if not self._warned:
                 log.warning("%s: %d training forwards without an optimizer step; call "
@@ -150,7 +159,10 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                 self._warned = True
             self._pending.pop(0)
         hashed = self.rows[field] < self.sizes[field]  # whole fields never need a hot row
-        entry = _Pending(ids=ids[hashed], field=field[hashed])
+        keep = torch.nonzero(hashed).squeeze(1)
+        sub = Located(*(t.index_select(0, keep) for t in (located.bucket, located.flat, located.found)),
+                      located.generation)
+        entry = _Pending(ids=ids.index_select(0, keep), field=field.index_select(0, keep), located=sub)
         if self.importance == "gradient" and out.requires_grad:
             n = ids.numel()
             bag = torch.bucketize(torch.arange(n, device=ids.device), offsets, right=True) - 1
@@ -168,7 +180,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def before_optimizer_step(self) -> None:
         """Turn the recorded lookups into importance scores and apply them (sketch + migration)."""
         pending, self._pending = self._pending, []
-        ids, scores = [], []
+        ids, scores, used = [], [], []
         for e in pending:
             if self.importance == "frequency":
                 ids.append(e.ids)
@@ -176,8 +188,15 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             elif e.norms is not None:  # forwards whose output got no gradient carry no importance
                 ids.append(e.ids)
                 scores.append(self._normalise(e.norms, e.field))
+            else:
+                continue
+            used.append(e.located)
         if ids:
-            self.apply_importance(torch.cat(ids), torch.cat(scores))
+            located = None
+            if all(loc is not None and loc.generation == used[0].generation for loc in used):
+                located = Located(*(torch.cat([getattr(loc, k) for loc in used]) for k in ("bucket", "flat", "found")),
+                                  used[0].generation)
+            self.apply_importance(torch.cat(ids), torch.cat(scores), located)
 
     def _normalise(self, norms: Tensor, field: Tensor) -> Tensor:
         """Per field, scale norms to mean 1; a field whose gradients are all zero counts 1 per lookup."""
@@ -188,12 +207,21 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         return torch.where(total[field] > 0, scores, torch.ones_like(scores))
 
     @torch.no_grad()
-    def apply_importance(self, ids: Tensor, scores: Tensor) -> None:
+    def apply_importance(self, ids: Tensor, scores: Tensor, located: Located | None = None) -> None:
         """The one state update: insert (ids, scores) into the sketch, then migrate rows.
 
-        Distributed training must all-gather (ids, scores) first so every rank applies the same update.
+        ``located`` (the forward's sketch slots of ``ids``) saves the hash and slot search; it is used
+        only while the sketch is unchanged since, and never across ranks.
+
+        Under data parallelism every rank saw different lookups: the (ids, scores) of all ranks are
+        concatenated in rank order first, so every rank applies the same update and the sketch, the
+        free-row list and the migrated rows stay identical (without a process group: unchanged).
         """
-        update = self.sketch.insert(ids, scores)
+        n = ids.shape[0]
+        ids, scores = gather_across_ranks(ids, scores)
+        if distributed_world() > 1 or ids.shape[0] != n:
+            located = None  # other ranks' ids were never located here
+        update = self.sketch.insert(ids, scores, located=located)
         if update.promoted_ids.numel():
             self.weight[update.promoted_rows + self.num_hash_rows] = self.cold_embedding(update.promoted_ids)
 
@@ -202,7 +230,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         return self.weight[self.hashed_row(ids)]
 
     def lookup(self, ids: Tensor) -> Tensor:
-        rows, field, score = self._route(ids)
+        rows = self._route(ids)[0]
         return F.embedding(rows, self.weight, sparse=self.sparse)
 
     # ------------------------------------------------------------------ budget

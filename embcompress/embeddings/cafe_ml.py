@@ -75,7 +75,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
         return F.embedding_bag(index, emb, offsets, mode=self.mode, per_sample_weights=psw)
 
     def lookup(self, ids: Tensor) -> Tensor:
-        rows, field, score = self._route(ids)
+        rows, field, score, _ = self._route(ids)
         return self._rows_of(ids, rows, score, field)
 
     def cold_embedding(self, ids: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 The sketch has ``w`` buckets of ``c`` slots (default c = 4). A slot holds a feature id (int64, -1 when
 empty), an importance score (float32) and a hot-row index (int32, -1 when the feature is not hot). A
-feature lives in bucket ``hash64(id, seed) % w`` (a well-mixed hash, so sequential ids spread evenly).
+feature lives in bucket :func:`bucket_of` (a multiply-xorshift-multiply hash of the id, reduced to
+``[0, w)`` by a multiply-high, so sequential ids spread evenly and no int64 modulo is needed).
 
 Insert of (id, s), DESIGN.md §4:
 - the id is in its bucket: add s to its score;
@@ -10,23 +11,55 @@ Insert of (id, s), DESIGN.md §4:
   score plus s (an empty slot counts as score 0): Space-Saving replacement;
 - else (the smallest slot is hot) the update is dropped.
 After the scores change, every non-hot entry whose score reached the threshold ``T`` is promoted while
-hot rows are free (highest score first). Once the score mass inserted since the last decay exceeds
-``decay_mass · w · T``, every score is multiplied by ``decay`` and hot entries that fall below ``T`` are
-demoted: their hot row returns to the free list.
+hot rows are free (highest score first). All scores are multiplied by ``decay`` (hot entries that fall
+below ``T`` are demoted, their hot row returns to the free list) when either
+- the score mass inserted since the last decay exceeds ``decay_mass · w · T`` (DESIGN.md §4), or
+- the hot set is oversubscribed: more non-hot entries have reached ``T`` than there are free rows.
+The second rule is ours and is what makes the sketch adaptive. With the first alone a stationary
+feature of mass share q settles at a score of ``q · decay_mass · w · T / (1 - decay)``, i.e. 30× T for
+the k-th feature of a Zipf-1.1 stream with w = k, and it takes ``ln(30) / (1 - decay)`` ≈ 170 decays,
+each ``decay_mass · w · T`` of mass apart, before it can lose its row: a changed hot set is never
+followed. Decaying while features wait for a row makes the decay rate self-calibrating: scores shrink
+just fast enough that about as many entries stay above ``T`` as there are hot rows, so ``T`` sets the
+memory of the sketch (the time the k-th feature needs to accumulate ``T``) and old hot features lose
+their rows at ``1 - decay`` of log-score per step once newcomers compete for them
+(benchmarks/cafe_adaptivity.py). At most one decay happens per :meth:`insert`.
+Also ours: an entry still waiting for a row after promotion takes the row of the lowest-scored hot
+entry if it outscores it by more than one decay step (``preempt``), so the hot set is the top of the
+sketch rather than whoever reached T first (top-k recall of the hot set 0.94 -> 0.98 with one bucket per
+hot row at batches of 106k ids). Both rules can be switched off to get DESIGN.md's rules alone.
 
 **Batches.** :meth:`insert` applies a whole batch at once, vectorised, with this rule:
 1. scores of ids already in the sketch are added first (all occurrences of an id together);
 2. the remaining ids ("newcomers") are aggregated per unique id (their scores summed);
-3. in each bucket the newcomers are ranked by aggregated score (ties: smaller id first) and the k-th
-   newcomer takes the k-th smallest *evictable* slot, where a slot is evictable when it is empty or
-   not hot with a score no larger than the bucket's smallest hot score (ties: lower slot index).
-   Newcomers of one batch therefore never evict each other, and newcomers beyond the number of
-   evictable slots are dropped;
+3. in each bucket the newcomers are ranked by aggregated score (ties: smaller id first) and paired with
+   the bucket's *evictable* slots in ascending order of score (empty first; ties: lower slot index),
+   where a slot is evictable when it is empty or not hot with a score no larger than the bucket's
+   smallest hot score. The first newcomer always takes the first evictable slot (Space-Saving: a
+   newcomer replaces the minimum); the r-th newcomer (r ≥ 1) takes the r-th evictable slot only if
+   the slot is empty or holds less score than the newcomer brings in this batch. A placed newcomer
+   inherits the slot's score plus its own; the others are dropped.
+   The condition protects features that have accumulated score from being flushed by a crowd of light
+   newcomers: a plain "every newcomer takes an evictable slot" rule (our first version) replaced every
+   non-hot slot of a busy bucket at every batch and recalled only about half of the true top-k with
+   one bucket per hot row (benchmarks/hotsketch.py has the recall against memory);
 4. decay/demotion, then promotion (highest score first, ties by slot position) into the free rows with
-   the smallest indices.
+   the smallest indices, then preemption.
+
+**Memory and recall.** Against exact counting on Zipf streams (benchmarks/hotsketch.py, k = 1000 hot
+rows): with one bucket of 4 slots per hot row the hot set recalls 0.97-0.99 of the true top-k at batches
+of 106k ids but only 0.75-0.83 at 3,328 ids (a DLRM step of 128 × 26); 2 buckets per row give 0.89-0.97
+and 4 give 0.98 there. At equal memory (hot rows of D = 16 plus their sketch share) one bucket per row
+still serves the most lookups from hot rows (59% vs 57% and 54% of all lookups at Zipf 1.05), because
+it affords more rows; so CAFE's tables default to one bucket per hot row, as in the paper.
 With one id per call this is exactly the sequential algorithm. The result does not depend on the order
 of ids within a batch (up to float rounding of score sums; with integer scores it is exact), and the
 same code gives the same state on CPU and CUDA.
+
+**Speed.** A training step queries the sketch in the forward and inserts the same ids after backward;
+:meth:`locate` returns the buckets and slots of a batch and :meth:`insert` reuses them while the sketch
+has not changed since (a generation counter tells), so the hash and the slot search run once per step.
+Gathers use ``index_select``/``gather`` (advanced indexing ``x[idx]`` is ~10× slower on the CPU).
 
 All state sits in fixed-size buffers, so ``state_dict`` is a complete checkpoint and the memory is
 ``w · c · 16`` bytes for the slots, one byte per hot row for the free-row mask and 8 bytes of counter.
@@ -40,13 +73,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .ops import hash64
-
 log = logging.getLogger(__name__)
 
 EMPTY = -1
 SLOT_BYTES = 8 + 4 + 4  # id int64, score float32, hot row int32
 DEFAULT_SEED = 0x5EED  # bucket hash seed, distinct from the hash tables' seeds
+_MIX1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (golden ratio)
+_MIX2 = -4658895280553007687  # 0xBF58476D1CE4E5B9 (SplitMix64's first multiplier)
+
+
+def bucket_of(ids: Tensor, num_buckets: int, seed: int = DEFAULT_SEED) -> Tensor:
+    """Bucket in ``[0, num_buckets)`` of each int64 id.
+
+    ``z = ((x + seed·golden) · M1) ^ (… >> 29)) · M2`` mixes every bit of the id into the high bits
+    (int64 products wrap modulo 2^64, identically on CPU and CUDA); the top 31 bits ``u`` are mapped to a
+    bucket by ``(u · w) >> 31``, which is uniform and needs no int64 modulo. Five cheap elementwise ops
+    where ``ops.hash64(x) % w`` takes ten (and a division): about half the time on this CPU.
+    """
+    if num_buckets >= 2**31:
+        raise ValueError("at most 2^31 - 1 buckets")
+    z = (ids + seed * 0x2545F491) * _MIX1
+    z = (z ^ (z >> 29)) * _MIX2
+    u = (z >> 33) + (1 << 30)  # arithmetic shift: top 31 bits offset into [0, 2^31)
+    return (u * num_buckets) >> 31
+
+
+@dataclass
+class Located:
+    """Where the ids of a batch live in the sketch, valid while ``generation`` is the sketch's."""
+
+    bucket: Tensor  # (n,) int64
+    flat: Tensor  # (n,) flat slot index; the bucket's first slot where not found
+    found: Tensor  # (n,) bool
+    generation: int
 
 
 @dataclass
@@ -69,28 +128,34 @@ class HotSketch(nn.Module):
         slots: c, slots per bucket.
         decay: factor applied to all scores at each decay.
         decay_mass: decay once the inserted score mass exceeds ``decay_mass * w * T``.
+        pressure_decay: also decay when more entries have reached T than rows are free (see module doc).
+        preempt: let an entry waiting for a row take the row of a hot entry it outscores (module doc).
         seed: seed of the bucket hash.
     """
 
     def __init__(self, num_buckets: int, num_hot_rows: int, threshold: float, slots: int = 4,
-                 decay: float = 0.98, decay_mass: float = 10.0, seed: int = DEFAULT_SEED) -> None:
+                 decay: float = 0.98, decay_mass: float = 10.0, pressure_decay: bool = True,
+                 preempt: bool = True, seed: int = DEFAULT_SEED) -> None:
         super().__init__()
         if num_buckets < 1 or slots < 1 or num_hot_rows < 0:
             raise ValueError(f"need num_buckets >= 1, slots >= 1, num_hot_rows >= 0; got "
                              f"{num_buckets}, {slots}, {num_hot_rows}")
-        if num_hot_rows >= 2**31:
-            raise ValueError("hot-row indices are int32: at most 2^31 - 1 hot rows")
+        if num_hot_rows >= 2**31 or num_buckets * slots >= 2**31:
+            raise ValueError("hot-row indices and bucket indices must stay below 2^31")
         if threshold <= 0 or not 0 < decay <= 1:
             raise ValueError(f"need threshold > 0 and 0 < decay <= 1, got {threshold}, {decay}")
         self.threshold = float(threshold)
         self.decay = float(decay)
         self.decay_mass = float(decay_mass)
+        self.pressure_decay = bool(pressure_decay)
+        self.preempt = bool(preempt)
         self.seed = int(seed)
         self.register_buffer("keys", torch.full((num_buckets, slots), EMPTY, dtype=torch.int64))
         self.register_buffer("scores", torch.zeros(num_buckets, slots, dtype=torch.float32))
         self.register_buffer("hot_row", torch.full((num_buckets, slots), EMPTY, dtype=torch.int32))
         self.register_buffer("row_used", torch.zeros(num_hot_rows, dtype=torch.bool))  # the free-row list
         self.register_buffer("mass", torch.zeros((), dtype=torch.float64))  # inserted since last decay
+        self.generation = 0  # bumped by every change of keys/scores/rows; invalidates Located
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -117,29 +182,48 @@ class HotSketch(nn.Module):
         return (f"buckets={self.num_buckets}, slots={self.slots}, hot_rows={self.num_hot_rows}, "
                 f"threshold={self.threshold}, decay={self.decay}")
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.generation += 1
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.generation += 1  # .to(device) etc. replace the buffers
+        return super()._apply(fn, *args, **kwargs)
+
     # ------------------------------------------------------------------ reading
     def bucket(self, ids: Tensor) -> Tensor:
-        return hash64(ids, self.seed) % self.num_buckets
+        return bucket_of(ids.long(), self.num_buckets, self.seed)
 
-    def _locate(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(flat slot index, found mask) of each id; the index is meaningless where not found."""
-        # One 1-D gather and compare per slot: much faster than (n, c) tensors with a tiny inner dim.
-        base = self.bucket(ids) * self.slots
+    def locate(self, ids: Tensor, bucket: Tensor | None = None) -> Located:
+        """Bucket, flat slot index and found mask of each id (``bucket`` if already known)."""
+        ids = ids.reshape(-1).long()
+        b = self.bucket(ids) if bucket is None else bucket
+        c = self.slots
+        base = b * c
         flat_keys = self.keys.view(-1)
-        flat = base
-        found = flat_keys[base] == ids
-        for j in range(1, self.slots):
-            hit = flat_keys[base + j] == ids
-            flat = torch.where(hit, base + j, flat)
+        # One 1-D index_select and compare per slot: faster than an (n, c) gather with a tiny inner dim.
+        flat = base.clone()
+        found = flat_keys.index_select(0, base) == ids
+        for j in range(1, c):
+            hit = flat_keys.index_select(0, base + j) == ids
+            flat += hit * j  # at most one slot of a bucket holds a given id
             found |= hit
-        return flat, found
+        return Located(b, flat, found, self.generation)
 
-    def query(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def _valid(self, located: Located | None, ids: Tensor) -> Located:
+        if located is None or located.bucket.shape != ids.shape:
+            return self.locate(ids)
+        if located.generation == self.generation:
+            return located
+        return self.locate(ids, located.bucket)
+
+    def query(self, ids: Tensor, located: Located | None = None) -> tuple[Tensor, Tensor]:
         """Hot row (int64, -1 if not hot) and score (float32, 0 if absent) of each id. Changes nothing."""
         ids = ids.reshape(-1).long()
-        flat, found = self._locate(ids)
-        rows = torch.where(found, self.hot_row.view(-1)[flat].long(), torch.full_like(ids, EMPTY))
-        scores = torch.where(found, self.scores.view(-1)[flat], torch.zeros((), device=ids.device))
+        loc = self._valid(located, ids)
+        rows = self.hot_row.view(-1).index_select(0, loc.flat).long()
+        rows = torch.where(loc.found, rows, EMPTY)
+        scores = self.scores.view(-1).index_select(0, loc.flat) * loc.found
         return rows, scores
 
     def hot_entries(self) -> tuple[Tensor, Tensor]:
@@ -156,71 +240,134 @@ class HotSketch(nn.Module):
         return keys[order[:k]]
 
     # ------------------------------------------------------------------ writing
-    def insert(self, ids: Tensor, scores: Tensor | None = None) -> SketchUpdate:
-        """Add ``scores`` (default 1 each) to ``ids`` with the batch rule of the module docstring."""
+    def insert(self, ids: Tensor, scores: Tensor | None = None, located: Located | None = None) -> SketchUpdate:
+        """Add ``scores`` (default 1 each) to ``ids`` with the batch rule of the module docstring.
+
+        ``located`` (from :meth:`locate` on the same ids) skips the hash and, if the sketch has not
+        changed since, the slot search.
+        """
         ids = ids.reshape(-1).long()
         s = torch.ones(ids.shape, device=ids.device) if scores is None else scores.reshape(-1).float()
         if s.shape != ids.shape:
             raise ValueError(f"scores shape {tuple(s.shape)} differs from ids shape {tuple(ids.shape)}")
         if ids.numel() > 0:
-            flat, found = self._locate(ids)
-            self.scores.view(-1).index_add_(0, flat[found], s[found])
-            if not bool(found.all()):
-                self._insert_newcomers(ids[~found], s[~found])
+            loc = self._valid(located, ids)
+            # Ids not found add 0 to their bucket's first slot: no masking, one index_add over the batch.
+            self.scores.view(-1).index_add_(0, loc.flat, s * loc.found)
+            new = torch.nonzero(~loc.found).squeeze(1)
+            if new.numel():
+                self._insert_newcomers(ids.index_select(0, new), s.index_select(0, new),
+                                       loc.bucket.index_select(0, new))
             self.mass += s.sum(dtype=torch.float64)
-        demoted_ids = demoted_rows = torch.empty(0, dtype=torch.int64, device=self.keys.device)
-        if float(self.mass) > self.decay_mass * self.num_buckets * self.threshold:
-            demoted_ids, demoted_rows = self.apply_decay()
-        promoted_ids, promoted_rows = self._promote()
-        return SketchUpdate(promoted_ids, promoted_rows, demoted_ids, demoted_rows)
+            self.generation += 1
+        return self._maintain()
 
-    def _insert_newcomers(self, ids: Tensor, s: Tensor) -> None:
-        c = self.slots
+    def _insert_newcomers(self, ids: Tensor, s: Tensor, b: Tensor) -> None:
+        c, dev = self.slots, ids.device
         uid, inverse = torch.unique(ids, return_inverse=True)  # sorted ascending
-        us = torch.zeros(uid.shape, device=ids.device).index_add_(0, inverse, s)
-        ub = self.bucket(uid)
-        # Sort by (bucket, score desc, id asc): stable sorts from the least significant key up.
-        order = torch.argsort(-us, stable=True)
-        order = order[torch.argsort(ub[order], stable=True)]
-        uid, us, ub = uid[order], us[order], ub[order]
-        rank = torch.arange(uid.numel(), device=ids.device) - torch.searchsorted(ub, ub)
-        keys, scores, hot = self.keys[ub], self.scores[ub], self.hot_row[ub] >= 0  # (m, c)
-        inf = torch.tensor(float("inf"), device=ids.device)
+        us = torch.zeros(uid.shape, device=dev).index_add_(0, inverse, s)
+        ub = torch.empty_like(uid).scatter_(0, inverse, b)  # every occurrence has the same bucket
+        # Sort by (bucket, score desc, id asc) with one stable sort of an int64 key: the bits of a
+        # non-negative float32 order like the floats, so (bucket << 31) + (2^31 - 1 - bits) puts the
+        # buckets in order and, within one, higher scores first; uid is ascending, so ties keep id order.
+        bits = us.clamp(min=0).view(torch.int32).long()
+        order = torch.sort((ub << 31) + (0x7FFFFFFF - bits), stable=True)[1]
+        uid, us, ub = uid.index_select(0, order), us.index_select(0, order), ub.index_select(0, order)
+        pos = torch.arange(uid.numel(), device=dev)
+        first = torch.ones_like(ub, dtype=torch.bool)
+        first[1:] = ub[1:] != ub[:-1]
+        rank = pos - torch.cummax(pos * first, 0)[0]  # position within the bucket's run
+        keep = torch.nonzero(rank < c).squeeze(1)  # at most c newcomers of a bucket can be placed
+        uid, us, ub, rank = (t.index_select(0, keep) for t in (uid, us, ub, rank))
+        idx = (ub[:, None] * c + torch.arange(c, device=dev)).view(-1)
+        keys = self.keys.view(-1).index_select(0, idx).view(-1, c)
+        scores = self.scores.view(-1).index_select(0, idx).view(-1, c)
+        hot = self.hot_row.view(-1).index_select(0, idx).view(-1, c) >= 0
+        inf = torch.tensor(float("inf"), device=dev)
         min_hot = torch.where(hot, scores, inf).amin(1, keepdim=True)
         empty = keys < 0
         evictable = empty | (~hot & (scores <= min_hot))
-        order_key = torch.where(empty, -inf, scores)
-        order_key = torch.where(evictable, order_key, inf)
-        candidates = torch.argsort(order_key, dim=1, stable=True)  # evictable slots first, smallest first
-        ok = rank < evictable.sum(1)
-        slot = candidates.gather(1, rank.clamp(max=c - 1)[:, None]).squeeze(1)
-        target = (ub * c + slot)[ok]
-        flat_keys, flat_scores = self.keys.view(-1), self.scores.view(-1)
-        old = torch.where(flat_keys[target] < 0, torch.zeros((), device=ids.device), flat_scores[target])
-        flat_keys[target] = uid[ok]
-        flat_scores[target] = old + us[ok]
+        order_key = torch.where(evictable, torch.where(empty, -inf, scores), inf)
+        sorted_key, candidates = torch.sort(order_key, dim=1, stable=True)  # evictable first, smallest first
+        r = rank[:, None]
+        slot_score = sorted_key.gather(1, r).squeeze(1)  # -inf: empty, +inf: not evictable
+        ok = (slot_score < inf) & ((rank == 0) | (us > slot_score))
+        place = torch.nonzero(ok).squeeze(1)
+        target = ub.index_select(0, place) * c + candidates.gather(1, r).squeeze(1).index_select(0, place)
+        old = slot_score.index_select(0, place).clamp(min=0)  # an empty slot counts as 0
+        self.keys.view(-1).index_copy_(0, target, uid.index_select(0, place))
+        self.scores.view(-1).index_copy_(0, target, old + us.index_select(0, place))
+
+    def _maintain(self) -> SketchUpdate:
+        """Decay (mass rule or pressure) with demotion, then promotion into free rows."""
+        none = torch.empty(0, dtype=torch.int64, device=self.keys.device)
+        demoted_ids = demoted_rows = none
+        want = self._wanting()
+        decay = float(self.mass) > self.decay_mass * self.num_buckets * self.threshold
+        if not decay and self.pressure_decay and self.decay < 1:
+            decay = int(want.sum()) > int((~self.row_used).sum())
+        if decay:
+            demoted_ids, demoted_rows = self.apply_decay()
+            want = self._wanting()
+        promoted_ids, promoted_rows = self._promote(want)
+        if self.preempt:
+            ids_in, ids_out, rows = self._preempt()
+            if rows.numel():
+                promoted_ids, promoted_rows = torch.cat([promoted_ids, ids_in]), torch.cat([promoted_rows, rows])
+                demoted_ids, demoted_rows = torch.cat([demoted_ids, ids_out]), torch.cat([demoted_rows, rows])
+        return SketchUpdate(promoted_ids, promoted_rows, demoted_ids, demoted_rows)
+
+    def _wanting(self) -> Tensor:
+        """Mask of the non-hot entries whose score reached T (flat)."""
+        # Empty slots always hold score 0 < T, so the keys need not be read.
+        return (self.scores.view(-1) >= self.threshold) & (self.hot_row.view(-1) < 0)
+
+    def _preempt(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Entries still waiting for a row take the rows of the lowest-scored hot entries they beat.
+
+        A waiting entry (non-hot, score >= T, no free row) and the hot entry it replaces are paired
+        highest-waiting with lowest-hot; a swap needs the waiting score above the hot one divided by
+        ``decay`` (a one-decay margin, so two features of equal weight do not trade a row back and forth).
+        Returns (ids promoted, ids demoted, rows they traded).
+        """
+        none = torch.empty(0, dtype=torch.int64, device=self.keys.device)
+        flat_keys, flat_scores, flat_rows = self.keys.view(-1), self.scores.view(-1), self.hot_row.view(-1)
+        wait = torch.nonzero(self._wanting()).squeeze(1)
+        if wait.numel() == 0:
+            return none, none, none
+        hot = torch.nonzero(flat_rows >= 0).squeeze(1)
+        n = min(wait.numel(), hot.numel())
+        if n == 0:
+            return none, none, none
+        w_scores, w_order = torch.sort(flat_scores.index_select(0, wait), descending=True, stable=True)
+        h_scores, h_order = torch.topk(flat_scores.index_select(0, hot), n, largest=False, sorted=True)
+        swap = torch.nonzero(w_scores[:n] * self.decay > h_scores).squeeze(1)
+        if swap.numel() == 0:
+            return none, none, none
+        win = wait.index_select(0, w_order.index_select(0, swap))
+        lose = hot.index_select(0, h_order.index_select(0, swap))
+        rows = flat_rows.index_select(0, lose)
+        flat_rows.index_fill_(0, lose, EMPTY)
+        flat_rows.index_copy_(0, win, rows)
+        self.generation += 1
+        return flat_keys.index_select(0, win), flat_keys.index_select(0, lose), rows.long()
 
     def apply_decay(self) -> tuple[Tensor, Tensor]:
         """Multiply every score by ``decay`` and demote hot entries below T; returns (ids, rows) demoted."""
         self.scores.mul_(self.decay)
         self.mass.zero_()
+        self.generation += 1
         mask = (self.hot_row >= 0) & (self.scores < self.threshold)
         ids, rows = self.keys[mask], self.hot_row[mask].long()
-        self.row_used[rows] = False
-        self.hot_row[mask] = EMPTY
         if ids.numel():
+            self.row_used[rows] = False
+            self.hot_row[mask] = EMPTY
             log.debug("HotSketch decay demoted %d features", ids.numel())
         return ids, rows
 
-    def _promote(self) -> tuple[Tensor, Tensor]:
-        """Give free rows to non-hot entries with score >= T, highest score first.
-
-        Scans all w·c slots (no sort unless there are candidates): cheap next to the batch itself, and it
-        also picks up entries that reached T while no row was free.
-        """
-        flat_keys, flat_scores, flat_rows = self.keys.view(-1), self.scores.view(-1), self.hot_row.view(-1)
+    def _promote(self, want: Tensor) -> tuple[Tensor, Tensor]:
+        """Give free rows to the entries of ``want``, highest score first."""
         none = torch.empty(0, dtype=torch.int64, device=self.keys.device)
-        want = (flat_scores >= self.threshold) & (flat_rows < 0) & (flat_keys >= 0)
         cand = torch.nonzero(want).squeeze(1)
         if cand.numel() == 0:
             return none, none
@@ -228,8 +375,10 @@ class HotSketch(nn.Module):
         k = min(cand.numel(), free.numel())
         if k == 0:
             return none, none
+        flat_keys, flat_scores, flat_rows = self.keys.view(-1), self.scores.view(-1), self.hot_row.view(-1)
         cand = cand[torch.argsort(flat_scores[cand], descending=True, stable=True)[:k]]
         rows = free[:k]
         flat_rows[cand] = rows.int()
         self.row_used[rows] = True
+        self.generation += 1
         return flat_keys[cand], rows

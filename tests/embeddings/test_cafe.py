@@ -159,3 +159,22 @@ def test_training_forward_without_backward_records_nothing_harmful():
         t(torch.tensor([[100]]))
     t.before_optimizer_step()
     assert (t.sketch.keys < 0).all()
+
+
+def test_importance_is_gathered_across_ranks_before_the_sketch_update(monkeypatch):
+    from embcompress.embeddings import cafe as cafe_module
+    from embcompress.embeddings.sync import gather_across_ranks
+
+    ids, scores = torch.tensor([100, 30_000]), torch.tensor([1.0, 2.0])
+    assert all(a is b for a, b in zip(gather_across_ranks(ids, scores), (ids, scores)))  # no process group
+    seen = []
+
+    def doubling(*tensors):  # what two ranks with the same lookups would gather
+        seen.append(len(tensors))
+        return tuple(torch.cat([t, t]) for t in tensors)
+
+    monkeypatch.setattr(cafe_module, "gather_across_ranks", doubling)
+    t = table(ratio=10, threshold=1e9, importance="frequency", buckets_per_row=8)
+    step(t, torch.tensor([[100], [30_000], [100]]))
+    assert seen == [2]
+    assert t.sketch.query(torch.tensor([100, 30_000]))[1].tolist() == [4.0, 2.0]
