@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -114,20 +115,33 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle", action="store_true", help="shuffle batch order (default: time order)")
     g.add_argument("--max-steps", type=int, help="stop training after this many steps")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
-    g.add_argument("--out", help="run directory (config.json, metrics.jsonl, summary.json, checkpoint.pt)")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0: at the end of each epoch)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
+                   help="keep the last K checkpoints (checkpoint-STEP.pt; checkpoint.pt links the newest)")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                   help="continue from the newest intact checkpoint in --out (or DIR); starts afresh if none")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only (with a fixed thread count a resumed run is exact)")
+    g.add_argument("--out", help="run directory (config.json, metrics.jsonl, summary.json, checkpoints)")
     g.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    out = args.out
+    if isinstance(args.resume, str):
+        if out and out != args.resume:
+            raise ValueError(f"--resume {args.resume} and --out {out} name different run directories")
+        out = args.resume
     return TrainConfig(
         data=args.data, data_options=data_options(args), split=args.split, method=args.method,
         compression=args.compression, budget_bytes=args.budget_bytes, method_options=parse_options(args.option),
         model=args.model, embedding_dim=args.dim, epochs=args.epochs, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
-        shuffle=args.shuffle, max_steps=args.max_steps, device=args.device, out=args.out,
+        shuffle=args.shuffle, max_steps=args.max_steps, device=args.device, out=out,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume is not None, deterministic=args.deterministic,
     )
 
 
@@ -138,7 +152,10 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Under torchrun every rank trains; only rank 0 prints (and writes the run directory)."""
     summary = run_training(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if args.json:
         print(json.dumps(summary))
     else:

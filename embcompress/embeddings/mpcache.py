@@ -29,6 +29,10 @@ key descending, then cached before new, then smaller id first.
   last reset reaches ``sketch_reset`` x C all counters are halved (TinyLFU ageing), so popularity can
   drift. New ids therefore enter only when they are used more often than the weakest cached row.
 
+Data parallel (torchrun): a training forward first all-gathers every rank's (unique ids, counts) and
+stages their union on every rank (:meth:`_rows_all_ranks`), so the one state update sees all ranks' ids
+and counts and every replica applies the same update.
+
 Memory: N·row_bytes + C·(4·D + 24 [sorted id, slot, key] + 4·depth [sketch, lfu only]) + 32 bytes.
 """
 
@@ -46,6 +50,7 @@ from .base import FLOAT_BYTES, CompressedEmbeddingBag
 from .ops import field_of, field_starts, hash64
 from .quant import dequantize_rows, quantize_rows, row_bytes
 from .registry import register
+from .sync import distributed_world, gather_across_ranks
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +182,25 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         if self.validate_ids:
             self.check_ids(ids)
         unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-        rows = self._rows(unique, counts)  # (u, D)
+        if self.training and torch.is_grad_enabled() and distributed_world() > 1:
+            rows = self._rows_all_ranks(unique, counts)
+        else:
+            rows = self._rows(unique, counts)  # (u, D)
         return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=psw)
+
+    def _rows_all_ranks(self, unique: Tensor, counts: Tensor) -> Tensor:
+        """Data-parallel training: stage the union of every rank's ids, in the same order on every rank.
+
+        The staging rows then mean the same ids on every rank, so their gradients can be averaged like
+        any parameter's, and :meth:`update_state` receives the same (ids, counts, missed, values) on
+        every rank: cache, sketch, counters and codes stay identical (the stochastic rounding draws
+        from the torch RNG, which every rank seeds alike and calls alike).
+        """
+        everyone, all_counts = gather_across_ranks(unique, counts)
+        union, inv = torch.unique(everyone, return_inverse=True)
+        union_counts = torch.zeros_like(union).index_add_(0, inv, all_counts)
+        rows = self._rows(union, union_counts)  # (U, D)
+        return rows[torch.searchsorted(union, unique)]  # (u, D): this rank's ids
 
     # ------------------------------------------------------------------ training
     def sparse_parameters(self) -> list[nn.Parameter]:

@@ -2,7 +2,14 @@
 
 Reads top to bottom: :func:`run_training` is the whole job, the functions above it are its steps.
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per logged step and per evaluation),
-``summary.json`` and ``checkpoint.pt``.
+``summary.json`` and the last ``keep_checkpoints`` checkpoints (``checkpoint-STEP.pt``, the manifest
+``checkpoints.json`` and ``checkpoint.pt``, a link to the newest; see :mod:`.checkpoint`).
+
+A checkpoint holds everything needed to continue exactly: model state (parameters and every table's
+state: sketches, caches, counters), optimizer states, the RNG states (torch, numpy, python, CUDA) and the
+data position (epoch, batches done in it, step). ``resume=True`` continues from the newest intact one;
+with ``deterministic=True`` and a fixed thread count the resumed run ends bitwise equal to an
+uninterrupted one. Several processes (torchrun) train data-parallel: see :mod:`.distributed`.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,8 +30,12 @@ from tqdm.auto import tqdm
 
 from ..data import Dataset, iterate_batches, load_dataset, num_batches, split_dataset
 from ..embeddings import CompressedEmbeddingBag, attach, full_table_bytes, make_table
+from ..embeddings.sync import gather_across_ranks
 from ..models import get_model
-from .checkpoint import save_checkpoint, write_json
+from . import distributed
+from .checkpoint import CheckpointError, find_resume_checkpoint, rng_state, save_run_checkpoint, set_rng_state
+from .checkpoint import atomic_write_bytes, write_json
+from .distributed import DistContext
 from .metrics import auc, logloss
 
 log = logging.getLogger(__name__)
@@ -66,7 +77,10 @@ class TrainConfig:
     out: str | None = None
     progress: bool = True
     log_every: int = 200
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end of each epoch
+    keep_checkpoints: int = 2  # the last K checkpoints stay in the run directory
+    resume: bool = False  # continue from the newest intact checkpoint in ``out`` (start afresh if none)
+    deterministic: bool = False  # torch.use_deterministic_algorithms; with fixed threads, exact resumes
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -78,6 +92,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and not self.out:
+            raise ValueError("resuming needs the run directory (--out DIR or --resume DIR)")
+
+
+# Settings a resumed run must share with the checkpoint (the rest, e.g. epochs or max_steps, may change).
+RESUME_MUST_MATCH = ("data", "data_options", "split", "test_fraction", "method", "compression", "budget_bytes",
+                     "method_options", "model", "model_options", "embedding_dim", "batch_size", "lr",
+                     "optimizer", "seed", "shuffle")
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -125,14 +151,14 @@ def _to(batch: Iterable[torch.Tensor], device: str) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def predict(model: nn.Module, view: Any, batch_size: int, device: str = "cpu",
-            progress: bool = False) -> tuple[np.ndarray, float]:
-    """Click probabilities for every row of ``view`` and the evaluation speed in samples/s."""
+            progress: bool = False, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, float]:
+    """Click probabilities for this rank's batches of ``view`` (all rows in one process) and samples/s."""
     model.eval()
     out: list[np.ndarray] = []
     start = time.perf_counter()
-    total = num_batches(view, batch_size)
-    for dense, sparse, _ in tqdm(iterate_batches(view, batch_size), total=total, disable=not progress,
-                                 desc="eval", unit="batch", leave=False):
+    total = num_batches(view, batch_size, world_size=world_size, rank=rank)
+    for dense, sparse, _ in tqdm(iterate_batches(view, batch_size, rank=rank, world_size=world_size),
+                                 total=total, disable=not progress, desc="eval", unit="batch", leave=False):
         dense, sparse = _to((dense, sparse), device)
         out.append(torch.sigmoid(model(dense, sparse)).float().cpu().numpy())
     seconds = time.perf_counter() - start
@@ -140,29 +166,93 @@ def predict(model: nn.Module, view: Any, batch_size: int, device: str = "cpu",
     return probs, len(probs) / max(seconds, 1e-9)
 
 
-def evaluate(model: nn.Module, view: Any, batch_size: int, device: str = "cpu",
-             progress: bool = False) -> dict[str, float]:
-    probs, speed = predict(model, view, batch_size, device, progress)
+def _shard_labels(view: Any, batch_size: int, rank: int, world_size: int) -> np.ndarray:
     labels = np.asarray(view.labels)
+    if world_size == 1:
+        return labels
+    total = num_batches(view, batch_size)
+    parts = [labels[b * batch_size:(b + 1) * batch_size] for b in range(rank, total, world_size)]
+    return np.concatenate(parts) if parts else labels[:0]
+
+
+def evaluate(model: nn.Module, view: Any, batch_size: int, device: str = "cpu",
+             progress: bool = False, ctx: DistContext | None = None) -> dict[str, float]:
+    """AUC, logloss and speed on ``view``; with several ranks each predicts its shard of the batches and
+    the predictions are gathered, so every rank returns the same metrics."""
+    ctx = ctx or DistContext(device=device)
+    start = time.perf_counter()
+    probs, speed = predict(model, view, batch_size, device, progress, ctx.rank, ctx.world_size)
+    labels = _shard_labels(view, batch_size, ctx.rank, ctx.world_size)
+    if ctx.enabled:
+        p, y = gather_across_ranks(torch.from_numpy(probs).to(device), torch.from_numpy(labels).float().to(device))
+        probs, labels = p.cpu().numpy(), y.cpu().numpy()
+        speed = len(probs) / max(time.perf_counter() - start, 1e-9)
     return {"auc": auc(labels, probs), "logloss": logloss(labels, probs), "samples_per_s": speed}
 
 
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint needs besides the model and optimizers."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # batches this rank has done in that epoch
+    step: int = 0  # optimizer steps in all
+    samples: int = 0  # training samples this rank has seen, all epochs
+    seconds: float = 0.0  # training time so far
+    epoch_samples: int = 0
+    epoch_loss_sum: float = 0.0
+    train_loss: float = math.nan  # mean loss of the latest (possibly partial) epoch, for the summary
+
+
 def checkpoint_state(model: nn.Module, opts: list[torch.optim.Optimizer], cfg: TrainConfig,
-                     epoch: int, step: int) -> dict[str, Any]:
+                     pos: Position, world_size: int = 1) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizers": [o.state_dict() for o in opts],
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
-        "epoch": epoch,
-        "step": step,
+        "epoch": pos.epoch,
+        "step": pos.step,
+        "position": asdict(pos),
+        "rng": rng_state(),
+        "world_size": world_size,
     }
 
 
-class RunWriter:
-    """The run directory: config.json, metrics.jsonl (appended, flushed per line), summary, checkpoint."""
+def restore(state: dict[str, Any], model: nn.Module, opts: list[torch.optim.Optimizer], cfg: TrainConfig,
+            world_size: int, source: Any) -> Position:
+    """Load a checkpoint into a freshly built model and optimizers; returns the data position."""
+    saved = state.get("config", {})
+    mine = json.loads(json.dumps(asdict(cfg), default=str))
+    differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != mine[k]]
+    if differ:
+        raise CheckpointError(f"cannot resume from {source}: it was trained with different settings: "
+                              + ", ".join(f"{k}={saved[k]!r} (now {mine[k]!r})" for k in differ))
+    if "position" not in state or "rng" not in state:
+        raise CheckpointError(f"cannot resume from {source}: it holds no data position or RNG state "
+                              "(written by an older version); only its weights can be loaded")
+    if state.get("world_size", 1) != world_size:
+        raise CheckpointError(f"cannot resume from {source}: it was written by {state.get('world_size')} "
+                              f"ranks and this run has {world_size} (the data shards would differ)")
+    model.load_state_dict(state["model"])
+    if len(state["optimizers"]) != len(opts):
+        raise CheckpointError(f"cannot resume from {source}: it has {len(state['optimizers'])} optimizer states, "
+                              f"this run {len(opts)}")
+    for opt, s in zip(opts, state["optimizers"]):
+        opt.load_state_dict(s)
+    set_rng_state(state["rng"])
+    known = {f.name for f in fields(Position)}
+    return Position(**{k: v for k, v in state["position"].items() if k in known})
 
-    def __init__(self, out: str | None) -> None:
+
+class RunWriter:
+    """The run directory: config.json, metrics.jsonl (appended, flushed per line), summary, checkpoints.
+
+    ``out=None`` (or a rank other than 0) writes nothing.
+    """
+
+    def __init__(self, out: str | None, keep: int = 2) -> None:
         self.dir = Path(out) if out else None
+        self.keep = keep
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
@@ -175,9 +265,19 @@ class RunWriter:
         if self.dir is not None:
             self._metrics.write(json.dumps(row) + "\n")
 
+    def forget_after(self, step: int) -> None:
+        """Drop metric rows a killed run logged after the checkpoint being resumed from."""
+        if self.dir is None:
+            return
+        self._metrics.close()
+        rows = [line for line in (self.dir / "metrics.jsonl").read_text().splitlines()
+                if line.strip() and _row_step(line) <= step]
+        write_json_lines(self.dir / "metrics.jsonl", rows)
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+
     def checkpoint(self, state: dict[str, Any]) -> None:
         if self.dir is not None:
-            save_checkpoint(self.dir / "checkpoint.pt", state)
+            save_run_checkpoint(self.dir, state, state["step"], self.keep)
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self.dir is not None:
@@ -185,81 +285,132 @@ class RunWriter:
             self._metrics.close()
 
 
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except ValueError:
+        return math.inf  # a line cut by the kill
+
+
+def write_json_lines(path: Path, lines: list[str]) -> None:
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+
+
+def epoch_batches(view: Any, cfg: TrainConfig, ctx: DistContext) -> int:
+    """Steps in one epoch: with several ranks, the batches of the rank with the fewest (the last one)."""
+    return num_batches(view, cfg.batch_size, world_size=ctx.world_size, rank=ctx.world_size - 1)
+
+
 def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, cfg: TrainConfig,
-                epoch: int, step: int, writer: RunWriter) -> tuple[int, int, float]:
-    """One pass over ``view``; returns (steps taken in all, samples seen, mean loss of the epoch)."""
+                pos: Position, writer: RunWriter, ctx: DistContext | None = None,
+                ddp_model: nn.Module | None = None) -> None:
+    """Train from ``pos`` (epoch ``pos.epoch``, after ``pos.batch`` batches) to the end of that epoch or
+    ``max_steps``, advancing ``pos``. ``ddp_model`` is the module to call (DDP-wrapped under torchrun)."""
+    ctx = ctx or DistContext(device=cfg.device)
+    step_model = ddp_model if ddp_model is not None else model
     model.train()
-    total = num_batches(view, cfg.batch_size)
+    epoch_total = epoch_batches(view, cfg, ctx)
+    total = epoch_total - pos.batch
     if cfg.max_steps is not None:
-        total = max(0, min(total, cfg.max_steps - step))
-    batches = iterate_batches(view, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed + epoch)
-    bar = tqdm(total=total, disable=not cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs} {cfg.method}",
-               unit="batch", leave=False)
-    samples, loss_sum, window, window_start = 0, 0.0, 0.0, time.perf_counter()
+        total = max(0, min(total, cfg.max_steps - pos.step))
+    batches = iterate_batches(view, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed + pos.epoch,
+                              start_batch=pos.batch, rank=ctx.rank, world_size=ctx.world_size)
+    bar = tqdm(total=total, disable=not cfg.progress or not ctx.is_main,
+               desc=f"epoch {pos.epoch + 1}/{cfg.epochs} {cfg.method}", unit="batch", leave=False)
+    window, window_start, start = 0.0, time.perf_counter(), time.perf_counter()
     for i, batch in enumerate(batches):
         if i >= total:
             break
-        dense, sparse, labels = _to(batch, cfg.device)
+        dense, sparse, labels = _to(batch, ctx.device)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(model(dense, sparse), labels)
+        loss = F.binary_cross_entropy_with_logits(step_model(dense, sparse), labels)
         value = loss.item()
         if not math.isfinite(value):
             bar.close()
             where = f" the last good checkpoint is {writer.dir / 'checkpoint.pt'}" if writer.dir and (
                 writer.dir / "checkpoint.pt").exists() else " no checkpoint was written yet"
-            raise TrainingDiverged(f"loss became {value} at step {step} (epoch {epoch + 1}); training stopped;"
-                                   f"{where}. Try a smaller --lr.")
+            raise TrainingDiverged(f"loss became {value} at step {pos.step} (epoch {pos.epoch + 1}); training "
+                                   f"stopped;{where}. Try a smaller --lr.")
         loss.backward()
+        distributed.sync_table_gradients(model, ctx)
         for opt in opts:
             opt.step()  # table hooks run before the first and after the last (embcompress.attach)
-        step += 1
-        samples += len(labels)
-        loss_sum += value * len(labels)
+        pos.step += 1
+        pos.batch += 1
+        pos.samples += len(labels)
+        pos.epoch_samples += len(labels)
+        pos.epoch_loss_sum += value * len(labels)
         window += value
         bar.update(1)
-        if step % cfg.log_every == 0:
+        if pos.step % cfg.log_every == 0:
             now = time.perf_counter()
             rate = cfg.log_every * cfg.batch_size / max(now - window_start, 1e-9)
             bar.set_postfix(loss=f"{window / cfg.log_every:.4f}")
-            writer.metric(kind="train", epoch=epoch, step=step, loss=window / cfg.log_every, samples_per_s=rate)
+            writer.metric(kind="train", epoch=pos.epoch, step=pos.step, loss=window / cfg.log_every,
+                          samples_per_s=rate)
             window, window_start = 0.0, now
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            writer.checkpoint(checkpoint_state(model, opts, cfg, epoch, step))
+        # the end of an epoch is checkpointed by the caller, as the start of the next one
+        if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.batch < epoch_total:
+            pos.seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            writer.checkpoint(checkpoint_state(model, opts, cfg, pos, ctx.world_size))
+    pos.seconds += time.perf_counter() - start
     bar.close()
-    return step, samples, loss_sum / max(samples, 1)
 
 
 # ---------------------------------------------------------------------------------------------- the job
 def run_training(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns (and writes) the summary."""
+    return train_model(cfg, dataset)[0]
+
+
+def train_model(cfg: TrainConfig, dataset: Dataset | None = None) -> tuple[dict[str, Any], nn.Module]:
+    """:func:`run_training`, also returning the trained model (the plain module, not a DDP wrapper)."""
     cfg.validate()
-    # Say explicitly that sparse-gradient invariants go unchecked (the fast path; our tables build
-    # valid sparse gradients): torch otherwise warns on every sparse Adagrad step.
-    torch.sparse.check_sparse_tensor_invariants.disable()
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, dataset, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple[dict[str, Any], nn.Module]:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     ds = dataset if dataset is not None else load_dataset(cfg.data, **cfg.data_options)
     train, test = split_dataset(ds, cfg.split, cfg.test_fraction, seed=cfg.seed)
-    model = build_model(cfg, ds).to(cfg.device)
+    model = build_model(cfg, ds).to(ctx.device)
     table = embedding_tables(model)[0]
     opts = build_optimizers(model, cfg)
-    writer = RunWriter(cfg.out)
+    writer = RunWriter(cfg.out if ctx.is_main else None, cfg.keep_checkpoints)
+
+    pos = Position()
+    # every rank reads the checkpoint (the run directory must be visible to all of them); rank 0 tidies
+    found = find_resume_checkpoint(cfg.out, tidy=ctx.is_main) if cfg.resume else None
+    if found is not None:
+        state, path = found
+        pos = restore(state, model, opts, cfg, ctx.world_size, path)
+        writer.forget_after(pos.step)
+        log.warning("resumed from %s: epoch %d, batch %d, step %d", path, pos.epoch + 1, pos.batch, pos.step)
+    elif cfg.resume:
+        log.warning("no checkpoint in %s: starting from the beginning", cfg.out)
     writer.config(cfg)
+    step_model = distributed.wrap_model(model, ctx)
     log.info("training %s (%s) on %d rows, testing on %d", cfg.method, table.extra_repr(), train.num_rows,
              test.num_rows)
 
-    step, samples, seconds, last_loss = 0, 0, 0.0, math.nan
-    for epoch in range(cfg.epochs):
-        start = time.perf_counter()
-        step, n, last_loss = train_epoch(model, opts, train, cfg, epoch, step, writer)
-        seconds += time.perf_counter() - start
-        samples += n
-        writer.checkpoint(checkpoint_state(model, opts, cfg, epoch + 1, step))
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
+    while pos.epoch < cfg.epochs and (cfg.max_steps is None or pos.step < cfg.max_steps):
+        train_epoch(model, opts, train, cfg, pos, writer, ctx, step_model)
+        pos.train_loss = pos.epoch_loss_sum / max(pos.epoch_samples, 1)
+        if pos.batch >= epoch_batches(train, cfg, ctx):  # epoch finished: the next one starts at batch 0
+            pos.epoch, pos.batch, pos.epoch_samples, pos.epoch_loss_sum = pos.epoch + 1, 0, 0, 0.0
+        writer.checkpoint(checkpoint_state(model, opts, cfg, pos, ctx.world_size))
+    samples, seconds, step = pos.samples * ctx.world_size, pos.seconds, pos.step
 
-    metrics = evaluate(model, test, cfg.eval_batch_size, cfg.device, cfg.progress)
+    metrics = evaluate(model, test, cfg.eval_batch_size, ctx.device, cfg.progress and ctx.is_main, ctx)
     writer.metric(kind="eval", step=step, **metrics)
     full = full_table_bytes(table.field_sizes, table.embedding_dim)
     summary: dict[str, Any] = {
@@ -275,7 +426,7 @@ def run_training(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, 
         "test_logloss": metrics["logloss"],
         "train_samples_per_s": samples / max(seconds, 1e-9),
         "eval_samples_per_s": metrics["samples_per_s"],
-        "train_loss": last_loss,
+        "train_loss": pos.train_loss,
         "rows_train": train.num_rows,
         "rows_test": test.num_rows,
         "epochs": cfg.epochs,
@@ -286,8 +437,9 @@ def run_training(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, 
         "optimizer": cfg.optimizer,
         "seed": cfg.seed,
         "embedding_dim": cfg.embedding_dim,
+        "world_size": ctx.world_size,
     }
     if getattr(test, "probs", None) is not None:
         summary["bayes_auc"] = auc(np.asarray(test.labels), np.asarray(test.probs))
     writer.summary(summary)
-    return summary
+    return summary, model
