@@ -7,11 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup clean
 
-$(STAMP): pyproject.toml requirements-ci.txt
+$(STAMP): pyproject.toml requirements-ci.txt requirements-torchrec.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements-ci.txt
+	$(BIN)/pip install -q -r requirements-torchrec.txt
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
