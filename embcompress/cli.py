@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .embeddings import BudgetError, methods
 from .train.checkpoint import CheckpointError
 from .train.loop import OPTIMIZERS, TrainConfig, TrainingDiverged, run_training
@@ -115,6 +117,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle", action="store_true", help="shuffle batch order (default: time order)")
     g.add_argument("--max-steps", type=int, help="stop training after this many steps")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="steps between checkpoints (0: at the end of each epoch)")
     g.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
@@ -240,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write each run under this directory")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -290,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:

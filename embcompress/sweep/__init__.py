@@ -71,11 +71,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)  # --threads is applied by embcompress.cli.main for every command
     records = run_sweep(cfg, report=write_reports)
     counts = {s: sum(r["status"] == s for r in records) for s in ("done", "skipped", "failed", "error")}
     print(f"sweep: {counts['done']} cells done, {counts['skipped']} skipped (unreachable), "

@@ -376,6 +376,9 @@ def train_model(cfg: TrainConfig, dataset: Dataset | None = None) -> tuple[dict[
 
 
 def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple[dict[str, Any], nn.Module]:
+    # Say explicitly that sparse-gradient invariants go unchecked (the fast path; our tables build
+    # valid sparse gradients): torch otherwise warns on every sparse Adagrad step.
+    torch.sparse.check_sparse_tensor_invariants.disable()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
