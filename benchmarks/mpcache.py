@@ -1,6 +1,6 @@
 """mpcache vs full on synthetic Criteo-like data: AUC, DLRM training speed, cache hit rate, quantisation time.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/mpcache.py [--rows 200000 --scale 0.002 --epochs 2 --dim 16]
+    PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/mpcache.py [--rows 200000 --scale 0.002 --epochs 2 --dim 16]
 
 Prints one JSON object (machine, git commit, settings, one entry per configuration). All runs share one
 dataset and one process, so the speed ratios (``speed_vs_full``) compare runs made on the same machine
@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import subprocess
 import time
 from typing import Any, Callable
 
@@ -25,37 +22,7 @@ from embcompress.data import make_synthetic
 from embcompress.embeddings import full_table_bytes, mpcache
 from embcompress.embeddings.mpcache import PRECISIONS, _cache_rows, table_bytes
 from embcompress.train import loop
-
-
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def run(cfg: loop.TrainConfig, dataset: Any) -> tuple[dict[str, Any], torch.nn.Module]:
-    """run_training, keeping hold of the model so the table's counters can be read afterwards."""
-    built: list[torch.nn.Module] = []
-    original = loop.build_model
-
-    def capture(c: loop.TrainConfig, ds: Any) -> torch.nn.Module:
-        built.append(original(c, ds))
-        return built[-1]
-
-    loop.build_model = capture
-    try:
-        return loop.run_training(cfg, dataset), built[0]
-    finally:
-        loop.build_model = original
+from common import machine, commit  # type: ignore[import-not-found]
 
 
 def timed(fn: Callable[..., Any], clock: dict[str, float], device: str) -> Callable[..., Any]:
@@ -111,7 +78,7 @@ def main() -> None:
             bits = PRECISIONS[opts["precision"]]
             exact = table_bytes(n, args.dim, bits, _cache_rows(n, bits, None, opts["cache_fraction"]), opts["policy"])
             kw = dict(budget_bytes=exact, method_options=opts)
-        summary, model = run(loop.TrainConfig(method=method, **kw, **base), ds)
+        summary, model = loop.train_model(loop.TrainConfig(method=method, **kw, **base), ds)
         table = loop.embedding_tables(model)[0]
         entry = {k: summary[k] for k in ("compression_actual", "embedding_bytes", "test_auc", "test_logloss",
                                           "train_samples_per_s", "train_seconds", "steps")}
@@ -145,7 +112,7 @@ def main() -> None:
     try:
         label, method, opts = configs[1]
         steps = min(500, results[label]["steps"])
-        summary, _ = run(loop.TrainConfig(method=method, budget_bytes=results[label]["embedding_bytes"],
+        summary, _ = loop.train_model(loop.TrainConfig(method=method, budget_bytes=results[label]["embedding_bytes"],
                                           method_options=opts, max_steps=steps, **base), ds)
         results["quantisation_share"] = {
             "config": label, "steps": steps, "quant_seconds": clock["s"],
@@ -155,7 +122,7 @@ def main() -> None:
         mpcache.quantize_rows, mpcache.dequantize_rows, loop.train_epoch = saved
 
     print(json.dumps({
-        "benchmark": "mpcache", "machine": machine(), "commit": git_commit(),
+        "benchmark": "mpcache", "machine": machine(), **commit(),
         "settings": {**vars(args), "num_ids": n, "fields": len(ds.field_sizes), "data_seconds": gen_s},
         "results": results,
     }, indent=2))
