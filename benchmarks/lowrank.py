@@ -9,7 +9,12 @@ Prints one JSON object (machine, git commit, settings, results):
 Timing uses ``--threads`` torch threads (default 1): on a small shared machine two threads contend with
 other processes and make the ratio noisy.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/lowrank.py            # defaults: a few minutes on 2 cores
+Defaults: DeepFM (deep 400,400,400, D=16) on 1M synthetic rows (scale 0.002: 67.5k ids), Adagrad lr 0.05
+(the project's defaults), batch 256, one epoch; AFM calibrated on 50 batches of 1024 training rows, as
+``compress-lowrank`` does, so both pick the same ranks for the same run.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/lowrank.py                   # ~20 min on 2 busy cores
+    PYTHONPATH=. .venv/bin/python benchmarks/lowrank.py --table-ratios ''  # AFM only: ~2-5 min
 """
 
 from __future__ import annotations
@@ -71,16 +76,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deepfm", choices=["deepfm", "dcn"])
     p.add_argument("--deep", default="400,400,400", help="deep network widths")
-    p.add_argument("--rows", type=int, default=150_000)
+    p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--scale", type=float, default=0.002, help="synthetic cardinalities = Kaggle's times this")
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", default="adagrad")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratio", type=float, default=3.0, help="AFM whole-model size reduction")
-    p.add_argument("--calibration-batches", type=int, default=40)
+    p.add_argument("--calibration-batches", type=int, default=50, help="of 1024 rows (as compress-lowrank)")
+    p.add_argument("--allocation", default="per-parameter", choices=["per-parameter", "variance"])
     p.add_argument("--infer-batch", type=int, default=4096)
     p.add_argument("--infer-batches", type=int, default=4)
     p.add_argument("--rounds", type=int, default=7)
@@ -103,11 +109,14 @@ def main() -> None:
 
     # 2. AFM compression, AUC and speed before/after
     calibration = iterate_batches(train, 1024, shuffle=True, seed=args.seed)
-    small, report = compress_model(model, calibration, ratio=args.ratio, max_batches=args.calibration_batches)
+    small, report = compress_model(model, calibration, ratio=args.ratio, max_batches=args.calibration_batches,
+                                   allocation=args.allocation)
     before = evaluate(model, test, args.infer_batch)
     after = evaluate(small, test, args.infer_batch)
     timing = [(b.dense, b.sparse) for _, b in zip(range(args.infer_batches), iterate_batches(test, args.infer_batch))]
+    load_before_timing = os.getloadavg()
     speed_before, speed_after = inference_samples_per_s([model, small], timing, rounds=args.rounds)
+    load_after_timing = os.getloadavg()
     afm = {
         "params_before": count_parameters(model), "params_after": count_parameters(small),
         "params_ratio": report.ratio, "auc_before": before["auc"], "auc_after": after["auc"],
@@ -115,6 +124,7 @@ def main() -> None:
         "logloss_before": before["logloss"], "logloss_after": after["logloss"],
         "infer_samples_per_s_before": speed_before, "infer_samples_per_s_after": speed_after,
         "infer_speedup": speed_after / speed_before,
+        "load_average_before_timing": load_before_timing, "load_average_after_timing": load_after_timing,
         "layers": [{"name": l.name, "width": l.width, "rank": l.rank, "explained_variance": round(l.explained_variance, 4),
                     "params_before": l.params_before, "params_after": l.params_after} for l in report.layers],
     }

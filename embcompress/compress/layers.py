@@ -13,6 +13,8 @@ With k equal to the full width both are exact (U_k U_kᵀ = I).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -92,10 +94,11 @@ def fold_into(layer: FactorizedLinear, following: nn.Module) -> bool:
 def field_blocks(table: CompressedEmbeddingBag) -> tuple[list[int], list[Tensor]]:
     """Rows of A per field and each field's stored D-dim rows (rows_f, D), for ``full`` and ``lowrank``."""
     if isinstance(table, LowRankEmbeddingBag):
-        rows = table.rows.tolist()
-        bases = table.row_base.tolist()
-        blocks = [table.weight[s:s + r] @ table.proj[f] + table.bias[f] for f, (s, r) in enumerate(zip(bases, rows))]
-        return rows, blocks
+        blocks = []
+        for f in range(len(table.field_sizes)):
+            a, b = table.field_factors(f)
+            blocks.append(a @ b + table.bias[f])
+        return table.rows.tolist(), blocks
     weight = getattr(table, "weight", None)
     if table.name == "full" and weight is not None:
         starts = field_starts(table.field_sizes).tolist()
@@ -108,29 +111,43 @@ def is_compressible_table(table: nn.Module) -> bool:
         isinstance(table, CompressedEmbeddingBag) and table.name == "full" and table.embedding_dim > 1)
 
 
-def table_params(table: CompressedEmbeddingBag, rank: int | None = None) -> int:
-    """Parameters of ``table``, or of its rank-``rank`` ``lowrank`` replacement."""
+def table_rows(table: CompressedEmbeddingBag) -> list[int]:
+    """Rows of A per field that a ``lowrank`` replacement of ``table`` would have."""
+    return table.rows.tolist() if isinstance(table, LowRankEmbeddingBag) else list(table.field_sizes)
+
+
+def table_params(table: CompressedEmbeddingBag, rank: int | Sequence[int] | None = None) -> int:
+    """Parameters of ``table``, or of its ``lowrank`` replacement of rank ``rank`` (one, or one per field)."""
     if rank is None:
         return sum(p.numel() for p in table.parameters())
-    rows = table.rows.tolist() if isinstance(table, LowRankEmbeddingBag) else list(table.field_sizes)
+    rows = table_rows(table)
     num_fields, dim = len(table.field_sizes), table.embedding_dim
-    return sum(rows) * rank + num_fields * rank * dim + num_fields * dim
+    ranks = [int(rank)] * num_fields if isinstance(rank, int) else [int(k) for k in rank]
+    return sum(r * k for r, k in zip(rows, ranks)) + sum(ranks) * dim + num_fields * dim
+
+
+def field_rank_params(rows: int, dim: int, rank: int) -> int:
+    """Parameters one field of rows ``rows`` costs in a ``lowrank`` table at rank ``rank`` (bias excluded)."""
+    return rank * (rows + dim)
 
 
 @torch.no_grad()
-def factorize_table(table: CompressedEmbeddingBag, bases: Tensor, means: Tensor) -> LowRankEmbeddingBag:
-    """AFM replacement of a table from per-field output statistics: bases (F, D, k), means (F, D)."""
+def factorize_table(table: CompressedEmbeddingBag, bases: Tensor | Sequence[Tensor],
+                    means: Tensor) -> LowRankEmbeddingBag:
+    """AFM replacement of a table from per-field output statistics: bases (F, D, k), or one (D, k_f)
+    per field (per-field ranks), and means (F, D)."""
     rows, blocks = field_blocks(table)
-    num_fields, dim, k = bases.shape
+    dim = means.shape[1]
+    ranks = [int(b.shape[1]) for b in bases]
     sparse = bool(getattr(table, "sparse", True))
-    new = LowRankEmbeddingBag(table.field_sizes, dim, k, rows=rows, mode=table.mode, sparse=sparse)
-    new.to(bases.device)
-    base = new.row_base.tolist()
-    dtype = new.weight.dtype
+    new = LowRankEmbeddingBag(table.field_sizes, dim, ranks, rows=rows, mode=table.mode, sparse=sparse)
+    new.to(means.device)
+    dtype = new.bias.dtype
     for f, block in enumerate(blocks):  # a loop over fields, not ids
         u, mu = bases[f].double(), means[f].double()
-        new.weight[base[f]:base[f] + rows[f]] = ((block.double() - mu) @ u).to(dtype)
-        new.proj[f] = u.T.to(dtype)
+        a, b = new.field_factors(f)
+        a.copy_(((block.double() - mu) @ u).to(dtype))
+        b.copy_(u.T.to(dtype))
         new.bias[f] = mu.to(dtype)
     new.validate_ids = table.validate_ids
     return new

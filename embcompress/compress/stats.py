@@ -69,7 +69,12 @@ def rank_for_variance(eigenvalues: Tensor, variance: float) -> int:
     return int(min(int((explained < variance - 1e-12).sum().item()) + 1, vals.numel()))
 
 
-def explained_fraction(eigenvalues: Tensor, k: int) -> float:
-    vals = eigenvalues.reshape(-1, eigenvalues.shape[-1]).sum(0)
+def explained_fraction(eigenvalues: Tensor, k: int | list[int]) -> float:
+    """Fraction of the total variance (summed over groups) kept at rank k, or at k_g per group."""
+    vals = eigenvalues.reshape(-1, eigenvalues.shape[-1])
     total = float(vals.sum())
-    return float(vals[:k].sum()) / total if total > 0 else 1.0
+    if total <= 0:
+        return 1.0
+    if isinstance(k, int):
+        return float(vals.sum(0)[:k].sum()) / total
+    return sum(float(v[:kg].sum()) for v, kg in zip(vals, k)) / total

@@ -44,42 +44,91 @@ def default_min_rank(dim: int) -> int:
 
 @register("lowrank")
 class LowRankEmbeddingBag(CompressedEmbeddingBag):
-    """Rows ``A[row(id)] @ B[f] + c[f]``; ids of field f whose share of A is smaller than n_f are hashed."""
+    """Rows ``A[row(id)] @ B[f] + c[f]``; ids of field f whose share of A is smaller than n_f are hashed.
 
-    def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rank: int,
+    ``rank`` is one k for every field (a table trained from scratch) or one k_f per field (the AFM
+    compression gives a 20k-id field a lower rank than a 3-id one, whose rows cost almost nothing).
+    Fields of equal rank share one parameter ``weights[g]`` (R_g, k_g) and ``projs[g]`` (F_g, k_g, D), so
+    a lookup is one gather and one batched matmul per distinct rank (at most D), never a loop over ids.
+    """
+
+    def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rank: int | Sequence[int],
                  rows: Sequence[int] | None = None, mode: str = "sum", sparse: bool = True) -> None:
         super().__init__(field_sizes, embedding_dim, mode)
-        k = int(rank)
-        if not 1 <= k <= self.embedding_dim:
-            raise ValueError(f"rank must be in [1, {self.embedding_dim}], got {rank}")
+        num_fields = len(self.field_sizes)
+        ranks = [int(rank)] * num_fields if isinstance(rank, (int, float)) else [int(k) for k in rank]
+        if len(ranks) != num_fields:
+            raise ValueError(f"rank needs one entry per field ({num_fields}), got {len(ranks)}")
+        if not all(1 <= k <= self.embedding_dim for k in ranks):
+            raise ValueError(f"ranks must be in [1, {self.embedding_dim}], got {ranks}")
         rows_f = list(self.field_sizes) if rows is None else [max(1, min(int(r), n))
                                                                for r, n in zip(rows, self.field_sizes)]
         if len(rows_f) != len(self.field_sizes):
             raise ValueError("rows needs one entry per field")
-        self.rank = k
+        self.ranks = ranks
+        self.rank = max(ranks)  # the largest rank; equal to every field's when uniform
         self.sparse = sparse
+        self.group_ranks = sorted(set(ranks), reverse=True)
+        self.group_fields = [[f for f in range(num_fields) if ranks[f] == k] for k in self.group_ranks]
+        group_of = [0] * num_fields
+        slot = [0] * num_fields
+        base = [0] * num_fields  # first row of field f inside its group's A
+        for g, fields in enumerate(self.group_fields):
+            offset = 0
+            for i, f in enumerate(fields):
+                group_of[f], slot[f], base[f] = g, i, offset
+                offset += rows_f[f]
         self.register_buffer("starts", field_starts(self.field_sizes))
         self.register_buffer("sizes", torch.tensor(self.field_sizes, dtype=torch.int64))
         self.register_buffer("rows", torch.tensor(rows_f, dtype=torch.int64))
-        self.register_buffer("row_base", field_starts(rows_f))
-        num_fields = len(self.field_sizes)
-        # B_f: orthonormal rows, so ||A_i B_f|| = ||A_i||; A then gets the DLRM-reference variance
-        # U(±sqrt(1/n_f)) per coordinate of the D-dim row, spread over k coordinates.
-        b = torch.linalg.qr(torch.randn(num_fields, self.embedding_dim, k)).Q.transpose(1, 2)  # (F, k, D)
-        self.proj = nn.Parameter(b.contiguous())
-        scale = torch.repeat_interleave(
-            torch.tensor([math.sqrt(self.embedding_dim / (k * n)) for n in self.field_sizes]), torch.tensor(rows_f))
-        self.weight = nn.Parameter(torch.empty(sum(rows_f), k).uniform_(-1.0, 1.0) * scale[:, None])  # (R, k)
+        self.register_buffer("row_base", torch.tensor(base, dtype=torch.int64))
+        # Structure only (rebuilt from ``rank`` by the constructor): not state, so not in state_dict.
+        self.register_buffer("field_group", torch.tensor(group_of, dtype=torch.int64), persistent=False)
+        self.register_buffer("field_slot", torch.tensor(slot, dtype=torch.int64), persistent=False)
+        for g, fields in enumerate(self.group_fields):
+            self.register_buffer(f"group_cols{g}", torch.tensor(fields, dtype=torch.int64), persistent=False)
+        self.weights = nn.ParameterList()
+        self.projs = nn.ParameterList()
+        for k, fields in zip(self.group_ranks, self.group_fields):
+            # B_f: orthonormal rows, so ||A_i B_f|| = ||A_i||; A then gets the DLRM-reference variance
+            # U(±sqrt(1/n_f)) per coordinate of the D-dim row, spread over k coordinates.
+            b = torch.linalg.qr(torch.randn(len(fields), self.embedding_dim, k)).Q.transpose(1, 2)  # (F_g, k, D)
+            self.projs.append(nn.Parameter(b.contiguous()))
+            scale = torch.repeat_interleave(
+                torch.tensor([math.sqrt(self.embedding_dim / (k * self.field_sizes[f])) for f in fields]),
+                torch.tensor([rows_f[f] for f in fields]))
+            self.weights.append(nn.Parameter(torch.empty(len(scale), k).uniform_(-1.0, 1.0) * scale[:, None]))
         self.bias = nn.Parameter(torch.zeros(num_fields, self.embedding_dim))  # (F, D)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """A (R, k) of a table with one rank for every field."""
+        if len(self.weights) != 1:
+            raise AttributeError("this table has per-field ranks: see weights / field_factors()")
+        return self.weights[0]
+
+    @property
+    def proj(self) -> nn.Parameter:
+        """B (F, k, D) of a table with one rank for every field."""
+        if len(self.projs) != 1:
+            raise AttributeError("this table has per-field ranks: see projs / field_factors()")
+        return self.projs[0]
+
+    def field_factors(self, f: int) -> tuple[Tensor, Tensor]:
+        """(A_f (rows_f, k_f), B_f (k_f, D)) of field ``f``: views of the parameters."""
+        g, slot = self.field_group[f].item(), self.field_slot[f].item()
+        base, r = self.row_base[f].item(), self.rows[f].item()
+        return self.weights[g][base:base + r], self.projs[g][slot]
 
     # ------------------------------------------------------------------ lookup
     def row_index(self, ids: Tensor, fields: Tensor) -> Tensor:
-        """Row of ``weight`` for each global id (fields given by :func:`field_of`)."""
-        if not self.hashes_ids():
-            return ids  # every field whole: rows of A are laid out exactly like the global ids
+        """Row of each global id (fields given by :func:`field_of`) in its field's group's ``weights[g]``."""
+        if len(self.weights) == 1 and not self.hashes_ids():
+            return ids  # one group, every field whole: rows of A are laid out exactly like the global ids
         local = ids - self.starts[fields]
         r = self.rows[fields]
-        local = torch.where(r < self.sizes[fields], hash64(local) % r, local)
+        if self.hashes_ids():
+            local = torch.where(r < self.sizes[fields], hash64(local) % r, local)
         return self.row_base[fields] + local
 
     def hashes_ids(self) -> bool:
@@ -98,21 +147,42 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
         return bool(((grid >= self.starts) & (grid < self.starts + self.sizes)).all())
 
     def lookup(self, ids: Tensor) -> Tensor:
-        num_fields, n = len(self.field_sizes), ids.numel()
+        num_fields, n, dim = len(self.field_sizes), ids.numel(), self.embedding_dim
         if self._field_major(ids):
-            # One batched matmul per field instead of gathering a (k, D) map for every id.
-            if self.hashes_ids():
+            # One gather and one batched matmul per group of equal rank, not a (k, D) map per id.
+            if len(self.weights) == 1:
                 fields = torch.arange(num_fields, device=ids.device).repeat(n // num_fields)
                 rows = self.row_index(ids, fields)
-            else:
-                rows = ids
-            low = F.embedding(rows, self.weight, sparse=self.sparse)  # (n, k)
-            z = low.view(-1, num_fields, self.rank).transpose(0, 1)  # (F, B, k)
-            out = torch.baddbmm(self.bias[:, None, :], z, self.proj)  # (F, B, D)
-            return out.transpose(0, 1).reshape(n, self.embedding_dim)
+                low = F.embedding(rows, self.weight, sparse=self.sparse)  # (n, k)
+                z = low.view(-1, num_fields, self.rank).transpose(0, 1)  # (F, B, k)
+                out = torch.baddbmm(self.bias[:, None, :], z, self.proj)  # (F, B, D)
+                return out.transpose(0, 1).reshape(n, dim)
+            # Field-major local ids (F, B): each group then takes whole rows of it, contiguous.
+            local_t = (ids.view(-1, num_fields) - self.starts).t()
+            out = self.bias.new_empty(num_fields, n // num_fields, dim)  # (F, B, D), whole blocks per field
+            for g in range(len(self.weights)):  # a loop over ranks (at most D), not ids
+                cols = getattr(self, f"group_cols{g}")
+                sub = local_t[cols]  # (F_g, B)
+                if self.hashes_ids():
+                    r = self.rows[cols][:, None]
+                    sub = torch.where(r < self.sizes[cols][:, None], hash64(sub) % r, sub)
+                low = F.embedding(sub + self.row_base[cols][:, None], self.weights[g], sparse=self.sparse)
+                part = torch.baddbmm(self.bias[cols][:, None, :], low, self.projs[g])  # (F_g, B, D)
+                out.index_copy_(0, cols, part)  # in place (autograd records it): one write per field
+            return out.transpose(0, 1).reshape(n, dim)
         fields = field_of(ids, self.starts)
-        low = F.embedding(self.row_index(ids, fields), self.weight, sparse=self.sparse)  # (n, k)
-        return torch.bmm(low[:, None, :], self.proj[fields]).squeeze(1) + self.bias[fields]  # (n, D)
+        rows = self.row_index(ids, fields)
+        if len(self.weights) == 1:
+            low = F.embedding(rows, self.weight, sparse=self.sparse)  # (n, k)
+            return torch.bmm(low[:, None, :], self.proj[fields]).squeeze(1) + self.bias[fields]  # (n, D)
+        out = self.bias[fields]  # (n, D)
+        groups = self.field_group[fields]
+        for g in range(len(self.weights)):
+            idx = (groups == g).nonzero().squeeze(1)
+            low = F.embedding(rows[idx], self.weights[g], sparse=self.sparse)  # (n_g, k_g)
+            proj = self.projs[g][self.field_slot[fields[idx]]]  # (n_g, k_g, D)
+            out = out.index_add(0, idx, torch.bmm(low[:, None, :], proj).squeeze(1))
+        return out
 
     def forward(self, input: Tensor, offsets: Tensor | None = None,
                 per_sample_weights: Tensor | None = None) -> Tensor:
@@ -127,7 +197,7 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
         return super().forward(input, offsets, per_sample_weights)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
-        return [self.weight] if self.sparse else []
+        return list(self.weights) if self.sparse else []
 
     # ------------------------------------------------------------------ budget
     @staticmethod
@@ -166,9 +236,9 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
     # ------------------------------------------------------------------ conversion
     @classmethod
     @torch.no_grad()
-    def from_full(cls, full: CompressedEmbeddingBag, rank: int, mode: str | None = None,
+    def from_full(cls, full: CompressedEmbeddingBag, rank: int | Sequence[int], mode: str | None = None,
                   sparse: bool = True) -> "LowRankEmbeddingBag":
-        """Truncated SVD of a trained ``full`` table, per field: W_f ≈ (W_f V_k) V_kᵀ.
+        """Truncated SVD of a trained ``full`` table, per field: W_f ≈ (W_f V_k) V_kᵀ (k: one, or one per field).
 
         V_k are the top-k eigenvectors of the Gram matrix W_fᵀ W_f (D×D, float64); W_f V_k equals
         U_k Σ_k of the SVD, so this is the best rank-k approximation of each field in Frobenius norm.
@@ -181,9 +251,11 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
         starts = field_starts(full.field_sizes).tolist()
         for f, (start, size) in enumerate(zip(starts, full.field_sizes)):
             w = weight[start:start + size]
+            k = table.ranks[f]
             _, vecs = torch.linalg.eigh(w.double().T @ w.double())  # ascending eigenvalues
-            v = vecs[:, -rank:].flip(1).to(weight.dtype)  # (D, k), largest first
-            table.weight[start:start + size] = w @ v
-            table.proj[f] = v.T
+            v = vecs[:, -k:].flip(1).to(weight.dtype)  # (D, k), largest first
+            a, b = table.field_factors(f)
+            a.copy_(w @ v)
+            b.copy_(v.T)
         table.bias.zero_()
         return table

@@ -125,3 +125,23 @@ def test_bad_arguments():
         compress_model(model, [], ratio=2.0)
     with pytest.raises(ValueError, match="cannot shrink"):
         compress_model(model, batches(), ratio=1e5)
+
+
+@pytest.mark.parametrize("allocation", ["per-parameter", "variance"])
+def test_ratio_gives_per_field_ranks_and_is_deterministic(allocation):
+    model = build("deepfm")
+    new, report = compress_model(model, batches(), ratio=3.0, allocation=allocation)
+    again, report2 = compress_model(model, batches(), ratio=3.0, allocation=allocation)
+    emb = next(l for l in report.layers if l.kind == "embedding")
+    assert isinstance(emb.rank, list) and len(emb.rank) == len(SIZES)
+    assert [l.rank for l in report.layers] == [l.rank for l in report2.layers]  # same data, same ranks
+    assert new.embedding.ranks == emb.rank
+    before = count_parameters(model)
+    assert before / 3.0 * 0.9 <= report.params_after <= before / 3.0
+    data = batches(seed=1)
+    torch.testing.assert_close(outputs(new, data), outputs(again, data))
+    rebuilt = apply_plan(build("deepfm"), report.plan())
+    rebuilt.load_state_dict(new.state_dict())
+    torch.testing.assert_close(outputs(rebuilt, data), outputs(new, data))
+    if allocation == "per-parameter":  # a 5-id field is nearly free: it keeps more rank than the 2000-id one
+        assert emb.rank[0] >= emb.rank[3]

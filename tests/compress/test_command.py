@@ -40,3 +40,20 @@ def test_missing_run_is_a_user_error(tmp_path, capsys):
     code = main(["compress-lowrank", "--run", str(tmp_path / "nope"), "--ratio", "2", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_finetune_is_reported_separately(tmp_path, capsys):
+    run_dir, out_dir = tmp_path / "run", tmp_path / "small"
+    cfg = TrainConfig(data="synthetic", data_options={"rows": 2000, "scale": 0.0005, "seed": 0}, model="dcn",
+                      model_options={"deep": [16]}, embedding_dim=4, batch_size=256, out=str(run_dir),
+                      progress=False)
+    run_training(cfg)
+    code = main(["compress-lowrank", "--run", str(run_dir), "--ratio", "2", "--out", str(out_dir),
+                 "--calibration-batches", "2", "--calibration-batch-size", "256", "--eval-batch-size", "512",
+                 "--timing-batches", "1", "--finetune-steps", "3", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["finetune_steps"] == 3 and 0.0 <= result["auc_after_finetune"] <= 1.0
+    _, model, _, test = load_run_model(out_dir)  # the saved model is the fine-tuned one
+    from embcompress.train.loop import evaluate
+    torch.testing.assert_close(evaluate(model, test, 512)["auc"], result["auc_after_finetune"], rtol=1e-6, atol=1e-6)

@@ -86,3 +86,54 @@ def test_one_id_bags_fast_path_equals_pooling(ratio):
     torch.testing.assert_close(t(ids), pooled)
     with pytest.raises(ValueError, match="valid range"):
         t(torch.tensor([[sum(FIELDS)]]))
+
+
+def test_per_field_ranks_lookup_both_paths_and_grads():
+    torch.manual_seed(0)
+    ranks = [2, 5, 3, 5, 1]
+    t = LowRankEmbeddingBag(FIELDS, 8, ranks, rows=[3, 40, 1500, 1000, 7])  # field 3 hashed
+    assert len(t.weights) == 4 and t.ranks == ranks and t.hashes_ids()
+    with torch.no_grad():
+        t.bias.normal_()
+    starts = torch.tensor([0, 3, 43, 1543, 31543])
+    local = torch.stack([torch.randint(0, n, (6,)) for n in FIELDS], 1)
+    ids = (local + starts).reshape(-1)
+    f = torch.arange(len(FIELDS)).repeat(6)
+    rows = t.row_index(ids, f)
+    expected = []
+    for fi, r in zip(f.tolist(), rows.tolist()):  # reference, one id at a time, from the field's own A_f, B_f
+        a, b = t.field_factors(fi)
+        local_row = r - t.row_base[fi].item()
+        assert 0 <= local_row < t.rows[fi].item()
+        expected.append(a[local_row] @ b + t.bias[fi])
+    torch.testing.assert_close(t.lookup(ids), torch.stack(expected))
+    perm = torch.randperm(len(ids))
+    torch.testing.assert_close(t.lookup(ids[perm]), t.lookup(ids)[perm])
+    t.lookup(ids).sum().backward()
+    assert all(w.grad is not None and w.grad.is_sparse for w in t.weights)
+    assert t.memory_bytes() == 4 * (sum(r * k for r, k in zip(t.rows.tolist(), ranks)) + sum(ranks) * 8
+                                    + 5 * 8) + 4 * 8 * 5
+
+
+def test_from_full_with_per_field_ranks_is_exact_at_full_rank():
+    torch.manual_seed(0)
+    full = ec.make_table("full", [50, 80, 4], 8, compression=1)
+    ids = torch.arange(134).reshape(-1, 1)
+    t = LowRankEmbeddingBag.from_full(full, rank=[8, 8, 4])
+    torch.testing.assert_close(t(ids), full(ids), atol=1e-5, rtol=1e-5)
+    assert not LowRankEmbeddingBag.from_full(full, rank=[3, 2, 1])(ids).isnan().any()
+
+
+def test_per_field_ranks_gradients_match_a_reference():
+    torch.manual_seed(0)
+    t = LowRankEmbeddingBag(FIELDS, 4, [1, 3, 2, 3, 4], rows=[3, 40, 1500, 900, 7])
+    starts = torch.tensor([0, 3, 43, 1543, 31543])
+    ids = (torch.stack([torch.randint(0, n, (5,)) for n in FIELDS], 1) + starts).reshape(-1)
+    w = torch.randn(len(ids), 4)
+    (t.lookup(ids) * w).sum().backward()  # field-major path
+    fast = [p.grad.to_dense().clone() if p.grad.is_sparse else p.grad.clone() for p in t.parameters()]
+    t.zero_grad()
+    perm = torch.randperm(len(ids))
+    (t.lookup(ids[perm]) * w[perm]).sum().backward()  # general path
+    for a, p in zip(fast, t.parameters()):
+        torch.testing.assert_close(a, p.grad.to_dense() if p.grad.is_sparse else p.grad)
