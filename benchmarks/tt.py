@@ -11,6 +11,7 @@ same machine under the same load.
   cache, and ``full`` for reference. The cache is warmed by ``--warm-steps`` training steps first.
 - ``train``: DLRM via ``embcompress.train.loop.run_training``: full; tt@100x; tt@100x without cache;
   tt@100x with one shared TT (``layout=shared``); tt@1000x; hash@1000x. Test AUC, samples/s, bytes.
+  ``--extra '{"label": ["tt", 100, {"core_scale": 0.3}]}' --configs full,label`` adds ablations.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=300)
     ap.add_argument("--parts", default="lookup,train", help="comma list of: lookup, train")
     ap.add_argument("--configs", default="full,tt100,tt100-nocache,tt100-shared,tt1000,hash1000")
+    ap.add_argument("--extra", default="{}",
+                    help='JSON {label: [method, ratio, options]}: more train configs, e.g. for ablations')
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -174,6 +177,7 @@ def main() -> None:
             "hash100": ("hash", 100, {}),
             "tt100-bigcache": ("tt", 100, {"cache_fraction": 0.01, "cache_max_share": 0.5}),
         }
+        configs.update({k: tuple(v) for k, v in json.loads(args.extra).items()})
         train: dict[str, Any] = {}
         for label in args.configs.split(","):
             method, ratio, opts = configs[label]

@@ -13,15 +13,20 @@ this size) and DLRM training 0.44x vs 0.70x the speed of ``full`` (on a shared, 
 ranks alone make a shared TT row ~3.7x the multiply-adds). Equal accuracy, slower: per field wins.
 
 Forward: ids are deduplicated, each distinct row is computed once (cache hit: one row of ``cache_weight``;
-raw field: one row of ``raw_weight``; otherwise the TT chain product), then pooled with
-``F.embedding_bag``. Gradients: autograd through the gathers and batched matmuls (dense, small core
-gradients); the raw and cache rows take sparse gradients.
+raw field: one row of ``raw_weight``; otherwise the TT chain product), then pooled: a gather when every bag
+holds one id (DLRM's (B*F, 1) input), else ``F.embedding_bag``. The chain product is a custom autograd
+Function (:func:`~.tt_cores.tt_rows`): products batch-last (vectorised along the ids, 5-7x faster than CPU
+``bmm`` on TT-Rec's tiny per-id matrices) and core gradients by hand (one ``index_add_`` per core); the raw
+and cache rows take sparse gradients. Measured (benchmarks/tt.py-style A/B in one process, 1 thread, 338k
+ids, 100x, batch 128 x 26 fields, Adagrad, load ~9 on 2 cores): table step (forward, backward, optimizer,
+hooks) 0.35x -> 0.47x the speed of ``full`` with the cache, 0.37x -> 0.45x without.
 
 Cache of hot rows: ``cache_rows`` TT-served ids (about ``cache_fraction`` of the TT rows, see
 :func:`~.tt_cores.plan_for_budget`) are held uncompressed and trained directly. Training-mode forwards
-record (id, count) of the TT ids they saw; ``after_optimizer_step`` applies them with
-:meth:`TTEmbeddingBag.update_state` (decayed counts kept for the ``tracker_rows`` most frequent ids) and
-every ``refresh_every`` steps makes the cache hold the most counted ids. A newly admitted row starts as its
+record (id, count) of the TT ids they saw; every ``track_every`` (10) optimizer steps ``after_optimizer_step``
+applies them with :meth:`TTEmbeddingBag.update_state` (decayed counts kept for the ``tracker_rows`` most
+frequent ids; one merge per 10 steps because the merge's sort costs more than a step's lookups) and every
+``refresh_every`` steps makes the cache hold the most counted ids. A newly admitted row starts as its
 current TT value, so admission does not change the model. Eviction: a cached row's learned value is
 *discarded* and the id is served by the TT again. Folding it back is impossible without moving other rows
 (a TT cannot store one row independently), so two rules keep evictions rare instead: a cached id keeps its
@@ -29,15 +34,21 @@ place unless a candidate's count exceeds its own by ``hysteresis`` times, and co
 (``decay`` per step), so on stationary data the hot set settles after the first refreshes. ``stats``
 counts refreshes, admissions and evictions. Counting happens only in training mode; eval changes nothing.
 Optimizer state of a cache slot (Adagrad's sum, SparseAdam's moments) stays with the slot, so a newly
-admitted row inherits its predecessor's; with the project's default SGD there is no such state.
+admitted row inherits its predecessor's (under the default Adagrad: a grown sum, so smaller first steps).
 
 Budget (:func:`~.tt_cores.plan_for_budget`): ranks as large as fit, fields whose raw rows are cheaper than
 their TT stay raw, ``cache_fraction`` (default 1%) of the TT rows are cached (at most ``cache_max_share``,
-default half, of the budget: on synthetic data at 100x, 1M rows, Adagrad, half the budget in cache (1064
-rows, ranks 6/5) lost 0.65% AUC to ``full`` where a quarter (350 rows, ranks 8/7) lost 1.24%), and bytes left below the next rank step become more cache rows. ``memory_bytes()`` counts
-cores, raw rows, cache rows and keys, the tracker and the index buffers: everything in ``state_dict()``.
-Explicit ``num_cores`` (2-4), ``q_shape``, ``ranks``, ``max_rank`` and ``layout`` options are accepted;
-the constructor takes groups and p shapes directly.
+default 3/4, of the budget), and bytes left below the next rank step become more cache rows.
+``memory_bytes()`` counts cores, raw rows, cache rows and keys, the tracker and the index buffers:
+everything in ``state_dict()``.
+Why 3/4: benchmarks/tt.py, synthetic 1M rows (338k ids), 100x, Adagrad lr 0.05, seed 0, same data:
+``full`` 0.7404 test AUC; cache share 1/4 (350 rows, ranks 8/7) lost 1.24% (earlier run, lr 0.1); 1/2
+(1064 rows, ranks 6/5) 0.7372 (-0.43%); 3/4 (1575 rows, ranks 4/3) 0.7411 (+0.09%); 3/4 with one tracked id
+per cache row (1780 rows) 0.7407. Hot rows carry most of the signal; the TT mostly smooths the tail.
+``core_scale`` (a per-core learning-rate multiplier by reparametrisation) 0.3 / 3 gave 0.7351 / 0.7362 at
+share 1/2: worse than 1. ``init_scale`` (rows' init std multiplier) is there for such ablations, unmeasured.
+Explicit ``num_cores`` (2-4), ``q_shape``, ``ranks``, ``max_rank`` and ``layout`` options are accepted; the
+constructor takes groups and p shapes directly.
 """
 
 from __future__ import annotations
@@ -71,8 +82,8 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, *, groups: Sequence[Sequence[int]],
                  p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int],
                  cache_rows: int = 0, tracker_rows: int | None = None, mode: str = "sum", sparse: bool = True,
-                 decay: float = 0.999, refresh_every: int = 50, hysteresis: float = 2.0, seed: int | None = None
-                 ) -> None:
+                 decay: float = 0.999, refresh_every: int = 50, hysteresis: float = 2.0, seed: int | None = None,
+                 core_scale: float = 1.0, init_scale: float = 1.0, track_every: int = 10) -> None:
         super().__init__(field_sizes, embedding_dim, mode)
         t_cores = len(q_shape)
         if len(ranks) != t_cores - 1 or any(len(p) != t_cores for p in p_shapes) or len(p_shapes) != len(groups):
@@ -83,6 +94,13 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.p_shapes = [list(p) for p in p_shapes]
         self.q_shape, self.ranks = list(q_shape), list(ranks)
         self.sparse, self.decay, self.refresh_every, self.hysteresis = sparse, decay, refresh_every, hysteresis
+        # cores are stored divided by core_scale and multiplied back in the forward: a per-core learning-rate
+        # multiplier (x core_scale under Adagrad/Adam, whose steps ignore the gradient's scale; x core_scale^2
+        # under SGD) that needs no change to the optimizer the training loop builds
+        self.core_scale, self.init_scale = float(core_scale), float(init_scale)
+        # the tracker merge (a sort of tracker + new ids) costs more than a step's lookups at small batches,
+        # so the counts of track_every steps are merged at once
+        self.track_every = max(1, int(track_every))
         cache_rows = int(cache_rows) if self.groups else 0
         if not cache_rows:
             tracker_rows = 0
@@ -119,6 +137,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
             nn.Parameter(torch.empty(totals[t], r[t], self.q_shape[t], r[t + 1])) for t in range(t_cores))
         for g, fields in enumerate(self.groups):
             std = core_std(sum(self.field_sizes[f] for f in fields), self.ranks, t_cores)
+            std *= self.init_scale ** (1.0 / t_cores) / self.core_scale  # rows' std x init_scale
             for t, core in enumerate(self.cores):
                 start = int(self.core_base[g, t])
                 trunc_normal_slice_(core.data, start, start + self.p_shapes[g][t], std, gen)
@@ -135,6 +154,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.register_buffer("steps", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("stats", torch.zeros(3, dtype=torch.int64))  # refreshes, admissions, evictions
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self._unapplied = 0  # optimizer steps whose counts wait in _pending (not checkpointed: < track_every steps)
 
     # ------------------------------------------------------------------ lookup
     def lookup(self, ids: Tensor) -> Tensor:
@@ -148,6 +168,11 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         record = self.training and self.cache_keys.numel() > 0
         rows = self._rows(unique, counts if record else None)  # (u, D)
+        if input.dim() == 2 and input.shape[1] == 1:
+            # one id per bag (DLRM's layout): pooling is a gather, whose backward (an index_add) is several
+            # times cheaper than embedding_bag's dense backward (which sorts the ids again)
+            out = rows.index_select(0, inverse)
+            return out if psw is None else out * psw.unsqueeze(1).to(out.dtype)
         return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=psw)
 
     def _rows(self, ids: Tensor, counts: Tensor | None = None) -> Tensor:
@@ -188,7 +213,13 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
     def _tt(self, group: Tensor, local: Tensor) -> Tensor:
         """TT rows for (group, id within group) pairs: mixed-radix digits -> stacked core rows -> chain product."""
         digits = split_index(local, self.radix[group])  # (m, T)
-        return tt_rows(list(self.cores), digits + self.core_base[group])
+        return tt_rows(self.core_tensors(), digits + self.core_base[group])
+
+    def core_tensors(self) -> list[Tensor]:
+        """The cores the chain product uses (the parameters times ``core_scale``)."""
+        if self.core_scale == 1.0:
+            return list(self.cores)
+        return [c * self.core_scale for c in self.cores]
 
     def _tt_rows_for_ids(self, ids: Tensor) -> Tensor:
         f = field_of(ids, self.starts)
@@ -205,14 +236,13 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
     def _record(self, ids: Tensor, counts: Tensor) -> None:
         self._pending.append((ids.detach(), counts.detach()))
         if len(self._pending) > _MAX_PENDING:  # forwards without optimizer steps: keep the list short
-            self._pending = [self._merge_pending()]
+            self._pending = [self._merge_pending(dedup=True)]
 
-    def _merge_pending(self) -> tuple[Tensor, Tensor]:
-        if len(self._pending) == 1:  # one forward per step: its ids are already distinct
-            ids, counts = self._pending[0]
-            return ids, counts.to(self.track_counts.dtype)
+    def _merge_pending(self, dedup: bool = False) -> tuple[Tensor, Tensor]:
         ids = torch.cat([p[0] for p in self._pending])
         counts = torch.cat([p[1] for p in self._pending]).to(self.track_counts.dtype)
+        if not dedup or len(self._pending) == 1:  # update_state sums duplicates itself
+            return ids, counts
         unique, inverse = torch.unique(ids, return_inverse=True)
         return unique, torch.zeros(unique.shape[0], dtype=counts.dtype, device=ids.device).index_add_(0, inverse, counts)
 
@@ -220,27 +250,33 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         if self.cache_keys.numel() == 0:
             self._pending = []
             return
+        self._unapplied += 1
+        if self._unapplied < self.track_every:  # counts of the last steps wait: one tracker merge per track_every
+            return
         if self._pending:
             ids, counts = self._merge_pending()
         else:  # still take part in the gather: every rank must call it
             ids = self.track_ids.new_zeros(0)
             counts = self.track_counts.new_zeros(0)
         self._pending = []
+        steps, self._unapplied = self._unapplied, 0
         ids, counts = gather_across_ranks(ids, counts)  # identity in one process
         if ids.numel():
-            self.update_state(ids, counts)
+            self.update_state(ids, counts, steps)
 
     @torch.no_grad()
-    def update_state(self, ids: Tensor, counts: Tensor) -> None:
-        """Apply one step's accesses (distinct TT ids and their counts): the only place state changes.
+    def update_state(self, ids: Tensor, counts: Tensor, steps: int = 1) -> None:
+        """Apply ``steps`` steps' accesses (TT ids, repeats allowed, and counts): the only place state changes.
 
         Under distributed training :meth:`after_optimizer_step` gathers (ids, counts) from every rank first
-        (duplicates across ranks are summed here), so every rank's tracker and cache stay identical.
+        (duplicates are summed here), so every rank's tracker and cache stay identical. The tracker decays by
+        ``decay ** steps``; the cache is refreshed whenever the step count passes a multiple of refresh_every.
         """
-        self.steps += 1
+        before = int(self.steps)
+        self.steps += steps
         valid = self.track_ids != EMPTY
         all_ids = torch.cat([self.track_ids[valid], ids])
-        all_counts = torch.cat([self.track_counts[valid] * self.decay, counts.to(self.track_counts.dtype)])
+        all_counts = torch.cat([self.track_counts[valid] * self.decay ** steps, counts.to(self.track_counts.dtype)])
         unique, inverse = torch.unique(all_ids, return_inverse=True)
         summed = torch.zeros(unique.shape[0], dtype=all_counts.dtype, device=all_counts.device)
         summed.index_add_(0, inverse, all_counts)
@@ -250,7 +286,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.track_counts.zero_()
         self.track_ids[:keep] = unique[top]
         self.track_counts[:keep] = summed[top]
-        if int(self.steps) % self.refresh_every == 0:
+        if (before + steps) // self.refresh_every > before // self.refresh_every:
             self.refresh_cache()
 
     @torch.no_grad()

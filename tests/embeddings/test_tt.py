@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import embcompress as ec
+from embcompress.embeddings import tt_cores
 from embcompress.embeddings.tt import TTEmbeddingBag
 from embcompress.embeddings.tt_cores import (
     EMPTY, core_std, factor_dim, join_index, plan_for_budget, reconstruct, split_index, suggest_p, tt_rows,
 )
 
-FIELDS = [3, 40, 1500, 30000, 7, 12000]
+FIELDS = [3, 40, 1500, 3000, 7, 1200]  # small, so dense reconstructions stay cheap
 DIM = 8
 
 
@@ -54,7 +55,7 @@ def dense_table(table: TTEmbeddingBag) -> torch.Tensor:
     return dense
 
 
-def random_bags(n_bags: int, max_len: int, high: int, seed: int, raw=(1, 31545)):
+def random_bags(n_bags: int, max_len: int, high: int, seed: int, raw=(1, 4545)):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, max_len + 1, (n_bags,), generator=gen)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]])
@@ -106,6 +107,29 @@ def test_forward_equals_dense_reconstruction(layout, mode):
     if mode == "sum":
         torch.testing.assert_close(table(ids, offsets, w),
                                    F.embedding_bag(ids, dense, offsets, mode=mode, per_sample_weights=w))
+
+
+def test_one_id_per_bag_fast_path_equals_embedding_bag():
+    table = small_table()
+    table.eval()
+    ids, _, w = random_bags(1, 60, table.num_embeddings, seed=7)
+    dense = dense_table(table)
+    one = torch.arange(ids.numel())
+    torch.testing.assert_close(table(ids[:, None], per_sample_weights=w[:, None]),
+                               F.embedding_bag(ids, dense, one, mode="sum", per_sample_weights=w))
+    assert table(ids[:0, None]).shape == (0, DIM)
+
+
+@pytest.mark.parametrize("broadcast_max", [0, 10**6])
+def test_tt_rows_gradcheck_both_contraction_paths(monkeypatch, broadcast_max):
+    """The custom backward, on the broadcast path and on the multiply-add loop used for large ranks."""
+    monkeypatch.setattr(tt_cores, "BROADCAST_MAX", broadcast_max)
+    gen = torch.Generator().manual_seed(1)
+    cores = [torch.randn(4, 1, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 3, 2, 4, generator=gen, dtype=torch.float64, requires_grad=True),
+             torch.randn(5, 4, 3, 1, generator=gen, dtype=torch.float64, requires_grad=True)]
+    rows = torch.tensor([[1, 2, 3], [3, 0, 4], [1, 2, 0], [0, 1, 1]])
+    assert torch.autograd.gradcheck(lambda *c: tt_rows(list(c), rows), tuple(cores), fast_mode=True)
 
 
 def test_tt_rows_equal_explicit_chain_product():
@@ -184,12 +208,13 @@ def test_memory_within_budget_and_plan_is_exact(layout, ratio):
 
 
 def test_explicit_options_and_unreachable_ratio():
-    table = ec.make_table("tt", FIELDS, DIM, compression=20, num_cores=2, ranks=[4], q_shape=[4, 2])
+    BIG = [3, 40, 1500, 30000, 7, 12000]
+    table = ec.make_table("tt", BIG, DIM, compression=20, num_cores=2, ranks=[4], q_shape=[4, 2])
     assert table.ranks == [4] and table.q_shape == [4, 2] and table.cache_keys.numel() > 0
-    table = ec.make_table("tt", FIELDS, DIM, compression=20, cache_fraction=0.0)
+    table = ec.make_table("tt", BIG, DIM, compression=20, cache_fraction=0.0)
     assert table.cache_keys.numel() == 0 and table.track_ids.numel() == 0
     with pytest.raises(ec.BudgetError, match="reachable ratios"):
-        ec.make_table("tt", FIELDS, DIM, compression=1e6)
+        ec.make_table("tt", BIG, DIM, compression=1e6)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -204,11 +229,11 @@ def _warm_cache(table: TTEmbeddingBag, ids: torch.Tensor) -> None:
 
 
 def test_cache_admits_hot_rows_without_changing_outputs_and_evicted_rows_return_to_tt():
-    table = small_table(cache_rows=4, dtype=torch.float32, refresh_every=1)
+    table = small_table(cache_rows=4, dtype=torch.float32, refresh_every=1, track_every=1)
     opt = torch.optim.SGD(table.parameters(), lr=0.0)  # lr 0: only the cache logic changes anything
     ec.attach(table, opt)
-    hot = torch.tensor([50, 51, 1600, 40000])  # TT ids
-    batch = torch.cat([hot.repeat(5), torch.tensor([7, 43000])])[:, None]
+    hot = torch.tensor([50, 51, 1600, 5000])  # TT ids
+    batch = torch.cat([hot.repeat(5), torch.tensor([7, 5300])])[:, None]
     table.eval()
     before = table(batch).detach()
     table.train()
@@ -223,19 +248,19 @@ def test_cache_admits_hot_rows_without_changing_outputs_and_evicted_rows_return_
     assert not torch.allclose(table(hot[:, None]), before[:4])
     # a new hot set evicts the old one: evicted ids are served by the TT again (learned values dropped)
     table.train()
-    new_hot = torch.tensor([60, 61, 1700, 41000])[:, None].repeat(40, 1)
+    new_hot = torch.tensor([60, 61, 1700, 5200])[:, None].repeat(40, 1)
     for _ in range(30):
         opt.zero_grad()
         table(new_hot).sum().backward()
         opt.step()
-    assert sorted(table.cache_keys.tolist()) == [60, 61, 1700, 41000]
+    assert sorted(table.cache_keys.tolist()) == [60, 61, 1700, 5200]
     assert table.stats[2].item() == 4
     table.eval()
     torch.testing.assert_close(table(hot[:, None]), before[:4])
 
 
 def test_eval_counts_nothing_and_state_dict_carries_cache():
-    table = small_table(cache_rows=6, dtype=torch.float32, refresh_every=2)
+    table = small_table(cache_rows=6, dtype=torch.float32, refresh_every=2, track_every=1)
     opt = torch.optim.SGD(table.parameters(), lr=0.1)
     ec.attach(table, opt)
     ids, offsets, _ = random_bags(64, 3, table.num_embeddings, seed=5)
@@ -255,6 +280,33 @@ def test_eval_counts_nothing_and_state_dict_carries_cache():
     other.eval()
     torch.testing.assert_close(other(ids, offsets), out)
     assert torch.equal(other.track_counts, table.track_counts) and torch.equal(other.cache_keys, table.cache_keys)
+
+
+def test_tracking_every_k_steps_counts_like_every_step():
+    # no decay and a tracker that never overflows: merging every 4 steps must give exactly the same counts
+    tables = [small_table(cache_rows=6, dtype=torch.float32, refresh_every=4, track_every=k, decay=1.0,
+                          tracker_rows=5000) for k in (1, 4)]
+    opts = [torch.optim.SGD(t.parameters(), lr=0.0) for t in tables]
+    for t, o in zip(tables, opts):
+        ec.attach(t, o)
+    for step in range(8):
+        ids, offsets, _ = random_bags(32, 3, tables[0].num_embeddings, seed=10 + step)
+        for t, o in zip(tables, opts):
+            t(ids, offsets).sum().backward()
+            o.step()
+    a, b = tables
+    assert a.steps.item() == b.steps.item() == 8 and b.stats[0].item() == a.stats[0].item() == 2
+    assert torch.equal(a.cache_keys, b.cache_keys) and (a.cache_keys != EMPTY).all()
+    order_a, order_b = torch.argsort(a.track_ids), torch.argsort(b.track_ids)
+    assert torch.equal(a.track_ids[order_a], b.track_ids[order_b])
+    torch.testing.assert_close(a.track_counts[order_a], b.track_counts[order_b])
+
+
+def test_core_scale_is_a_reparametrisation():
+    base, scaled = small_table(), small_table(core_scale=4.0)
+    torch.testing.assert_close(scaled.core_tensors()[1], base.core_tensors()[1])
+    ids = torch.arange(0, base.num_embeddings, 97)
+    torch.testing.assert_close(scaled.lookup(ids), base.lookup(ids))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
