@@ -77,6 +77,8 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     ``cache_fraction``, ``policy`` (lfu/lru), ``staging_rows`` (initial workspace rows), ``sketch_depth``,
     ``sketch_reset``."""
 
+    dedup = True  # each distinct id is staged once, and its count feeds the cache
+
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, precision: str = "int8",
                  cache_rows: int | None = None, cache_fraction: float | None = None, policy: str = "lfu",
                  mode: str = "sum", staging_rows: int = 4096, sketch_depth: int = 2,
@@ -176,17 +178,10 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     def lookup(self, ids: Tensor) -> Tensor:
         return self._rows(ids, None)
 
-    def forward(self, input: Tensor, offsets: Tensor | None = None,
-                per_sample_weights: Tensor | None = None) -> Tensor:
-        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
-        if self.validate_ids:
-            self.check_ids(ids)
-        unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    def lookup_unique(self, unique: Tensor, counts: Tensor) -> Tensor:
         if self.training and torch.is_grad_enabled() and distributed_world() > 1:
-            rows = self._rows_all_ranks(unique, counts)
-        else:
-            rows = self._rows(unique, counts)  # (u, D)
-        return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=psw)
+            return self._rows_all_ranks(unique, counts)
+        return self._rows(unique, counts)  # (u, D)
 
     def _rows_all_ranks(self, unique: Tensor, counts: Tensor) -> Tensor:
         """Data-parallel training: stage the union of every rank's ids, in the same order on every rank.

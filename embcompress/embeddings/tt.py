@@ -160,20 +160,9 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
     def lookup(self, ids: Tensor) -> Tensor:
         return self._rows(ids)
 
-    def forward(self, input: Tensor, offsets: Tensor | None = None,
-                per_sample_weights: Tensor | None = None) -> Tensor:
-        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
-        if self.validate_ids:
-            self.check_ids(ids)
-        unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    def lookup_unique(self, unique: Tensor, counts: Tensor) -> Tensor:
         record = self.training and self.cache_keys.numel() > 0
-        rows = self._rows(unique, counts if record else None)  # (u, D)
-        if input.dim() == 2 and input.shape[1] == 1:
-            # one id per bag (DLRM's layout): pooling is a gather, whose backward (an index_add) is several
-            # times cheaper than embedding_bag's dense backward (which sorts the ids again)
-            out = rows.index_select(0, inverse)
-            return out if psw is None else out * psw.unsqueeze(1).to(out.dtype)
-        return F.embedding_bag(inverse, rows, offsets, mode=self.mode, per_sample_weights=psw)
+        return self._rows(unique, counts if record else None)  # (u, D)
 
     def _rows(self, ids: Tensor, counts: Tensor | None = None) -> Tensor:
         """Rows for distinct ids (n,) -> (n, D); ``counts`` given: record the TT ids' accesses."""
