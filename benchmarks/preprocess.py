@@ -1,29 +1,17 @@
 """Time streaming Criteo preprocessing on a synthetic raw TSV; prints one JSON line.
 
-    PYTHONPATH=. python benchmarks/preprocess.py --rows 2000000
+    PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/preprocess.py --rows 2000000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from embcompress.data import preprocess_criteo, write_synthetic_tsv
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
-        return out.stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
+from common import emit  # type: ignore[import-not-found]
 
 
 def main() -> None:
@@ -45,7 +33,7 @@ def main() -> None:
         stats = preprocess_criteo(tsv, Path(d) / "out", min_count=args.min_count, chunk_rows=args.chunk_rows,
                                   progress=args.progress)  # fmt: skip
         secs = time.perf_counter() - t0
-    print(json.dumps({
+    emit({
         "benchmark": "preprocess_criteo",
         "rows": stats["rows"],
         "bytes": size,
@@ -55,9 +43,7 @@ def main() -> None:
         "write_tsv_seconds": round(write_s, 3),
         "distinct_ids": sum(stats["field_sizes"]),
         "settings": {"scale": args.scale, "min_count": args.min_count, "chunk_rows": args.chunk_rows},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        "commit": _git_commit(),
-    }))  # fmt: skip
+    })  # fmt: skip
 
 
 if __name__ == "__main__":
