@@ -23,8 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,29 +37,7 @@ from embcompress.compress.speed import inference_samples_per_s  # noqa: E402
 from embcompress.data import iterate_batches, load_dataset, split_dataset  # noqa: E402
 from embcompress.train.checkpoint import load_checkpoint  # noqa: E402
 from embcompress.train.loop import TrainConfig, build_model, evaluate, run_training  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-        return head + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
+from common import commit, machine  # type: ignore[import-not-found]  # noqa: E402
 
 
 def config(args: argparse.Namespace, method: str, ratio: float | None, out: str | None) -> TrainConfig:
@@ -138,7 +114,7 @@ def main() -> None:
                                              "test_logloss", "train_samples_per_s")})
 
     print(json.dumps({
-        "benchmark": "lowrank", "machine": machine(), "git_commit": git_commit(),
+        "benchmark": "lowrank", "machine": machine(), **commit(),
         "settings": {k: v for k, v in vars(args).items()},
         "data": {"rows_train": base["rows_train"], "rows_test": base["rows_test"], "ids": sum(ds.field_sizes),
                  "bayes_auc": base.get("bayes_auc")},

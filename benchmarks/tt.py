@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import subprocess
 import time
 from typing import Any
 
@@ -31,38 +28,7 @@ import embcompress as ec
 from embcompress.data import make_synthetic
 from embcompress.embeddings.ops import field_starts
 from embcompress.train import loop
-
-
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg": os.getloadavg()}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def run(cfg: loop.TrainConfig, dataset: Any) -> tuple[dict[str, Any], torch.nn.Module]:
-    """run_training, keeping hold of the model so the table's counters can be read afterwards."""
-    built: list[torch.nn.Module] = []
-    original = loop.build_model
-
-    def capture(c: loop.TrainConfig, ds: Any) -> torch.nn.Module:
-        built.append(original(c, ds))
-        return built[-1]
-
-    loop.build_model = capture
-    try:
-        return loop.run_training(cfg, dataset), built[0]
-    finally:
-        loop.build_model = original
+from common import commit, machine  # type: ignore[import-not-found]
 
 
 def sync(device: str) -> None:
@@ -181,7 +147,7 @@ def main() -> None:
         train: dict[str, Any] = {}
         for label in args.configs.split(","):
             method, ratio, opts = configs[label]
-            summary, model = run(loop.TrainConfig(method=method, compression=ratio, method_options=opts, **base), ds)
+            summary, model = loop.train_model(loop.TrainConfig(method=method, compression=ratio, method_options=opts, **base), ds)
             entry = {k: summary[k] for k in ("compression_actual", "embedding_bytes", "test_auc", "test_logloss",
                                               "train_samples_per_s", "eval_samples_per_s", "train_seconds", "steps")}
             if method == "tt":
@@ -201,7 +167,7 @@ def main() -> None:
         results["train"] = train
 
     print(json.dumps({
-        "benchmark": "tt", "machine": machine(), "commit": git_commit(),
+        "benchmark": "tt", "machine": machine(), **commit(),
         "settings": {**vars(args), "num_ids": sum(sizes), "fields": len(sizes), "data_seconds": gen_s},
         "results": results,
     }, indent=2))

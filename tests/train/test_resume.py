@@ -93,14 +93,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     assert (run / "checkpoint.pt").is_symlink() and (run / MANIFEST).is_file()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP spinning made these
-    # runs 17x slower with 2 threads (measured: 82 s vs 4.7 s for one CAFE run).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
