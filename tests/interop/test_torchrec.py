@@ -77,3 +77,38 @@ def test_drops_into_torchrec_dlrm_and_trains(method, ratio):
         opt.step()
     after = table.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "training changed nothing in the table"
+
+
+@pytest.mark.parametrize("method", ["hash", "cafe"])
+def test_replicated_under_distributed_model_parallel(method):
+    """DMP wraps modules it cannot shard in DDP, which cannot reduce sparse gradients: tables go in with
+    sparse=False. One gloo process here; the point is that DMP accepts, runs and trains the module."""
+    import socket
+
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        table = embcompress.make_table(method, SIZES, D, compression=4, sparse=False)
+        model = DLRM(embedding_bag_collection=CompressedEmbeddingBagCollection(table, NAMES), dense_in_features=4,
+                     dense_arch_layer_sizes=[16, D], over_arch_layer_sizes=[16, 1])
+        dmp = DistributedModelParallel(model, device=torch.device("cpu"))
+        opt = torch.optim.SGD(dmp.parameters(), lr=0.1)
+        embcompress.attach(dmp, opt)
+        before = {k: v.clone() for k, v in table.state_dict().items()}
+        g = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            opt.zero_grad()
+            logits = dmp(torch.randn(B, 4, generator=g), _kjt(g))
+            assert logits.shape == (B, 1)
+            logits.pow(2).mean().backward()
+            opt.step()
+        after = table.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    finally:
+        dist.destroy_process_group()
