@@ -9,13 +9,13 @@ EmbeddingBagCollection). All features are served by one call of the table: globa
 local id. Training hooks work as usual: ``embcompress.attach(model, optimizer)``.
 
 Under ``DistributedModelParallel`` TorchRec's sharders do not recognise this module, so it stays
-replicated on every rank (data parallel); that is the point of compressing it. Use
-:mod:`embcompress.train.distributed` (or the project's ``sync_table_gradients``) semantics for its
-gradients and state.
+replicated on every rank (data parallel), which is the point of compressing it. DMP wraps it in DDP,
+which cannot reduce sparse gradients: build the table with ``sparse=False`` there. The project's own
+loop (:mod:`embcompress.train.distributed`) handles sparse table gradients itself.
 
 CPU install that works with torch 2.13.0 (a plain ``pip install torchrec`` pulls a CUDA fbgemm)::
 
-    pip install fbgemm-gpu-cpu==1.8.0 tensordict torchmetrics==1.0.3 pyre-extensions
+    pip install -r requirements-torchrec.txt
     pip install --no-deps torchrec==1.8.0
 """
 
