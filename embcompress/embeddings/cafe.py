@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hotsketch import SLOT_BYTES, HotSketch, Located
-from .ops import allocate_rows, field_of, field_starts, hash64
+from .ops import allocate_rows, field_of, field_starts, hash_into
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
 
@@ -118,8 +118,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         """Row of the per-field hash table serving each id (whole fields: the id's own row)."""
         f = field_of(ids, self.starts) if field is None else field
         local = ids - self.starts[f]
-        m = self.rows[f]
-        return self.row_base[f] + torch.where(m < self.sizes[f], hash64(local, self.seed) % m, local)
+        return self.row_base[f] + hash_into(local, self.rows[f], self.sizes[f], self.seed)
 
     def _route(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Located]:
         """(row of ``weight`` serving each id, field of each id, sketch score of each id, sketch slots)."""

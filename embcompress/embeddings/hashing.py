@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
-from .ops import allocate_rows, field_of, field_starts, hash64
+from .ops import allocate_rows, field_of, field_starts, hash_into
 from .registry import register
 
 _BUFFERS_PER_FIELD = 4  # field start, field size, rows, row base: int64 each
@@ -39,9 +39,7 @@ class HashEmbeddingBag(IndexedEmbeddingBag):
     def row_index(self, ids: Tensor) -> Tensor:
         f = field_of(ids, self.starts)
         local = ids - self.starts[f]
-        m = self.rows[f]
-        slot = torch.where(m < self.sizes[f], hash64(local, self.seed) % m, local)
-        return self.row_base[f] + slot
+        return self.row_base[f] + hash_into(local, self.rows[f], self.sizes[f], self.seed)
 
     @classmethod
     def _overhead(cls, field_sizes: Sequence[int]) -> int:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, CompressedEmbeddingBag
-from .ops import allocate_rows, field_of, field_starts, hash64
+from .ops import allocate_rows, field_of, field_starts, hash_into
 from .registry import register
 
 _BUFFERS_PER_FIELD = 4  # start, size, rows of A, first row of A  (int64 each)
@@ -126,9 +126,8 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
         if len(self.weights) == 1 and not self.hashes_ids():
             return ids  # one group, every field whole: rows of A are laid out exactly like the global ids
         local = ids - self.starts[fields]
-        r = self.rows[fields]
         if self.hashes_ids():
-            local = torch.where(r < self.sizes[fields], hash64(local) % r, local)
+            local = hash_into(local, self.rows[fields], self.sizes[fields])
         return self.row_base[fields] + local
 
     def hashes_ids(self) -> bool:
@@ -164,8 +163,7 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
                 cols = getattr(self, f"group_cols{g}")
                 sub = local_t[cols]  # (F_g, B)
                 if self.hashes_ids():
-                    r = self.rows[cols][:, None]
-                    sub = torch.where(r < self.sizes[cols][:, None], hash64(sub) % r, sub)
+                    sub = hash_into(sub, self.rows[cols][:, None], self.sizes[cols][:, None])
                 low = F.embedding(sub + self.row_base[cols][:, None], self.weights[g], sparse=self.sparse)
                 part = torch.baddbmm(self.bias[cols][:, None, :], low, self.projs[g])  # (F_g, B, D)
                 out.index_copy_(0, cols, part)  # in place (autograd records it): one write per field

@@ -46,6 +46,12 @@ def hash64_reference(x: int, seed: int = 0) -> int:
     return z & 0x7FFFFFFFFFFFFFFF
 
 
+def hash_into(local: Tensor, rows: Tensor, sizes: Tensor, seed: int = 0) -> Tensor:
+    """Slot among ``rows`` serving each local id: the id itself where its field is whole
+    (``rows >= sizes``), else ``hash64(local, seed) % rows``. All arguments broadcast elementwise."""
+    return torch.where(rows < sizes, hash64(local, seed) % rows, local)
+
+
 def field_starts(field_sizes: Sequence[int]) -> Tensor:
     """Global id of each field's first row, int64 (F,)."""
     starts = [0]

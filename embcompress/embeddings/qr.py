@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, CompressedEmbeddingBag
-from .ops import allocate_rows, field_of, field_starts, hash64
+from .ops import allocate_rows, field_of, field_starts, hash_into
 from .registry import register
 
 _BUFFERS_PER_FIELD = 6  # start, size, virtual size, remainder size, quotient base, remainder base
@@ -101,8 +101,7 @@ class QREmbeddingBag(CompressedEmbeddingBag):
     def lookup(self, ids: Tensor) -> Tensor:
         f = field_of(ids, self.starts)
         local = ids - self.starts[f]
-        v = self.virtual[f]
-        local = torch.where(v < self.sizes[f], hash64(local) % v, local)
+        local = hash_into(local, self.virtual[f], self.sizes[f])
         m = self.remainder[f]
         q_rows = self.q_base[f] + local // m
         r_rows = self.r_base[f] + local % m

@@ -204,12 +204,17 @@ class Position:
     train_loss: float = math.nan  # mean loss of the latest (possibly partial) epoch, for the summary
 
 
+def config_json(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain JSON values: what a checkpoint stores and what a resume compares against."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
 def checkpoint_state(model: nn.Module, opts: list[torch.optim.Optimizer], cfg: TrainConfig,
                      pos: Position, world_size: int = 1) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizers": [o.state_dict() for o in opts],
-        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "config": config_json(cfg),
         "epoch": pos.epoch,
         "step": pos.step,
         "position": asdict(pos),
@@ -222,7 +227,7 @@ def restore(state: dict[str, Any], model: nn.Module, opts: list[torch.optim.Opti
             world_size: int, source: Any) -> Position:
     """Load a checkpoint into a freshly built model and optimizers; returns the data position."""
     saved = state.get("config", {})
-    mine = json.loads(json.dumps(asdict(cfg), default=str))
+    mine = config_json(cfg)
     differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != mine[k]]
     if differ:
         raise CheckpointError(f"cannot resume from {source}: it was trained with different settings: "
