@@ -31,7 +31,7 @@ KAGGLE_CARDINALITIES: list[int] = [
 
 BLOCK_ROWS = 1 << 16  # rows per independently seeded block
 LATENT_DIM = 4
-NUM_STAGES = 8  # drift changes popularity at this many points along the row index
+NUM_STAGES = 8  # drift stages by default: popularity changes at NUM_STAGES - 1 points along the rows
 _TABLE_MAX = 1 << 20  # fields up to this size get precomputed weight tables; larger ones hash per row
 # Hidden-model constants, tuned so the defaults give ~25% positives and a Bayes AUC near 0.8.
 _BIAS = -1.45
@@ -86,6 +86,7 @@ class SyntheticSpec:
     drift: float
     seed: int
     dense: int
+    drift_stages: int = NUM_STAGES  # equal stretches of rows; stage s >= 1 has its own popularity order
 
     @property
     def fields(self) -> int:
@@ -160,7 +161,8 @@ def generate_block(model: _HiddenModel, block: int) -> dict[str, np.ndarray]:
     # (except through drift's stage boundaries, which are fractions of ``rows``).
     B, F, k = BLOCK_ROWS, spec.fields, LATENT_DIM
     rng = np.random.default_rng([spec.seed, 2, block])
-    stage = np.minimum((np.arange(lo, lo + B, dtype=np.int64) * NUM_STAGES) // max(spec.rows, 1), NUM_STAGES - 1)
+    S = spec.drift_stages
+    stage = np.minimum((np.arange(lo, lo + B, dtype=np.int64) * S) // max(spec.rows, 1), S - 1)
     ids = np.empty((B, F), dtype=np.int64)
     lin = np.zeros(B, dtype=np.float32)
     vsum = np.zeros((B, k), dtype=np.float32)
@@ -203,13 +205,16 @@ def dense_transform(raw: np.ndarray, missing: np.ndarray | None = None) -> np.nd
 
 
 def _spec(rows: int, fields: int, scale: float, skew: float, drift: float, seed: int, dense: int,
-          cardinalities: list[int] | None) -> SyntheticSpec:  # fmt: skip
+          cardinalities: list[int] | None, drift_stages: int = NUM_STAGES) -> SyntheticSpec:  # fmt: skip
     if not 0.0 <= drift <= 1.0:
         raise ValueError(f"drift must be in [0, 1], got {drift}")
+    if not 1 <= int(drift_stages) <= NUM_STAGES:
+        raise ValueError(f"drift_stages must be in [1, {NUM_STAGES}], got {drift_stages}")
     if skew <= 0:
         raise ValueError(f"skew must be positive, got {skew}")
     cards = resolve_cardinalities(fields, scale, cardinalities)
-    return SyntheticSpec(rows=int(rows), cardinalities=cards, skew=skew, drift=drift, seed=seed, dense=dense)
+    return SyntheticSpec(rows=int(rows), cardinalities=cards, skew=skew, drift=drift, seed=seed, dense=dense,
+                         drift_stages=int(drift_stages))
 
 
 def make_synthetic(
@@ -221,9 +226,15 @@ def make_synthetic(
     seed: int = 0,
     dense: int = 13,
     cardinalities: list[int] | None = None,
+    drift_stages: int = NUM_STAGES,
 ) -> Dataset:
-    """An in-memory synthetic dataset. The defaults (scale 0.01: ~338k ids) suit a quick demo."""
-    spec = _spec(rows, fields, scale, skew, drift, seed, dense, cardinalities)
+    """An in-memory synthetic dataset. The defaults (scale 0.01: ~338k ids) suit a quick demo.
+
+    With ``drift`` > 0 the rows fall into ``drift_stages`` equal stretches (at most ``NUM_STAGES``); in
+    stretch s a row draws its ids through stretch s's popularity order with probability ``drift`` (else
+    stretch 0's). ``drift_stages=2, drift=1`` is one complete change of the hot set halfway.
+    """
+    spec = _spec(rows, fields, scale, skew, drift, seed, dense, cardinalities, drift_stages)
     model = _HiddenModel(spec)
     F = spec.fields
     dense_arr = np.empty((spec.rows, dense), dtype=np.float32)
@@ -240,7 +251,8 @@ def make_synthetic(
         probs[lo:hi] = out["probs"]
     meta = {
         "source": "synthetic",
-        "options": dict(rows=spec.rows, fields=F, scale=scale, skew=skew, drift=drift, seed=seed, dense=dense),
+        "options": dict(rows=spec.rows, fields=F, scale=scale, skew=skew, drift=drift, seed=seed, dense=dense,
+                        **({} if drift_stages == NUM_STAGES else {"drift_stages": int(drift_stages)})),
         "cardinalities": spec.cardinalities,
         "positive_rate": float(labels.mean()) if spec.rows else None,
     }
@@ -279,6 +291,7 @@ def write_synthetic_tsv(
     cardinalities: list[int] | None = None,
     progress: bool = True,
     categorical_missing: float = 0.05,
+    drift_stages: int = NUM_STAGES,
 ) -> dict:
     """Write the same rows as ``make_synthetic`` in raw Criteo format (label, dense ints, 8-hex
     categoricals). Some dense and categorical values are left empty (missingness is noise: the label
@@ -288,7 +301,7 @@ def write_synthetic_tsv(
     import pyarrow.csv as pacsv
     from tqdm import tqdm
 
-    spec = _spec(rows, fields, scale, skew, drift, seed, dense, cardinalities)
+    spec = _spec(rows, fields, scale, skew, drift, seed, dense, cardinalities, drift_stages)
     model = _HiddenModel(spec)
     rng_missing = np.random.default_rng([seed, 3])
     cat_missing = np.where(rng_missing.random(spec.fields) < 0.3, categorical_missing * 4, 0.0)

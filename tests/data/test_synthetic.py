@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from embcompress.data import KAGGLE_CARDINALITIES, bayes_auc, make_synthetic
 from embcompress.data.synthetic import generate_block, resolve_cardinalities
@@ -60,3 +61,23 @@ def test_block_generator_matches():
     spec = SyntheticSpec(rows=10, cardinalities=[5, 7], skew=1.1, drift=0.0, seed=0, dense=2)
     out = generate_block(_HiddenModel(spec), 0)
     assert out["ids"].shape == (10, 2) and out["probs"].shape == (10,)
+
+
+def test_drift_stages_one_change_halfway():
+    kw = dict(rows=80_000, fields=3, drift=1.0, dense=1)
+    ds = make_synthetic(**kw, drift_stages=2)
+    col, half = ds.sparse[:, 2], 40_000
+
+    def top(x: np.ndarray) -> set[int]:
+        return set(np.argsort(np.bincount(x, minlength=ds.field_sizes[2]))[::-1][:20].tolist())
+
+    # one popularity order per half: the two quarters of a half agree, the halves do not
+    assert len(top(col[:20_000]) & top(col[20_000:half])) >= 15
+    assert len(top(col[half:60_000]) & top(col[60_000:])) >= 15
+    assert len(top(col[:half]) & top(col[half:])) <= 2
+    # the first half is stage 0 of the default (8 stages) too; the default is unchanged by the option
+    np.testing.assert_array_equal(ds.sparse[:10_000], make_synthetic(**kw).sparse[:10_000])
+    np.testing.assert_array_equal(make_synthetic(**kw).sparse, make_synthetic(**kw, drift_stages=8).sparse)
+    assert "drift_stages" not in make_synthetic(**kw).meta["options"]
+    with pytest.raises(ValueError):
+        make_synthetic(rows=10, drift_stages=9)
