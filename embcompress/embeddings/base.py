@@ -108,6 +108,10 @@ class CompressedEmbeddingBag(nn.Module):
         """Parameters that receive sparse gradients (need SGD, Adagrad or SparseAdam)."""
         return []
 
+    def bind_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Called by :func:`attach` with the optimizers that step this table, for tables whose rows move
+        between parameters (a cache) and must carry their optimizer state along."""
+
     # ------------------------------------------------------------------ construction from a budget
     @classmethod
     def build(
@@ -255,6 +259,7 @@ def attach(model: nn.Module, *optimizers: torch.optim.Optimizer) -> list[Any]:
     tables = [m for m in model.modules() if isinstance(m, CompressedEmbeddingBag)]
     handles = []
     for table in tables:
+        table.bind_optimizers(optimizers)
         if type(table).before_optimizer_step is not CompressedEmbeddingBag.before_optimizer_step:
             handles.append(optimizers[0].register_step_pre_hook(lambda *_, t=table: t.before_optimizer_step()))
         if type(table).after_optimizer_step is not CompressedEmbeddingBag.after_optimizer_step:

@@ -17,15 +17,32 @@ Training (one optimizer step; ``embcompress.attach(model, optimizer)`` is the on
    back with stochastic rounding; an admitted row moves in with its freshly updated float value.
 
 ``staging`` is a per-step workspace, not state: it is left out of ``state_dict`` and ``memory_bytes``.
-Optimizer state is per slot, so SGD (the DLRM default) is exact; with Adagrad/SparseAdam a staging
-slot or a reused cache slot carries the accumulator of whichever row used it before.
+
+Optimizer state follows the row (``optimizer_state``). A staging slot serves a different row every
+step, and a cache slot a new row after each admission, so per-slot optimizer state (Adagrad's
+accumulator, Adam's moments) would belong to whichever rows used the slot before: every uncached row
+would share the accumulators of the first staging slots, which grow every step, so rare rows would train
+with a learning rate that decays with the step count instead of with their own gradients. The table
+therefore keeps a per-row store of each state tensor the optimizer holds for its parameters
+(``optstate_<name>`` buffers) and moves it with the row: before the step the staged rows' state is loaded
+into the optimizer's state of ``staging``, after the step it is stored back; an admitted row's state
+moves into its cache slot and an evicted row's moves back to the store.
+* ``row`` (default): one value per row and state tensor, the mean over the D elements: for Adagrad this
+  is the row-wise Adagrad of FBGEMM/TorchRec (4 bytes per row) for the rows outside the cache, while
+  cached rows keep element-wise state in their slot. For Adam's signed first moment the mean is a rough
+  summary; use ``element`` there.
+* ``element``: D values per row (exact for any element-wise optimizer), a float table as large as the
+  uncompressed table during training: for measuring what ``row`` costs.
+* ``slot``: no store; state stays with the slot (exact for SGD, which has no state).
+Optimizer state is not counted in ``memory_bytes()`` for any method (``full``'s Adagrad state is as large
+as its table), so the store is not either. It is part of ``state_dict`` (checkpoints, exact resume).
 
 Cache policy (batch granularity; :meth:`update_state` is the whole rule, a test replays it exactly):
 every candidate (cached rows and this step's other ids) gets a key and the C best survive, ordered by
 key descending, then cached before new, then smaller id first.
 * ``lru``: key = last step the row was used.
 * ``lfu``: key = estimated frequency from a count-min sketch (``sketch_depth`` x C int32 counters,
-  hashed with :func:`~.ops.hash64`) that every step's counts are added to; when the mass added since the
+  hashed with :func:`~.ops.hash64`, two rows per hash) that every step's counts are added to; when the mass added since the
   last reset reaches ``sketch_reset`` x C all counters are halved (TinyLFU ageing), so popularity can
   drift. New ids therefore enter only when they are used more often than the weakest cached row.
 
@@ -40,13 +57,14 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FLOAT_BYTES, CompressedEmbeddingBag
+from .base import FLOAT_BYTES, CompressedEmbeddingBag, tensor_bytes
 from .ops import field_of, field_starts, hash64
 from .quant import dequantize_rows, quantize_rows, row_bytes
 from .registry import register
@@ -55,6 +73,8 @@ from .sync import distributed_world, gather_across_ranks
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"int8": 8, "int4": 4}
+OPTIMIZER_STATES = ("row", "element", "slot")
+_STORE = "optstate_"  # prefix of the per-row optimizer state buffers
 DEFAULT_CACHE_FRACTION = {8: 0.05, 4: 0.01}
 _STATS = 4  # step, hit lookups, lookups, sketch mass since the last halving
 _INIT_CHUNK = 1 << 20
@@ -75,19 +95,23 @@ def table_bytes(num_rows: int, dim: int, bits: int, cache_rows: int, policy: str
 class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     """Quantised rows + float32 cache. Options: ``precision`` (int8/int4), ``cache_rows`` or
     ``cache_fraction``, ``policy`` (lfu/lru), ``staging_rows`` (initial workspace rows), ``sketch_depth``,
-    ``sketch_reset``."""
+    ``sketch_reset``, ``optimizer_state`` (row/element/slot)."""
 
     dedup = True  # each distinct id is staged once, and its count feeds the cache
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, precision: str = "int8",
                  cache_rows: int | None = None, cache_fraction: float | None = None, policy: str = "lfu",
                  mode: str = "sum", staging_rows: int = 4096, sketch_depth: int = 2,
-                 sketch_reset: int = 10) -> None:
+                 sketch_reset: int = 10, optimizer_state: str = "row") -> None:
         super().__init__(field_sizes, embedding_dim, mode)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if policy not in ("lfu", "lru"):
             raise ValueError(f"policy must be 'lfu' or 'lru', got {policy!r}")
+        if optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state must be one of {list(OPTIMIZER_STATES)}, got {optimizer_state!r}")
+        self.optimizer_state = optimizer_state
+        self._optimizers: list[weakref.ref] = []
         self.bits = PRECISIONS[precision]
         self.precision = precision
         self.policy = policy
@@ -108,6 +132,8 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         self.staging = nn.Parameter(torch.zeros(max(int(staging_rows), 1), d))
         self._pending: list[tuple[Tensor, Tensor, Tensor, int]] = []  # (ids, counts, missed ids, staging start)
         self._staged = 0
+        self._index_version = 0  # bumped whenever cache_ids changes (see _find)
+        self._find_memo: tuple | None = None
 
     # ------------------------------------------------------------------ construction
     def _init_codes(self) -> None:
@@ -126,11 +152,21 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
 
     # ------------------------------------------------------------------ lookup
     def _find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(position in the sorted cache index, hit mask) of each id."""
+        """(position in the sorted cache index, hit mask) of each id.
+
+        A training step searches the same ids twice (forward, then :meth:`update_state`) with no cache
+        change in between, so the last answer is kept and reused for the same tensor while the index's
+        version (bumped by every change of the index) is unchanged."""
+        memo = self._find_memo
+        if memo is not None and memo[0] is ids and memo[1] == self._index_version:
+            return memo[2], memo[3]
         if self.num_cache_rows == 0:
-            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-        pos = torch.searchsorted(self.cache_ids, ids).clamp_(max=self.num_cache_rows - 1)
-        return pos, self.cache_ids[pos] == ids
+            pos, hit = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        else:
+            pos = torch.searchsorted(self.cache_ids, ids).clamp_(max=self.num_cache_rows - 1)
+            hit = self.cache_ids[pos] == ids
+        self._find_memo = (ids, self._index_version, pos, hit)
+        return pos, hit
 
     def dequantized(self, ids: Tensor) -> Tensor:
         """Rows as stored in low precision (ignoring the cache): (n,) -> (n, D)."""
@@ -201,6 +237,59 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.cache_weight, self.staging]
 
+    # ------------------------------------------------------------------ optimizer state follows the row
+    def bind_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self._optimizers = [weakref.ref(o) for o in optimizers]  # weak: the table must not keep them alive
+
+    def _slot_state(self, param: nn.Parameter) -> tuple[dict[str, Any], dict[str, float]]:
+        """(the optimizer's state dict of ``param``, initial value of each per-row state tensor in it).
+
+        Empty when no optimizer is bound, it has no state for ``param`` yet, or ``optimizer_state`` is
+        ``slot``. Per-row state tensors are those of the parameter's shape (D columns); scalars such as
+        Adam's step count stay shared.
+        """
+        if self.optimizer_state == "slot":
+            return {}, {}
+        for ref in self._optimizers:
+            opt = ref()
+            state = opt.state.get(param) if opt is not None else None
+            if state:
+                group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+                inits = {k: float(group.get("initial_accumulator_value", 0.0)) if k == "sum" else 0.0
+                         for k, v in state.items()
+                         if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == self.embedding_dim}
+                return state, inits
+        return {}, {}
+
+    def _store(self, key: str, init: float) -> Tensor:
+        """Per-row store of optimizer state ``key``, created at ``init`` on first use."""
+        name = _STORE + key
+        buf = getattr(self, name, None)
+        if buf is None:
+            shape = (self.num_embeddings,) if self.optimizer_state == "row" else (self.num_embeddings, self.embedding_dim)
+            buf = torch.full(shape, init, device=self.codes.device)
+            self.register_buffer(name, buf)
+        return buf
+
+    def _to_store(self, x: Tensor) -> Tensor:
+        return x.mean(dim=1) if self.optimizer_state == "row" else x
+
+    def _from_store(self, x: Tensor) -> Tensor:
+        return x[:, None].expand(-1, self.embedding_dim) if self.optimizer_state == "row" else x
+
+    def before_optimizer_step(self) -> None:
+        """Load the staged rows' optimizer state into the optimizer's state of ``staging``."""
+        if not self._pending:
+            return
+        state, inits = self._slot_state(self.staging)
+        with torch.no_grad():
+            for key, init in inits.items():
+                if state[key].shape != self.staging.shape:  # the workspace grew: its state is workspace too
+                    state[key] = state[key].new_zeros(self.staging.shape)
+                store = self._store(key, init)
+                for _, _, missed, start in self._pending:
+                    state[key][start:start + len(missed)] = self._from_store(store[missed])
+
     def after_optimizer_step(self) -> None:
         if not self._pending:
             return
@@ -209,21 +298,30 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             counts = torch.cat([p[1] for p in self._pending])
             missed = torch.cat([p[2] for p in self._pending])
             values = self.staging[:self._staged].detach()
+            state, inits = self._slot_state(self.staging)
+            states = {k: state[k][:self._staged] for k in inits}
             if len(self._pending) > 1:  # several forwards in one step: merge counts and updates
                 ids, inv = torch.unique(ids, return_inverse=True)
                 counts = torch.zeros_like(ids).index_add_(0, inv, counts)
                 missed, inv = torch.unique(missed, return_inverse=True)
                 base = self.dequantized(missed)
                 values = base + torch.zeros_like(base).index_add_(0, inv, values - base[inv])
+                states = {k: v.new_zeros(len(missed), v.shape[1]).index_copy_(0, inv, v) for k, v in states.items()}
             self._pending.clear()
             self._staged = 0
-            self.update_state(ids, counts, missed, values)
+            self.update_state(ids, counts, missed, values, {k: (inits[k], v) for k, v in states.items()})
 
     @torch.no_grad()
-    def update_state(self, ids: Tensor, counts: Tensor, missed: Tensor, values: Tensor) -> None:
+    def update_state(self, ids: Tensor, counts: Tensor, missed: Tensor, values: Tensor,
+                     states: dict[str, tuple[float, Tensor]] | None = None) -> None:
         """Apply one step: ``ids`` sorted unique ids used with ``counts``; ``missed`` (sorted unique) are
-        the uncached ids whose updated float rows are ``values``. Identical inputs give identical state
-        (a distributed run would all-gather them first)."""
+        the uncached ids whose updated float rows are ``values`` and whose optimizer state ``key`` is
+        ``states[key] = (initial value, (m, D) tensor)``. Identical inputs give identical state (a
+        distributed run all-gathers them first)."""
+        states = states or {}
+        stores = {k: self._store(k, init) for k, (init, _) in states.items()}
+        cache_state, inits = self._slot_state(self.cache_weight)
+        stores.update({k: self._store(k, init) for k, init in inits.items() if k not in stores})
         n = self.num_embeddings
         self.stats[0] += 1
         step = self.stats[0].clone()
@@ -253,11 +351,22 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             if len(missed):
                 rows = torch.where(found[:, None], values[at], rows)
             self.cache_weight[slots] = rows
+            for key, store in stores.items():  # the evicted rows' state goes to the store, the admitted's in
+                if key in cache_state:
+                    slot_state = cache_state[key]
+                    store[evicted[real]] = self._to_store(slot_state[slots[real]])
+                    moved_in = self._from_store(store[admitted])
+                    if key in states and len(missed):
+                        moved_in = torch.where(found[:, None], states[key][1][at], moved_in)
+                    slot_state[slots] = moved_in
             out = ~_isin_sorted(missed, admitted)
             stays_out, values = missed[out], values[out]
+            states = {k: (init, v[out]) for k, (init, v) in states.items()}
             self._replace(freed, admitted, new_keys[_locate(new_ids, admitted)[0]])
         if len(stays_out):
             self.codes[stays_out] = quantize_rows(values, self.bits, stochastic=True)
+            for key, (_, v) in states.items():
+                stores[key][stays_out] = self._to_store(v)
 
     def _admit(self, new_ids: Tensor, new_keys: Tensor) -> tuple[Tensor, Tensor]:
         """(sorted-index positions to free, ids to admit): the C best of cache ∪ newcomers stay.
@@ -277,6 +386,7 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
 
     def _replace(self, freed: Tensor, admitted: Tensor, keys: Tensor) -> None:
         """Swap entries at sorted positions ``freed`` for ``admitted`` ids (sorted), keeping id order."""
+        self._index_version += 1
         keep = torch.ones(self.num_cache_rows, dtype=torch.bool, device=freed.device)
         keep[freed] = False
         k_ids, k_slots, k_keys = self.cache_ids[keep], self.cache_slots[keep], self.cache_keys[keep]
@@ -292,8 +402,16 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             buf[at_a] = new
 
     def _hashes(self, ids: Tensor) -> Tensor:
-        width = self.sketch.shape[1]
-        return torch.stack([hash64(ids, seed=r) % width for r in range(self.sketch.shape[0])])  # (depth, n)
+        """Sketch column of each id in each row: (depth, n). Rows 2j and 2j+1 take the low 31 and the
+        high 32 bits of one ``hash64(id, seed=j)``, so a depth-2 sketch hashes each id once."""
+        width, depth = self.sketch.shape[1], self.sketch.shape[0]
+        cols = []
+        for r in range(0, depth, 2):
+            h = hash64(ids, seed=r // 2)
+            cols.append((h & 0x7FFFFFFF) % width)
+            if r + 1 < depth:
+                cols.append((h >> 31) % width)
+        return torch.stack(cols)
 
     def _sketch_add(self, ids: Tensor, counts: Tensor) -> None:
         self.sketch.scatter_add_(1, self._hashes(ids), counts.to(torch.int32).expand(self.sketch.shape[0], -1))
@@ -320,8 +438,17 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         state_dict.setdefault(prefix + "staging", self.staging.detach())
+        self._index_version += 1
+        for name, value in state_dict.items():  # per-row optimizer state is created on first use
+            if name.startswith(prefix + _STORE) and "." not in name[len(prefix):] and \
+                    getattr(self, name[len(prefix):], None) is None:
+                self.register_buffer(name[len(prefix):], torch.empty_like(value, device=self.codes.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def memory_bytes(self) -> int:
+        """Codes, scales, biases, cache, cache index, sketch and counters; not the optimizer-state store."""
+        return sum(tensor_bytes(t) for k, t in self.state_dict().items() if _STORE not in k)
 
     # ------------------------------------------------------------------ budget
     @classmethod

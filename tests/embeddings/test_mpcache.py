@@ -85,8 +85,12 @@ def simulate(batches, capacity, policy, depth=2, reset=10):
     sketch = [[0] * capacity for _ in range(depth)]
     mass = hits = total = 0
 
+    def col(i, r):  # rows 2j and 2j+1: low 31 and high 32 bits of one hash with seed j
+        h = hash64_reference(i, r // 2)
+        return (h & 0x7FFFFFFF if r % 2 == 0 else h >> 31) % capacity
+
     def est(i):
-        return min(sketch[r][hash64_reference(i, r) % capacity] for r in range(depth))
+        return min(sketch[r][col(i, r)] for r in range(depth))
 
     for step, batch in enumerate(batches, start=1):
         ids, counts = np.unique(batch, return_counts=True)
@@ -102,7 +106,7 @@ def simulate(batches, capacity, policy, depth=2, reset=10):
         else:
             for i, c in zip(ids, counts):
                 for r in range(depth):
-                    sketch[r][hash64_reference(i, r) % capacity] += c
+                    sketch[r][col(i, r)] += c
             mass += sum(counts)
             if mass >= reset * capacity:
                 sketch = [[v // 2 for v in row] for row in sketch]
@@ -114,22 +118,23 @@ def simulate(batches, capacity, policy, depth=2, reset=10):
     return hits, total, set(cache)
 
 
-@pytest.mark.parametrize("policy", ["lfu", "lru"])
-def test_cache_hit_rate_matches_exact_simulation(policy):
+@pytest.mark.parametrize("policy,depth", [("lfu", 2), ("lfu", 3), ("lru", 2)])
+def test_cache_hit_rate_matches_exact_simulation(policy, depth):
     n, capacity, steps, batch = 3000, 60, 80, 48
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, n + 1) ** 1.1
     perm = rng.permutation(n)  # hot ids scattered over the id space
     batches = [perm[rng.choice(n, size=batch, p=p / p.sum())] for _ in range(steps)]
     torch.manual_seed(0)
-    table = MPCacheEmbeddingBag([1000, 2000], 4, precision="int8", cache_rows=capacity, policy=policy)
+    table = MPCacheEmbeddingBag([1000, 2000], 4, precision="int8", cache_rows=capacity, policy=policy,
+                                sketch_depth=depth)
     opt = torch.optim.SGD(table.parameters(), lr=0.05)
     ec.attach(table, opt)
     for b in batches:
         opt.zero_grad()
         table(torch.from_numpy(b).long()[:, None]).pow(2).sum().backward()
         opt.step()
-    hits, total, cached = simulate(batches, capacity, policy)
+    hits, total, cached = simulate(batches, capacity, policy, depth)
     assert int(table.stats[2]) == total == steps * batch
     assert int(table.stats[1]) == hits
     assert set(table.cache_ids[table.cache_ids < n].tolist()) == cached
@@ -234,3 +239,74 @@ def test_trains_without_a_cache(precision):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert table.memory_bytes() == 100 * (16 if precision == "int8" else 8) + 32
+
+
+# ---------------------------------------------------------------------------- optimizer state follows the row
+def _accumulator(table, opt, n):
+    """Adagrad's accumulator of every row, wherever the row lives now: its cache slot or the store."""
+    store = table.optstate_sum
+    acc = store.clone() if store.dim() == 2 else store[:, None].expand(-1, table.embedding_dim).clone()
+    cached = table.cache_ids < n
+    acc[table.cache_ids[cached]] = opt.state[table.cache_weight]["sum"][table.cache_slots[cached]]
+    return acc
+
+
+@pytest.mark.parametrize("mode", ["element", "row"])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_adagrad_state_follows_rows_through_staging_and_cache(mode, policy):
+    """Rows move between staging slots and a small cache (admissions and evictions every step); each
+    row's accumulator must still be init + the sum of its own squared gradients (``row``: the mean over
+    D, which is what row-wise Adagrad keeps). Per-slot state (``slot``) fails this check."""
+    n, d, init = 40, 4, 0.1
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    table = MPCacheEmbeddingBag([n], d, precision="int8", cache_rows=5, policy=policy, optimizer_state=mode)
+    opt = torch.optim.Adagrad(table.parameters(), lr=0.01, initial_accumulator_value=init)
+    ec.attach(table, opt)
+    expected = torch.full((n, d), init)
+    for _ in range(25):
+        ids = torch.from_numpy(rng.choice(n, size=12)).long()
+        w = torch.randn(12, d)
+        opt.zero_grad()
+        (table(ids[:, None]) * w).sum().backward()
+        opt.step()
+        grad = torch.zeros(n, d).index_add_(0, ids, w)  # d loss / d row
+        expected += grad.pow(2)
+    acc = _accumulator(table, opt, n)
+    if mode == "row":
+        acc, expected = acc.mean(dim=1), expected.mean(dim=1)
+    torch.testing.assert_close(acc, expected)
+    assert table.memory_bytes() == table_bytes(n, d, 8, 5, policy)  # the store is optimizer state, not counted
+
+
+def test_slot_state_does_not_follow_rows():
+    """The check above has power: with per-slot state a row's accumulator is not its own."""
+    n, d = 40, 4
+    rng = np.random.default_rng(0)
+    table = MPCacheEmbeddingBag([n], d, precision="int8", cache_rows=5, policy="lru", optimizer_state="slot")
+    opt = torch.optim.Adagrad(table.parameters(), lr=0.01)
+    ec.attach(table, opt)
+    for _ in range(10):
+        ids = torch.from_numpy(rng.choice(n, size=12)).long()
+        opt.zero_grad()
+        table(ids[:, None]).sum().backward()
+        opt.step()
+    assert not hasattr(table, "optstate_sum")
+    # staging slot 0 served a (different) row at every step: its accumulator counts all 10 steps
+    staged_sum = opt.state[table.staging]["sum"][0, 0].item()
+    assert staged_sum >= 10
+
+
+def test_optimizer_state_store_survives_a_checkpoint():
+    torch.manual_seed(0)
+    fields = [30, 70]
+    table = MPCacheEmbeddingBag(fields, 4, precision="int4", cache_rows=3)
+    opt = torch.optim.Adagrad(table.parameters(), lr=0.05)
+    ec.attach(table, opt)
+    for _ in range(3):
+        opt.zero_grad()
+        table(torch.randint(0, 100, (16, 1))).pow(2).sum().backward()
+        opt.step()
+    fresh = MPCacheEmbeddingBag(fields, 4, precision="int4", cache_rows=3)
+    fresh.load_state_dict(table.state_dict())
+    assert torch.equal(fresh.optstate_sum, table.optstate_sum)
