@@ -310,3 +310,27 @@ def test_optimizer_state_store_survives_a_checkpoint():
     fresh = MPCacheEmbeddingBag(fields, 4, precision="int4", cache_rows=3)
     fresh.load_state_dict(table.state_dict())
     assert torch.equal(fresh.optstate_sum, table.optstate_sum)
+
+
+@pytest.mark.parametrize("mode", ["element", "row"])
+def test_with_every_row_cached_training_equals_full(mode):
+    """Once every row is cached nothing is quantised again, so from the same (dequantised) start an
+    mpcache table trains exactly like ``full`` under Adagrad: a row's first update happens in staging with
+    the row's own (fresh) state, and the row then moves into the cache with that state."""
+    n, d = 200, 8
+    torch.manual_seed(0)
+    mp = MPCacheEmbeddingBag([n], d, precision="int8", cache_fraction=1.0, policy="lru", optimizer_state=mode)
+    full = ec.make_table("full", [n], d, compression=1)
+    with torch.no_grad():
+        full.weight.copy_(mp.dequantized(torch.arange(n)))
+    o_mp, o_full = torch.optim.Adagrad(mp.parameters(), lr=0.05), torch.optim.Adagrad(full.parameters(), lr=0.05)
+    ec.attach(mp, o_mp)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        ids, w = torch.randint(0, n, (64, 1), generator=g), torch.randn(64, d, generator=g)
+        for table, opt in ((mp, o_mp), (full, o_full)):
+            opt.zero_grad()
+            (table(ids) * w).sum().backward()
+            opt.step()
+    mp.eval()
+    torch.testing.assert_close(mp(torch.arange(n)[:, None]), full(torch.arange(n)[:, None]), rtol=0, atol=1e-6)
