@@ -111,6 +111,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--eval-batch-size", type=int, default=4096)
     g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--warmup-steps", type=int, default=300,
+                   help="steps over which the learning rate ramps up linearly (default 300; 0: none)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
                    help="adagrad (default), sgd (the DLRM reference, with --lr 0.1) or adam (SparseAdam for tables)")
     g.add_argument("--seed", type=int, default=0)
@@ -141,7 +143,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=args.data, data_options=data_options(args), split=args.split, method=args.method,
         compression=args.compression, budget_bytes=args.budget_bytes, method_options=parse_options(args.option),
         model=args.model, embedding_dim=args.dim, epochs=args.epochs, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+        eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        optimizer=args.optimizer, seed=args.seed,
         shuffle=args.shuffle, max_steps=args.max_steps, device=args.device, out=out,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume is not None, deterministic=args.deterministic,
@@ -182,7 +185,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in chosen:
         cfg = TrainConfig(data="synthetic", data_options=opts, method=method,
                           compression=None if method == "full" else args.compression, batch_size=args.batch_size,
-                          lr=args.lr, seed=args.seed, out=f"{args.out}/{method}" if args.out else None,
+                          lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                          out=f"{args.out}/{method}" if args.out else None,
                           progress=not args.no_progress)
         try:
             s = run_training(cfg, dataset=dataset)
@@ -241,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help=f"comma-separated (default: {','.join(DEMO_METHODS)}, those available)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write each run under this directory")
     p.add_argument("--threads", type=int, help="torch CPU threads")

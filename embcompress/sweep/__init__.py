@@ -61,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     opts.pop("seed", None)  # the data seed follows each cell's seed unless --data-seed fixes it
     train: dict[str, Any] = {"split": args.split, "model": args.model, "embedding_dim": args.dim,
                              "epochs": args.epochs, "batch_size": args.batch_size,
-                             "eval_batch_size": args.eval_batch_size, "lr": args.lr, "optimizer": args.optimizer,
+                             "eval_batch_size": args.eval_batch_size, "lr": args.lr,
+                             "warmup_steps": args.warmup_steps, "optimizer": args.optimizer,
                              "shuffle": args.shuffle, "max_steps": args.max_steps, "device": args.device}
     first = args.first_seed
     return SweepConfig(out=args.out, methods=methods, ratios=ratios, seeds=list(range(first, first + args.seeds)),
@@ -104,6 +105,7 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--eval-batch-size", type=int, default=4096)
     g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--warmup-steps", type=int, default=300)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad")
     g.add_argument("--shuffle", action="store_true")
     g.add_argument("--max-steps", type=int)

@@ -102,3 +102,19 @@ def test_criteo_sample_end_to_end(tmp_path, criteo_sample):
     # measured 0.7515; a one-hot logistic regression reaches 0.750 on this split
     assert s["test_auc"] > 0.73, s
     assert math.isfinite(s["test_logloss"])
+
+
+def test_learning_rate_warms_up_linearly_then_stays(small_synthetic):
+    from embcompress.train.loop import set_learning_rate
+    cfg = TrainConfig(method="hash", compression=10, lr=0.05, warmup_steps=4, optimizer="adam")
+    model = build_model(cfg, small_synthetic)
+    opts = build_optimizers(model, cfg)  # SparseAdam + Adam: every group of every optimizer follows
+    seen = []
+    for step in range(6):
+        set_learning_rate(opts, cfg, step)
+        seen.append({round(g["lr"], 12) for o in opts for g in o.param_groups})
+    assert seen == [{0.0125}, {0.025}, {0.0375}, {0.05}, {0.05}, {0.05}]
+    set_learning_rate(opts, TrainConfig(lr=0.05, warmup_steps=0), 0)
+    assert {g["lr"] for o in opts for g in o.param_groups} == {0.05}
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1).validate()
