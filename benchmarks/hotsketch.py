@@ -5,7 +5,10 @@
 
 Throughput: per batch one ``query`` (as in the forward) and one ``insert`` of the same ids with the
 located slots reused (as in the training step), on 1 and on 2 threads; best of ``--repeats`` passes
-because the machine is shared (the load average is recorded). Recall: the true top-k by exact counting
+because the machine is shared (the load average is recorded). ``--baseline FILE`` (another version of
+hotsketch.py, e.g. ``git show bb67e12:embcompress/embeddings/hotsketch.py > /tmp/old.py``) alternates
+passes of that version with the current one in the same process and reports the speed-up (best pass
+against best pass, and the median over consecutive pairs of passes): a ratio that survives a loaded machine. Recall: the true top-k by exact counting
 against the hot set (``recall_hot``) and the sketch's k highest scores (``recall_top``), per Zipf exponent,
 batch size and buckets per hot row (memory). Prints JSON lines (benchmarks/common.py).
 """
@@ -13,7 +16,10 @@ batch size and buckets per hot row (memory). Prints JSON lines (benchmarks/commo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import statistics
+import sys
 import time
 
 import numpy as np
@@ -30,22 +36,48 @@ def zipf_stream(n: int, universe: int, exponent: float, seed: int) -> torch.Tens
     return torch.from_numpy(rng.permutation(universe)[draws] * 7919 + 13)  # popularity not id order
 
 
-def throughput(ids: torch.Tensor, batch: int, hot_rows: int, repeats: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    sk = HotSketch(hot_rows, hot_rows, threshold=50.0)
-    batches = ids[: (len(ids) // batch) * batch].split(batch)
+def load_baseline(path: str) -> type:
+    """The HotSketch class of another version of hotsketch.py (a file)."""
+    spec = importlib.util.spec_from_file_location("hotsketch_baseline", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.HotSketch
+
+
+def one_pass(cls: type, batches: tuple[torch.Tensor, ...], hot_rows: int) -> float:
+    """Seconds for query + insert (located slots reused) of every batch on a fresh sketch."""
+    sk = cls(hot_rows, hot_rows, threshold=50.0)
     for b in batches[:2]:  # warm-up
         sk.insert(b)
-    best = float("inf")
-    for _ in range(repeats):  # best of several passes: the machine is shared
-        t0 = time.perf_counter()
-        for b in batches:
-            loc = sk.locate(b)
-            sk.query(b, loc)
-            sk.insert(b, located=loc)
-        best = min(best, time.perf_counter() - t0)
-    return {"threads": threads, "ids_per_s": round(len(batches) * batch / best),
-            "ms_per_batch": round(best / len(batches) * 1e3, 2), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    t0 = time.perf_counter()
+    for b in batches:
+        loc = sk.locate(b)
+        sk.query(b, loc)
+        sk.insert(b, located=loc)
+    return time.perf_counter() - t0
+
+
+def throughput(ids: torch.Tensor, batch: int, hot_rows: int, repeats: int, threads: int,
+               baseline: type | None = None) -> dict:
+    torch.set_num_threads(threads)
+    batches = ids[: (len(ids) // batch) * batch].split(batch)
+    times: list[float] = []
+    base_times: list[float] = []
+    for r in range(repeats):  # best of several passes: the machine is shared
+        if baseline is not None and r % 2:  # alternate which version goes first
+            base_times.append(one_pass(baseline, batches, hot_rows))
+        times.append(one_pass(HotSketch, batches, hot_rows))
+        if baseline is not None and not r % 2:
+            base_times.append(one_pass(baseline, batches, hot_rows))
+    best = min(times)
+    out = {"threads": threads, "ids_per_s": round(len(batches) * batch / best),
+           "ms_per_batch": round(best / len(batches) * 1e3, 2), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    if baseline is not None:
+        out.update(baseline_ids_per_s=round(len(batches) * batch / min(base_times)),
+                   speedup_best=round(min(base_times) / best, 3),
+                   speedup_median_pair=round(statistics.median(b / t for b, t in zip(base_times, times)), 3))
+    return out
 
 
 def recall(ids: torch.Tensor, k: int, buckets_per_row: float, batch: int, dim: int) -> dict:
@@ -91,10 +123,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dim", type=int, default=16, help="embedding dim for the equal-memory comparison")
     ap.add_argument("--skip-recall", action="store_true")
+    ap.add_argument("--baseline", help="another hotsketch.py to time against, alternating passes")
     args = ap.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     for exponent in (float(e) for e in args.exponents.split(",")):
         ids = zipf_stream(args.stream, args.universe, exponent, seed=0)
-        speed = [throughput(ids, args.batch, args.speed_hot_rows, args.repeats, int(t))
+        speed = [throughput(ids, args.batch, args.speed_hot_rows, args.repeats, int(t), baseline)
                  for t in args.threads.split(",")]
         log(f"zipf {exponent}: {speed}")
         torch.set_num_threads(2)

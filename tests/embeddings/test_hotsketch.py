@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embcompress.embeddings.hotsketch import HotSketch
+from embcompress.embeddings import hotsketch
+from embcompress.embeddings.hotsketch import HotSketch, pick_ranked
 
 
 def one_bucket(slots: int = 4, hot_rows: int = 2, threshold: float = 100.0, decay_mass: float = 1e9,
@@ -232,3 +233,36 @@ def test_located_slots_are_reused_only_while_the_sketch_is_unchanged():
         stale = loc
     for name, t in a.state_dict().items():
         assert torch.equal(t, b.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 8, 9])
+def test_pick_ranked_is_a_stable_sort_at_the_rank(c):
+    """The newcomer placement's replacement of a per-bucket sort (ties, -inf and +inf included)."""
+    gen = torch.Generator().manual_seed(c)
+    key = torch.randint(0, 5, (c, 2000), generator=gen).float()
+    key[key == 0], key[key == 4] = -float("inf"), float("inf")
+    rank = torch.randint(0, c, (2000,), generator=gen)
+    keys, rows = torch.sort(key, dim=0, stable=True)
+    row, k = pick_ranked(key, rank)
+    assert torch.equal(row, rows.gather(0, rank[None])[0]) and torch.equal(k, keys.gather(0, rank[None])[0])
+
+
+@pytest.mark.parametrize("buckets", [1024, 1 << 16])  # cells are the buckets / the buckets' low bits
+def test_cell_aggregation_of_newcomers_gives_the_sorted_result(buckets, monkeypatch):
+    """Newcomers aggregated per bucket cell (the fast path) and by sorting them all (the general path)
+    give the same states and updates, float scores included (the same sums in the same order)."""
+    monkeypatch.setattr(hotsketch, "_CELLS_MIN", 0)  # the cell path for every batch size
+    ids = zipf_stream(60_000, 20_000, 1.05, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    cells, sorted_ = HotSketch(buckets, 32, 4.0), HotSketch(buckets, 32, 4.0)
+    sorted_.bucket_cells = False
+    demoted = 0
+    for chunk in ids.split(3_000):
+        scores = torch.rand(chunk.shape, generator=gen) * 2
+        u, v = cells.insert(chunk, scores), sorted_.insert(chunk, scores)
+        for f in ("promoted_ids", "promoted_rows", "demoted_ids", "demoted_rows"):
+            assert torch.equal(getattr(u, f), getattr(v, f)), f
+        demoted += u.demoted_ids.numel()
+        for name, t in cells.state_dict().items():
+            assert torch.equal(t, sorted_.state_dict()[name]), name
+    assert demoted > 0 and cells.num_hot() == 32  # the hot set filled and turned over
