@@ -7,16 +7,18 @@ A cache of C rows (default 5% of rows at INT8, 1% at INT4) holds the hot rows in
 
 Training (one optimizer step; ``embcompress.attach(model, optimizer)`` is the only extra call):
 
-1. forward: cached ids read ``cache_weight`` (an ``nn.Parameter``, sparse gradient); the other ids are
-   dequantised into ``staging``, a second ``nn.Parameter`` that holds this step's missed rows, so the
-   project's optimizer computes the update of *every* row, cached or not, with its own rule and lr.
+1. forward: ``cache_weight`` (an ``nn.Parameter`` with sparse gradients) holds the C cache slots followed
+   by a staging workspace; the step's uncached ids are dequantised into staging rows, and one embedding
+   call reads every id (a cache slot or its staging row). So the project's optimizer computes the update
+   of *every* row, cached or not, with its own rule and lr, in one sparse update.
 2. ``optimizer.step()`` updates cached rows (full precision) and staged rows.
 3. ``after_optimizer_step`` calls :meth:`update_state` with the step's ids and counts: staged rows are
    written back to their codes with stochastic rounding (dequantise -> update -> requantise, so the
    update is unbiased), then the cache admits the rows the policy prefers; an evicted row is written
    back with stochastic rounding; an admitted row moves in with its freshly updated float value.
 
-``staging`` is a per-step workspace, not state: it is left out of ``state_dict`` and ``memory_bytes``.
+The staging rows are a per-step workspace, not state: ``state_dict`` (and so ``memory_bytes``) holds only
+the first C rows of ``cache_weight``.
 
 Optimizer state follows the row (``optimizer_state``). A staging slot serves a different row every
 step, and a cache slot a new row after each admission, so per-slot optimizer state (Adagrad's
@@ -25,7 +27,7 @@ would share the accumulators of the first staging slots, which grow every step, 
 with a learning rate that decays with the step count instead of with their own gradients. The table
 therefore keeps a per-row store of each state tensor the optimizer holds for its parameters
 (``optstate_<name>`` buffers) and moves it with the row: before the step the staged rows' state is loaded
-into the optimizer's state of ``staging``, after the step it is stored back; an admitted row's state
+into the optimizer's state of their staging rows, after the step it is stored back; an admitted row's state
 moves into its cache slot and an evicted row's moves back to the store.
 * ``row`` (default): one value per row and state tensor, the mean over the D elements: for Adagrad this
   is the row-wise Adagrad of FBGEMM/TorchRec (4 bytes per row) for the rows outside the cache, while
@@ -128,8 +130,9 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         width = c if policy == "lfu" else 0
         self.register_buffer("sketch", torch.zeros(int(sketch_depth), width, dtype=torch.int32))
         self.register_buffer("stats", torch.zeros(_STATS, dtype=torch.int64))
-        self.cache_weight = nn.Parameter(torch.zeros(c, d))
-        self.staging = nn.Parameter(torch.zeros(max(int(staging_rows), 1), d))
+        # One parameter: rows [0, C) are the cache slots, rows [C, C + S) the staging workspace, so a
+        # forward is one embedding call and the optimizer makes one sparse update per step.
+        self.cache_weight = nn.Parameter(torch.zeros(c + max(int(staging_rows), 1), d))
         self._pending: list[tuple[Tensor, Tensor, Tensor, int]] = []  # (ids, counts, missed ids, staging start)
         self._staged = 0
         self._index_version = 0  # bumped whenever cache_ids changes (see _find)
@@ -175,38 +178,39 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     def _rows(self, ids: Tensor, counts: Tensor | None) -> Tensor:
         """Rows of unique ids; in training with grad, records the step for :meth:`after_optimizer_step`."""
         pos, hit = self._find(ids)
-        hit_idx = hit.nonzero().squeeze(1)
-        miss_idx = (~hit).nonzero().squeeze(1)
-        hit_rows = F.embedding(self.cache_slots[pos[hit_idx]], self.cache_weight, sparse=True)  # (h, D)
-        missed = ids[miss_idx]
-        base = self.dequantized(missed)  # (m, D)
+        c = self.num_cache_rows
+        slots = self.cache_slots[pos] if c else pos
         if counts is not None and self.training and torch.is_grad_enabled():
-            start = self._reserve(len(missed))
+            miss = ~hit
+            missed = ids[miss]
+            start = c + self._reserve(len(missed))
             with torch.no_grad():
-                self.staging[start:start + len(missed)] = base
-            index = torch.arange(start, start + len(missed), device=ids.device)
-            miss_rows = F.embedding(index, self.staging, sparse=True)
+                self.cache_weight[start:start + len(missed)] = self.dequantized(missed)
+            # a missed id reads the staging row of its rank among the misses
+            index = torch.where(hit, slots, start - 1 + torch.cumsum(miss, 0))
             self._pending.append((ids, counts, missed, start))
-        else:
-            miss_rows = base
-        order = torch.cat([hit_idx, miss_idx])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=ids.device)
-        return torch.cat([hit_rows, miss_rows])[inverse]  # (u, D) in the order of ids
+            return F.embedding(index, self.cache_weight, sparse=True)  # (u, D) in the order of ids
+        cached = self.cache_weight.detach()[slots] if c else self.dequantized(ids)
+        return torch.where(hit[:, None], cached, self.dequantized(ids))
+
+    @property
+    def staging_rows(self) -> int:
+        return self.cache_weight.shape[0] - self.num_cache_rows
 
     def _reserve(self, m: int) -> int:
-        """First staging row of m free ones, growing the workspace when no step is pending."""
-        if self._staged + m > self.staging.shape[0]:
+        """First staging row (counted from the workspace's start) of m free ones, growing the workspace
+        when no step is pending."""
+        if self._staged + m > self.staging_rows:
             if self._staged:
                 log.warning("mpcache: %d rows staged by forwards without an optimizer step; dropping them",
                             self._staged)
                 self._pending.clear()
                 self._staged = 0
-            if m > self.staging.shape[0]:
-                # Fine for SGD; optimizers that keep per-parameter state need staging_rows set up front.
-                log.warning("mpcache: growing the staging workspace from %d to %d rows",
-                            self.staging.shape[0], 2 * m)
-                self.staging.data = self.staging.new_zeros(2 * m, self.embedding_dim)
+            if m > self.staging_rows:
+                log.warning("mpcache: growing the staging workspace from %d to %d rows", self.staging_rows, 2 * m)
+                grown = self.cache_weight.new_zeros(self.num_cache_rows + 2 * m, self.embedding_dim)
+                grown[:self.num_cache_rows] = self.cache_weight.detach()[:self.num_cache_rows]
+                self.cache_weight.data = grown
         start = self._staged
         self._staged += m
         return start
@@ -235,7 +239,7 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
 
     # ------------------------------------------------------------------ training
     def sparse_parameters(self) -> list[nn.Parameter]:
-        return [self.cache_weight, self.staging]
+        return [self.cache_weight]
 
     # ------------------------------------------------------------------ optimizer state follows the row
     def bind_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -278,14 +282,17 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         return x[:, None].expand(-1, self.embedding_dim) if self.optimizer_state == "row" else x
 
     def before_optimizer_step(self) -> None:
-        """Load the staged rows' optimizer state into the optimizer's state of ``staging``."""
+        """Load the staged rows' optimizer state into the optimizer's state of the staging rows."""
         if not self._pending:
             return
-        state, inits = self._slot_state(self.staging)
+        state, inits = self._slot_state(self.cache_weight)
+        c = self.num_cache_rows
         with torch.no_grad():
             for key, init in inits.items():
-                if state[key].shape != self.staging.shape:  # the workspace grew: its state is workspace too
-                    state[key] = state[key].new_zeros(self.staging.shape)
+                if state[key].shape != self.cache_weight.shape:  # the workspace grew; keep the cache's part
+                    grown = state[key].new_zeros(self.cache_weight.shape)
+                    grown[:c] = state[key][:c]
+                    state[key] = grown
                 store = self._store(key, init)
                 for _, _, missed, start in self._pending:
                     state[key][start:start + len(missed)] = self._from_store(store[missed])
@@ -297,9 +304,10 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             ids = torch.cat([p[0] for p in self._pending])
             counts = torch.cat([p[1] for p in self._pending])
             missed = torch.cat([p[2] for p in self._pending])
-            values = self.staging[:self._staged].detach()
-            state, inits = self._slot_state(self.staging)
-            states = {k: state[k][:self._staged] for k in inits}
+            c = self.num_cache_rows
+            values = self.cache_weight.detach()[c:c + self._staged]
+            state, inits = self._slot_state(self.cache_weight)
+            states = {k: state[k][c:c + self._staged] for k in inits}
             if len(self._pending) > 1:  # several forwards in one step: merge counts and updates
                 ids, inv = torch.unique(ids, return_inverse=True)
                 counts = torch.zeros_like(ids).index_add_(0, inv, counts)
@@ -322,49 +330,52 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         stores = {k: self._store(k, init) for k, (init, _) in states.items()}
         cache_state, inits = self._slot_state(self.cache_weight)
         stores.update({k: self._store(k, init) for k, init in inits.items() if k not in stores})
-        n = self.num_embeddings
-        self.stats[0] += 1
-        step = self.stats[0].clone()
+        n, c = self.num_embeddings, self.num_cache_rows
         pos, hit = self._find(ids)
-        self.stats[1] += counts[hit].sum()
-        self.stats[2] += counts.sum()
+        # one add for the step counter, hit lookups and lookups (each tensor op costs ~10 us on a CPU)
+        self.stats[:3] += torch.stack([counts.new_ones(()), (counts * hit).sum(), counts.sum()])
+        step = self.stats[0].clone()
         new_ids, new_keys = ids[~hit], None
-        c = self.num_cache_rows
         if c:
             if self.policy == "lru":
                 self.cache_keys[pos[hit]] = step
                 new_keys = step.expand(len(new_ids))
             else:
                 self._sketch_add(ids, counts)
-                occupied = self.cache_ids < n
-                self.cache_keys.copy_(torch.where(occupied, self._estimate(self.cache_ids), -1))
-                new_keys = self._estimate(new_ids)
+                est = self._estimate(torch.cat([self.cache_ids, new_ids]))  # one hash pass for both
+                self.cache_keys.copy_(torch.where(self.cache_ids < n, est[:c], -1))
+                new_keys = est[c:]
         freed, admitted = self._admit(new_ids, new_keys) if c and len(new_ids) else (None, None)
-        stays_out = missed
+        # rows to write back in low precision (stochastic rounding): evicted cache rows and staged rows
+        # that stay out, quantised in one call
+        back_ids, back_rows = [missed], [values]
         if admitted is not None and len(admitted):
             slots = self.cache_slots[freed]
             evicted = self.cache_ids[freed]
             real = evicted < n
-            self.codes[evicted[real]] = quantize_rows(self.cache_weight[slots[real]], self.bits, stochastic=True)
+            evicted, evicted_slots = evicted[real], slots[real]
             at, found = _locate(missed, admitted)
             rows = self.dequantized(admitted)
             if len(missed):
                 rows = torch.where(found[:, None], values[at], rows)
+            evicted_rows = self.cache_weight[evicted_slots]
             self.cache_weight[slots] = rows
             for key, store in stores.items():  # the evicted rows' state goes to the store, the admitted's in
                 if key in cache_state:
                     slot_state = cache_state[key]
-                    store[evicted[real]] = self._to_store(slot_state[slots[real]])
+                    store[evicted] = self._to_store(slot_state[evicted_slots])
                     moved_in = self._from_store(store[admitted])
                     if key in states and len(missed):
                         moved_in = torch.where(found[:, None], states[key][1][at], moved_in)
                     slot_state[slots] = moved_in
             out = ~_isin_sorted(missed, admitted)
-            stays_out, values = missed[out], values[out]
+            back_ids, back_rows = [evicted, missed[out]], [evicted_rows, values[out]]
             states = {k: (init, v[out]) for k, (init, v) in states.items()}
             self._replace(freed, admitted, new_keys[_locate(new_ids, admitted)[0]])
-        if len(stays_out):
-            self.codes[stays_out] = quantize_rows(values, self.bits, stochastic=True)
+        back = torch.cat(back_ids)
+        if len(back):
+            self.codes[back] = quantize_rows(torch.cat(back_rows), self.bits, stochastic=True)
+            stays_out = back_ids[-1]
             for key, (_, v) in states.items():
                 stores[key][stays_out] = self._to_store(v)
 
@@ -433,11 +444,15 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     # ------------------------------------------------------------------ state_dict: staging is workspace
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.pop(prefix + "staging", None)
+        w = destination[prefix + "cache_weight"]
+        destination[prefix + "cache_weight"] = w[:self.num_cache_rows]  # the cache; not the workspace
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        state_dict.setdefault(prefix + "staging", self.staging.detach())
+        key = prefix + "cache_weight"
+        if key in state_dict and state_dict[key].shape[0] == self.num_cache_rows:
+            workspace = self.cache_weight.detach()[self.num_cache_rows:]
+            state_dict[key] = torch.cat([state_dict[key].to(workspace.device), workspace])
         self._index_version += 1
         for name, value in state_dict.items():  # per-row optimizer state is created on first use
             if name.startswith(prefix + _STORE) and "." not in name[len(prefix):] and \

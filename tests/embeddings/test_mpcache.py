@@ -168,7 +168,7 @@ def test_rows_are_updated_in_their_precision():
     assert table.cache_ids.tolist() == [7]
     scale3, _ = scale_bias_of(table.codes[3:4], 8, 8)
     assert torch.all((table.dequantized(torch.tensor([3]))[0] - before).abs() <= scale3 + 1e-6)
-    assert "staging" not in table.state_dict()
+    assert table.state_dict()["cache_weight"].shape == (1, 8)  # the cache, not the staging workspace
 
 
 def test_eval_reads_cache_and_changes_nothing():
@@ -293,7 +293,7 @@ def test_slot_state_does_not_follow_rows():
         opt.step()
     assert not hasattr(table, "optstate_sum")
     # staging slot 0 served a (different) row at every step: its accumulator counts all 10 steps
-    staged_sum = opt.state[table.staging]["sum"][0, 0].item()
+    staged_sum = opt.state[table.cache_weight]["sum"][table.num_cache_rows, 0].item()
     assert staged_sum >= 10
 
 
