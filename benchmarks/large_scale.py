@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
     ds = open_dataset(args.data_dir)
     rss_data = current_rss_bytes()
     cfg = TrainConfig(data=args.data_dir, method=method, compression=None if method == "full" else float(ratio),
-                      batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps, progress=False)
+                      batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps, progress=False)
     s = run_training(cfg, dataset=ds)
     out = {k: s[k] for k in ("method", "compression_target", "compression_actual", "embedding_bytes", "test_auc",
                              "test_logloss", "train_samples_per_s", "eval_samples_per_s", "steps", "rows_train",
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, help="cap training steps per configuration (default: one epoch)")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--warmup-steps", type=int, default=300, help="0 reproduces the runs made before warm-up")
     ap.add_argument("--configs", default=CONFIGS, help=f"METHOD:RATIO,... (default {CONFIGS})")
     ap.add_argument("--data-dir", default=str(REPO / "bench-out" / "large-data"))
     ap.add_argument("--seed", type=int, default=0)
@@ -86,7 +87,7 @@ def main() -> None:
     results = []
     for conf in args.configs.split(","):
         cmd = [sys.executable, __file__, "--child", conf, "--data-dir", args.data_dir,
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps)]
         cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         log(f"training {conf} ...")
