@@ -69,12 +69,13 @@ are slow (~1 ms: below 32768 elements torch does not use its radix sort), so:
 - the promotion scans the sketch once per insert (entries at T and not hot) and the free-row list only
   up to the rows it needs.
 At batches of 4096×26 ids and 65,536 buckets (``benchmarks/hotsketch.py --skip-recall --baseline
-FILE``: passes of the old and the new version alternate in one process) this is 1.3-1.5× the speed of
-the sorting version (commit bb67e12, which did 16.9/18.5/24.7M ids/s at Zipf 1.05/1.1/1.3 on 2 threads
-on a quiet machine) on 1 thread, and 1.3-1.7× on 2 threads as far as a 2-core machine with a load of
-3.5-6 lets 2 threads be timed; the states are the same (same float sums in the same order). What
-remains: hash and slot search ~30% of a batch, newcomers ~40%, query ~12%, promotion scan ~12%. At
-3,328 ids a batch it is ~1.4× with 65,536 buckets and ~1.07× with 8,192 and a full hot set.
+FILE``: passes of the old and the new version alternate in one process), on a quiet machine (load
+0.3-0.7), this did 15.8M / 16.9M / 19.8M ids/s at Zipf 1.05 / 1.1 / 1.3 on 1 thread and 17.5-18.3M /
+17.2-17.9M / 21.9-25.5M on 2 threads: 1.2-1.55× the sorting version (commit bb67e12) in the same runs.
+Two threads gain little because each op works on ~100k elements. The same states result (same float
+sums in the same order). What remains: hash and slot search ~30% of a batch, newcomers ~40%, query ~12%,
+promotion scan ~12%. At 3,328 ids a batch it is ~1.4× with 65,536 buckets and ~1.07× with 8,192 and a
+full hot set.
 
 All state sits in fixed-size buffers, so ``state_dict`` is a complete checkpoint and the memory is
 ``w · c · 16`` bytes for the slots, one byte per hot row for the free-row mask and 8 bytes of counter.
