@@ -100,6 +100,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         self.register_buffer("sizes", torch.tensor(self.field_sizes, dtype=torch.int64))
         self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64))
         self.register_buffer("row_base", field_starts(rows))
+        # derived, so not state: fields served whole never need a hot row
+        self.register_buffer("field_hashed", self.rows < self.sizes, persistent=False)
         buckets = max(1, int(round(buckets_per_row * num_hot_rows)))
         self.sketch = HotSketch(buckets, int(num_hot_rows), threshold, slots=slots, decay=decay,
                                 decay_mass=decay_mass, pressure_decay=pressure_decay, preempt=preempt)
@@ -145,11 +147,11 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         rows, field, score, located = self._route(ids)
         out = self._pool(ids, rows, score, field, offsets, psw)  # (B, D)
         if self.training and torch.is_grad_enabled() and ids.numel() > 0:
-            self._record(out, ids, field, offsets, psw, located)
+            self._record(out, ids, field, offsets, psw, located, input.dim() == 2 and input.shape[1] == 1)
         return out
 
     def _record(self, out: Tensor, ids: Tensor, field: Tensor, offsets: Tensor, psw: Tensor | None,
-                located: Located) -> None:
+                located: Located, one_per_bag: bool = False) -> None:
         if len(self._pending) >= _MAX_PENDING:
             if not self._warned:
                 log.warning("%s: %d training forwards without an optimizer step; call "
@@ -157,14 +159,17 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                             self._label(), len(self._pending))
                 self._warned = True
             self._pending.pop(0)
-        hashed = self.rows[field] < self.sizes[field]  # whole fields never need a hot row
+        hashed = self.field_hashed[field]
         keep = torch.nonzero(hashed).squeeze(1)
         sub = Located(*(t.index_select(0, keep) for t in (located.bucket, located.flat, located.found)),
                       located.generation)
         entry = _Pending(ids=ids.index_select(0, keep), field=field.index_select(0, keep), located=sub)
         if self.importance == "gradient" and out.requires_grad:
             n = ids.numel()
-            bag = torch.bucketize(torch.arange(n, device=ids.device), offsets, right=True) - 1
+            if one_per_bag:  # (B, 1) input, how the models look up fields: lookup i is bag i
+                bag = torch.arange(n, device=ids.device)
+            else:
+                bag = torch.bucketize(torch.arange(n, device=ids.device), offsets, right=True) - 1
             scale = None
             if psw is not None:
                 scale = psw.detach().abs()[hashed]
