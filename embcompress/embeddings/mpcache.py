@@ -199,8 +199,11 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             index = torch.where(hit, slots, start - 1 + torch.cumsum(miss, 0))
             self._pending.append((ids, counts, missed, start))
             return F.embedding(index, self.cache_weight, sparse=True)  # (u, D) in the order of ids
-        cached = self.cache_weight.detach()[slots] if c else self.dequantized(ids)
-        return torch.where(hit[:, None], cached, self.dequantized(ids))
+        if not c:
+            return self.dequantized(ids)
+        rows = self.cache_weight.detach().index_select(0, slots)  # (u, D), a copy
+        miss = torch.nonzero(~hit).squeeze(1)
+        return rows.index_copy_(0, miss, self.dequantized(ids.index_select(0, miss)))  # dequantise misses only
 
     @property
     def staging_rows(self) -> int:
