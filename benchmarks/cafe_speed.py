@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import emit, log  # type: ignore[import-not-found]
+from common import add_threads_arg, apply_threads, emit, log  # type: ignore[import-not-found]
 from embcompress.data import make_synthetic
 from embcompress.train.loop import TrainConfig, build_model, build_optimizers
 
@@ -27,13 +27,13 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=1000)
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--scale", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads_arg(ap, default=1)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=20, help="timed rounds of blocks per method")
     ap.add_argument("--block-steps", type=int, default=25)
     ap.add_argument("--methods", default="hash,cafe,cafe-ml")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     ds = make_synthetic(rows=args.rows, scale=args.scale)
     dense, sparse = torch.from_numpy(ds.dense), torch.from_numpy(ds.sparse.astype("int64"))
     labels = torch.from_numpy(ds.labels).float()

@@ -23,9 +23,7 @@ from embcompress.data import make_synthetic
 from embcompress.embeddings import full_table_bytes, mpcache
 from embcompress.embeddings.mpcache import PRECISIONS, _cache_rows, table_bytes
 from embcompress.train import loop
-from common import commit, machine  # type: ignore[import-not-found]
-
-log = logging.getLogger("benchmarks.mpcache")
+from common import add_threads_arg, apply_threads, commit, log, machine  # type: ignore[import-not-found]
 
 
 def timed(fn: Callable[..., Any], clock: dict[str, float], device: str) -> Callable[..., Any]:
@@ -59,13 +57,10 @@ def main() -> None:
     ap.add_argument("--optimizer-states", default="row",
                     help="comma-separated mpcache optimizer_state modes to run (row, element, slot)")
     ap.add_argument("--precisions", default="int8,int4")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0: torch's default; 1 avoids oversubscribing shared cores)")
+    add_threads_arg(ap, default=1)  # 1 avoids oversubscribing shared cores
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("embcompress").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    apply_threads(args)
 
     t0 = time.perf_counter()
     ds = make_synthetic(rows=args.rows, scale=args.scale, skew=args.skew, seed=args.data_seed)
@@ -104,7 +99,7 @@ def main() -> None:
                 entry.update(cache_rows=table.num_cache_rows, hit_rate=table.hit_rate(), precision=table.precision)
             runs[label].append(entry)
             bayes = summary.get("bayes_auc")
-            log.info("seed %d %s: AUC %.4f, %.0f samples/s", seed, label, entry["test_auc"], entry["train_samples_per_s"])
+            log(f"seed {seed} {label}: AUC {entry['test_auc']:.4f}, {entry['train_samples_per_s']:.0f} samples/s")
 
     results: dict[str, Any] = {"bayes_auc": bayes}
     for label, entries in runs.items():
