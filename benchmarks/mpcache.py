@@ -1,6 +1,7 @@
 """mpcache vs full on synthetic Criteo-like data: AUC, DLRM training speed, cache hit rate, quantisation time.
 
-    PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/mpcache.py [--rows 400000 --optimizer-states row,slot --precisions int8,int4]
+    PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/mpcache.py [--rows 400000 --optimizer-states row,slot \
+        --write-backs keep-grid,fresh --precisions int8,int4 --seeds 0,1,2]
 
 Prints one JSON object (machine, git commit, settings, one entry per configuration). All runs share one
 dataset and one process, so the speed ratios (``speed_vs_full``) compare runs made on the same machine
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--optimizer-states", default="row",
                     help="comma-separated mpcache optimizer_state modes to run (row, element, slot)")
     ap.add_argument("--precisions", default="int8,int4")
+    ap.add_argument("--write-backs", default="keep-grid",
+                    help="comma-separated mpcache write_back modes to run (keep-grid, fresh)")
     add_threads_arg(ap, default=1)  # 1 avoids oversubscribing shared cores
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -74,11 +77,13 @@ def main() -> None:
     configs: list[tuple[str, str, dict[str, Any]]] = [("full", "full", {})]
     fractions = {"int8": 0.05, "int4": 0.01}
     for state in args.optimizer_states.split(","):
-        for precision in args.precisions.split(","):
-            frac = fractions[precision]
-            opts = dict(precision=precision, cache_fraction=frac, policy=args.policy, optimizer_state=state)
-            suffix = "" if state == "row" else f"-{state}"
-            configs.append((f"mpcache-{precision}-{int(frac * 100)}%{suffix}", "mpcache", opts))
+        for write_back in args.write_backs.split(","):
+            for precision in args.precisions.split(","):
+                frac = fractions[precision]
+                opts = dict(precision=precision, cache_fraction=frac, policy=args.policy, optimizer_state=state,
+                            write_back=write_back)
+                suffix = ("" if state == "row" else f"-{state}") + ("" if write_back == "keep-grid" else f"-{write_back}")
+                configs.append((f"mpcache-{precision}-{int(frac * 100)}%{suffix}", "mpcache", opts))
 
     # Per seed, all configurations run back to back, so each speed ratio compares neighbouring runs; the
     # AUC comparison is paired: the same seed gives full and mpcache the same MLP init and batch order.

@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"int8": 8, "int4": 4}
 OPTIMIZER_STATES = ("row", "element", "slot")
+WRITE_BACKS = ("keep-grid", "fresh")  # see quant.grid_kept
 _STORE = "optstate_"  # prefix of the per-row optimizer state buffers
 DEFAULT_CACHE_FRACTION = {8: 0.05, 4: 0.01}
 _STATS = 4  # step, hit lookups, lookups, sketch mass since the last halving
@@ -103,7 +104,8 @@ def table_bytes(num_rows: int, dim: int, bits: int, cache_rows: int, policy: str
 class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     """Quantised rows + float32 cache. Options: ``precision`` (int8/int4), ``cache_rows`` or
     ``cache_fraction``, ``policy`` (lfu/lru), ``staging_rows`` (initial workspace rows), ``sketch_depth``,
-    ``sketch_width`` (columns per cache row), ``sketch_reset``, ``optimizer_state`` (row/element/slot)."""
+    ``sketch_width`` (columns per cache row), ``sketch_reset``, ``optimizer_state`` (row/element/slot),
+    ``write_back`` (keep-grid/fresh)."""
 
     dedup = True  # each distinct id is staged once, and its count feeds the cache
 
@@ -111,7 +113,7 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
                  cache_rows: int | None = None, cache_fraction: float | None = None, policy: str = "lfu",
                  mode: str = "sum", staging_rows: int = 4096, sketch_depth: int = 2,
                  sketch_width: int = DEFAULT_SKETCH_WIDTH, sketch_reset: int = 10,
-                 optimizer_state: str = "row") -> None:
+                 optimizer_state: str = "row", write_back: str = "keep-grid") -> None:
         super().__init__(field_sizes, embedding_dim, mode)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -119,7 +121,10 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             raise ValueError(f"policy must be 'lfu' or 'lru', got {policy!r}")
         if optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer_state must be one of {list(OPTIMIZER_STATES)}, got {optimizer_state!r}")
+        if write_back not in WRITE_BACKS:
+            raise ValueError(f"write_back must be one of {list(WRITE_BACKS)}, got {write_back!r}")
         self.optimizer_state = optimizer_state
+        self.write_back = write_back
         self._optimizers: list[weakref.ref] = []
         self.bits = PRECISIONS[precision]
         self.precision = precision
@@ -386,7 +391,8 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             self._replace(freed, admitted, new_keys[_locate(new_ids, admitted)[0]])
         back = torch.cat(back_ids)
         if len(back):
-            self.codes[back] = quantize_rows(torch.cat(back_rows), self.bits, stochastic=True)
+            previous = self.codes[back] if self.write_back == "keep-grid" else None
+            self.codes[back] = quantize_rows(torch.cat(back_rows), self.bits, stochastic=True, previous=previous)
             stays_out = back_ids[-1]
             for key, (_, v) in states.items():
                 stores[key][stays_out] = self._to_store(v)

@@ -82,19 +82,46 @@ def unpack_int4(packed: Tensor, dim: int) -> Tensor:
 
 
 def quantize_rows(x: Tensor, bits: int, stochastic: bool = False,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """(n, D) float -> (n, row_bytes(bits, D)) uint8 in the fused layout of ``bits``."""
+                  generator: torch.Generator | None = None, previous: Tensor | None = None) -> Tensor:
+    """(n, D) float -> (n, row_bytes(bits, D)) uint8 in the fused layout of ``bits``.
+
+    ``previous`` ((n, row_bytes) fused rows, optional): the rows' current storage. A row that still fits
+    its previous grid (every value within [bias, bias + L·scale]) and still spans at least half of it
+    keeps that scale and bias, so an element whose value did not move keeps its code exactly and one that
+    moved by u picks up a rounding variance of at most |u|·scale instead of up to scale²/4 (see
+    :func:`grid_kept`). Other rows get a fresh grid from their own min and max.
+    """
     x = x.detach().float()
     n, d = x.shape
     if n == 0:
         return torch.empty(0, row_bytes(bits, d), dtype=torch.uint8, device=x.device)
     scale, bias = _scale_bias(x, bits)
+    if previous is not None:
+        old_scale, old_bias = scale_bias_of(previous, bits, d)
+        keep = grid_kept(x, old_scale, old_bias, bits)
+        scale, bias = torch.where(keep, old_scale, scale), torch.where(keep, old_bias, bias)
     codes = _codes(x, scale, bias, bits, stochastic, generator)
     if bits == 8:
         tail = torch.stack([scale, bias], dim=1).contiguous().view(torch.uint8)  # (n, 8)
         return torch.cat([codes, tail], dim=1)
     tail = torch.stack([scale.half(), bias.half()], dim=1).contiguous().view(torch.uint8)  # (n, 4)
     return torch.cat([pack_int4(codes), tail], dim=1)
+
+
+def grid_kept(x: Tensor, scale: Tensor, bias: Tensor, bits: int) -> Tensor:
+    """(n,) bool: rows of x that lie inside the grid (scale, bias) and span at least half of it.
+
+    Why a write-back keeps the grid: requantising a row on a fresh grid moves every element off its old
+    code, and stochastic rounding then adds a variance of frac·(1 - frac)·scale² per element (scale²/6 on
+    average) at every write, however small the update; over the hundreds of writes an uncached row gets,
+    that noise walks like a random walk (at INT4 up to half the row's range). On a kept grid an element
+    that sits on a code stays there, and one moved by u < scale gets variance (u/scale)(1 - u/scale)·scale²
+    <= |u|·scale, which vanishes with the update.
+    """
+    levels = (1 << bits) - 1
+    lo, hi = torch.aminmax(x, dim=1)
+    top = bias + levels * scale
+    return (lo >= bias) & (hi <= top) & (scale > 0) & (2 * (hi - lo) >= top - bias)
 
 
 def scale_bias_of(rows: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor]:

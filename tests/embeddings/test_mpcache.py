@@ -58,6 +58,52 @@ def test_stochastic_rounding_is_unbiased(bits):
     assert torch.any((nearest - x).abs() > t)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_write_back_keeps_the_grid_of_a_row_that_fits(bits):
+    d = 16
+    x = _rows(32, d, seed=2)[2:]
+    q = quantize_rows(x, bits)
+    y = dequantize_rows(q, bits, d)
+    # lower each row's largest element by one step: the row now spans L - 1 steps of its old grid
+    scale, bias = scale_bias_of(q, bits, d)
+    top = y.argmax(dim=1)
+    y[torch.arange(len(y)), top] -= scale
+    kept = quantize_rows(y, bits, stochastic=True, generator=torch.Generator().manual_seed(0), previous=q)
+    codes = dequantize_rows(q, bits, d).sub(bias[:, None]).div(scale[:, None]).round()
+    codes[torch.arange(len(y)), top] -= 1
+    kept_codes = dequantize_rows(kept, bits, d).sub(bias[:, None]).div(scale[:, None]).round()
+    assert torch.equal(kept_codes, codes)  # every element on its old code: no rounding noise
+    assert torch.equal(scale_bias_of(kept, bits, d)[0], scale)
+    # the test has power: a fresh grid (span L - 1 steps stretched to L) moves elements off their codes
+    fresh = quantize_rows(y, bits, stochastic=True, generator=torch.Generator().manual_seed(0))
+    moved = (dequantize_rows(fresh, bits, d) - y).abs().amax(dim=1) > 0.1 * scale
+    assert moved.float().mean() > 0.8
+    # rows that leave their grid, or shrink to less than half of it, get a fresh one
+    for z in (y * 1.5, y * 0.3):
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        assert torch.equal(quantize_rows(z, bits, True, g1, previous=q), quantize_rows(z, bits, True, g2))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_rounding_on_a_kept_grid_is_unbiased(bits):
+    """As test_stochastic_rounding_is_unbiased, on the grid of the rows before a small update."""
+    d, k, delta = 16, 4000, 1e-6
+    x = _rows(32, d, seed=3)[2:]
+    q = quantize_rows(x, bits)
+    scale, _ = scale_bias_of(q, bits, d)
+    y = dequantize_rows(q, bits, d)
+    g = torch.Generator().manual_seed(4)
+    moved = y + (torch.rand(y.shape, generator=g) - 0.5) * scale[:, None] * 0.2  # updates of at most a tenth of a step
+    lo, hi = y.amin(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)
+    moved = torch.minimum(torch.maximum(moved, lo), hi)  # stay inside the grid
+    torch.manual_seed(0)
+    out = quantize_rows(moved.repeat(k, 1), bits, stochastic=True, previous=q.repeat(k, 1))
+    assert torch.equal(scale_bias_of(out[: len(x)], bits, d)[0], scale)  # the grid was kept
+    mean = dequantize_rows(out, bits, d).view(k, len(x), d).mean(dim=0)
+    t = scale[:, None] * math.sqrt(math.log(2 * moved.numel() / delta) / (2 * k))
+    assert torch.all((mean - moved).abs() <= t + 1e-6 * moved.abs())
+
+
 @pytest.mark.parametrize("d", [1, 2, 15, 16])
 def test_int4_packing_round_trip(d):
     codes = torch.randint(0, 16, (11, d), dtype=torch.uint8, generator=torch.Generator().manual_seed(d))
