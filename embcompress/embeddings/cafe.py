@@ -73,7 +73,7 @@ class _Pending:
     norms: Tensor | None = None  # (m,) set by the backward hook
 
     def capture(self, grad: Tensor) -> None:
-        norms = grad.detach().norm(dim=1)[self.bag]
+        norms = grad.detach().norm(dim=1).index_select(0, self.bag)
         self.norms = norms if self.scale is None else norms * self.scale
 
 
@@ -167,16 +167,16 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         if self.importance == "gradient" and out.requires_grad:
             n = ids.numel()
             if one_per_bag:  # (B, 1) input, how the models look up fields: lookup i is bag i
-                bag = torch.arange(n, device=ids.device)
+                bag = keep
             else:
-                bag = torch.bucketize(torch.arange(n, device=ids.device), offsets, right=True) - 1
+                bag = (torch.bucketize(torch.arange(n, device=ids.device), offsets, right=True) - 1).index_select(0, keep)
             scale = None
             if psw is not None:
-                scale = psw.detach().abs()[hashed]
+                scale = psw.detach().abs().index_select(0, keep)
             elif self.mode == "mean":
                 lengths = torch.diff(offsets, append=torch.tensor([n], device=ids.device))
-                scale = 1.0 / lengths[bag[hashed]].clamp(min=1).float()
-            entry.bag, entry.scale = bag[hashed], scale
+                scale = 1.0 / lengths.index_select(0, bag).clamp(min=1).float()
+            entry.bag, entry.scale = bag, scale
             out.register_hook(entry.capture)
         self._pending.append(entry)
 
@@ -195,7 +195,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             else:
                 continue
             used.append(e.located)
-        if ids:
+        if len(ids) == 1:  # the usual step: one forward (a cat would copy)
+            self.apply_importance(ids[0], scores[0], used[0])
+        elif ids:
             located = None
             if all(loc is not None and loc.generation == used[0].generation for loc in used):
                 located = Located(*(torch.cat([getattr(loc, k) for loc in used]) for k in ("bucket", "flat", "found")),
@@ -207,8 +209,10 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         nf = len(self.field_sizes)
         count = torch.bincount(field, minlength=nf).float()
         total = torch.zeros(nf, device=norms.device).index_add_(0, field, norms.float())
-        scores = norms * count[field] / total[field].clamp(min=1e-30)
-        return torch.where(total[field] > 0, scores, torch.ones_like(scores))
+        zero = total == 0  # per field (nf values): every norm of the field is 0
+        factor = torch.where(zero, 0.0, count / total.clamp(min=1e-30))
+        # zero-gradient fields: norm 0 times factor 0, plus 1
+        return (norms * factor.index_select(0, field)).add_(zero.index_select(0, field))
 
     @torch.no_grad()
     def apply_importance(self, ids: Tensor, scores: Tensor, located: Located | None = None) -> None:

@@ -84,6 +84,17 @@ def test_gradient_importance_is_normalised_per_field():
     torch.testing.assert_close(scores, expected)
 
 
+def test_a_field_without_gradient_counts_one_per_lookup():
+    t = table(ratio=10, threshold=1e9, buckets_per_row=8)
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randperm(20_000, generator=gen)[:3] + 54  # field 2: zero gradient
+    b = torch.randperm(50_000, generator=gen)[:2] + 20_054  # field 3
+    ids = torch.cat([a, b]).reshape(-1, 1)
+    step(t, ids, torch.tensor([0.0, 0, 0, 1, 3]))
+    _, scores = t.sketch.query(ids.reshape(-1))
+    torch.testing.assert_close(scores, torch.tensor([1.0, 1, 1, 0.5, 1.5]))
+
+
 def test_frequency_importance_counts_lookups():
     t = table(ratio=10, threshold=1e9, importance="frequency", buckets_per_row=8)
     ids = torch.tensor([[100], [100], [30_000], [100]])

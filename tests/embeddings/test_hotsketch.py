@@ -237,11 +237,14 @@ def test_located_slots_are_reused_only_while_the_sketch_is_unchanged():
 
 @pytest.mark.parametrize("c", [1, 2, 3, 4, 8, 9])
 def test_pick_ranked_is_a_stable_sort_at_the_rank(c):
-    """The newcomer placement's replacement of a per-bucket sort (ties, -inf and +inf included)."""
+    """The newcomer placement's replacement of a per-bucket sort (ties, -inf and +inf included), at
+    m >= _PICK_COUNT_MIN columns (below it pick_ranked sorts)."""
+    m = 2000
+    assert m >= hotsketch._PICK_COUNT_MIN
     gen = torch.Generator().manual_seed(c)
-    key = torch.randint(0, 5, (c, 2000), generator=gen).float()
+    key = torch.randint(0, 5, (c, m), generator=gen).float()
     key[key == 0], key[key == 4] = -float("inf"), float("inf")
-    rank = torch.randint(0, c, (2000,), generator=gen)
+    rank = torch.randint(0, c, (m,), generator=gen)
     keys, rows = torch.sort(key, dim=0, stable=True)
     row, k = pick_ranked(key, rank)
     assert torch.equal(row, rows.gather(0, rank[None])[0]) and torch.equal(k, keys.gather(0, rank[None])[0])
@@ -252,6 +255,7 @@ def test_cell_aggregation_of_newcomers_gives_the_sorted_result(buckets, monkeypa
     """Newcomers aggregated per bucket cell (the fast path) and by sorting them all (the general path)
     give the same states and updates, float scores included (the same sums in the same order)."""
     monkeypatch.setattr(hotsketch, "_CELLS_MIN", 0)  # the cell path for every batch size
+    monkeypatch.setattr(hotsketch, "_CELLS_MAX_PER_BUCKET", float("inf"))
     ids = zipf_stream(60_000, 20_000, 1.05, seed=5)
     gen = torch.Generator().manual_seed(6)
     cells, sorted_ = HotSketch(buckets, 32, 4.0), HotSketch(buckets, 32, 4.0)
