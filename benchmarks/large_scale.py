@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from embcompress.cli import skew_arg
 from common import REPO, add_threads_arg, apply_threads, current_rss_bytes, emit, log, peak_rss_bytes
 
 CONFIGS = "full:1,cafe:1000,cafe:10000"
@@ -48,19 +49,20 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(out), flush=True)
 
 
-def ensure_data(path: Path, rows: int, seed: int) -> float:
+def ensure_data(path: Path, rows: int, seed: int, skew: float | str = 1.1) -> float:
     """Generate and save the data unless ``path`` already holds it; returns the seconds spent."""
     meta = path / "meta.json"
     if meta.is_file():
         m = json.loads(meta.read_text())
-        if m.get("rows") == rows and m.get("options", {}).get("scale") == 1.0 and m["options"].get("seed") == seed:
+        opts = m.get("options", {})
+        if m.get("rows") == rows and opts.get("scale") == 1.0 and opts.get("seed") == seed and opts.get("skew", 1.1) == skew:
             log(f"reusing {path}")
             return 0.0
     from embcompress.data import make_synthetic, save_dataset
 
-    log(f"generating {rows:,} rows over the full Kaggle id space into {path} ...")
+    log(f"generating {rows:,} rows over the full Kaggle id space (skew {skew}) into {path} ...")
     start = time.perf_counter()
-    save_dataset(make_synthetic(rows=rows, scale=1.0, seed=seed), path)
+    save_dataset(make_synthetic(rows=rows, scale=1.0, seed=seed, skew=skew), path)
     return time.perf_counter() - start
 
 
@@ -74,6 +76,8 @@ def main() -> None:
     ap.add_argument("--configs", default=CONFIGS, help=f"METHOD:RATIO,... (default {CONFIGS})")
     ap.add_argument("--data-dir", default=str(REPO / "bench-out" / "large-data"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skew", type=skew_arg, default=1.1,
+                    help="the generator's Zipf exponent, or criteo-sample (per-field, fitted to the real sample)")
     ap.add_argument("--limit-gb", type=float, default=24.0)
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: METHOD:RATIO to run in this process
     add_threads_arg(ap)
@@ -83,7 +87,7 @@ def main() -> None:
         return
     apply_threads(args)
 
-    gen_seconds = ensure_data(Path(args.data_dir), args.rows, args.seed)
+    gen_seconds = ensure_data(Path(args.data_dir), args.rows, args.seed, args.skew)
     results = []
     for conf in args.configs.split(","):
         cmd = [sys.executable, __file__, "--child", conf, "--data-dir", args.data_dir,

@@ -55,7 +55,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rows", type=int, help="synthetic: number of rows")
     g.add_argument("--fields", type=int, help="synthetic: number of categorical fields (<= 26)")
     g.add_argument("--scale", type=float, help="synthetic: Criteo Kaggle cardinalities times this")
-    g.add_argument("--skew", type=float, help="synthetic: Zipf exponent of the ids")
+    g.add_argument("--skew", type=skew_arg,
+                   help="synthetic: Zipf exponent of the ids, or criteo-sample (per-field exponents fitted to the real sample)")
     g.add_argument("--drift", type=float, help="synthetic: popularity drift over time, 0..1")
     g.add_argument("--data-seed", type=int, help="synthetic: generator seed (default: --seed)")
     g.add_argument("--label", help="csv: label column")
@@ -67,6 +68,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", help="where criteo:/csv: data is preprocessed to (default: a temporary directory)")
     g.add_argument("--split", choices=["time", "random"], default="time",
                    help="time: last 1/7 of the rows is the test set (default); random: a seeded random 1/7")
+
+
+def skew_arg(text: str) -> float | str:
+    """--skew: a number, or the name of a per-field preset of the synthetic generator."""
+    from .data.synthetic import SKEW_PRESETS
+    try:
+        return float(text)
+    except ValueError:
+        if text in SKEW_PRESETS:
+            return text
+        raise argparse.ArgumentTypeError(f"a number or one of {sorted(SKEW_PRESETS)}, got {text!r}") from None
 
 
 def data_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--fields", type=int)
     p.add_argument("--scale", type=float)
-    p.add_argument("--skew", type=float)
+    p.add_argument("--skew", type=skew_arg, help="Zipf exponent, or criteo-sample")
     p.add_argument("--drift", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)

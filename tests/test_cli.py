@@ -46,3 +46,15 @@ def test_user_errors_are_one_line_and_nonzero(args, message, capsys):
 def test_parse_options():
     assert parse_options(["threshold=500", "hash_rate=0.3", "importance=frequency", "shapes=[2,3]"]) == {
         "threshold": 500, "hash_rate": 0.3, "importance": "frequency", "shapes": [2, 3]}
+
+
+def test_skew_takes_a_number_or_a_preset(capsys):
+    from embcompress.cli import build_parser, data_options
+
+    parser = build_parser()
+    for text, value in (("1.3", 1.3), ("criteo-sample", "criteo-sample")):
+        args = parser.parse_args(["train", "--method", "full", "--skew", text])
+        assert data_options(args)["skew"] == value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--method", "full", "--skew", "steep"])
+    assert "criteo-sample" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -78,11 +79,46 @@ def _value_params(seed: int, f: int, ids: np.ndarray) -> tuple[np.ndarray, np.nd
     return w, v
 
 
+# Per-field Zipf exponents fitted to the real Criteo Kaggle sample (../shared/data, 9,999 rows) by
+# ``benchmarks/field_skew.py --fit``: for each field, the exponent whose 9,999 synthetic draws at the Kaggle
+# cardinality come closest to the sample's shares of lookups taken by the 1, 10 and 100 most frequent
+# values. The real mid-size fields (100-3,000 values) are far more concentrated than one exponent of 1.1
+# makes them, and the large ones less (benchmarks/README.md, "field_skew.py").
+CRITEO_SAMPLE_SKEW: list[float] = [
+    2.01, 1.08, 1.03, 1.07, 2.5, 2.04, 0.81, 2.29, 2.5, 1.12, 0.84, 1.03, 0.85,
+    1.51, 0.95, 1.04, 1.55, 0.99, 1.51, 0.65, 1.04, 1.98, 1.7, 1.16, 1.59, 1.07,
+]  # fmt: skip
+SKEW_PRESETS: dict[str, list[float]] = {"criteo-sample": CRITEO_SAMPLE_SKEW}
+
+Skew = Union[float, str, Sequence[float]]
+
+
+def resolve_skews(fields: int, skew: Skew) -> list[float]:
+    """One Zipf exponent per field from ``skew``: a number (every field), a preset name of
+    :data:`SKEW_PRESETS` (26 values, cycled past 26 fields like the cardinalities) or one value per field."""
+    if isinstance(skew, str) and skew in SKEW_PRESETS:
+        preset = SKEW_PRESETS[skew]
+        skews = [float(preset[f % len(preset)]) for f in range(fields)]
+    elif isinstance(skew, (str, int, float)):
+        try:
+            skews = [float(skew)] * fields
+        except ValueError:
+            raise ValueError(f"skew must be a number, one per field or one of {sorted(SKEW_PRESETS)}; "
+                             f"got {skew!r}") from None
+    else:
+        skews = [float(x) for x in skew]
+        if len(skews) != fields:
+            raise ValueError(f"skew has {len(skews)} values for {fields} fields")
+    if not all(x > 0 for x in skews):
+        raise ValueError(f"skew must be positive, got {skew}")
+    return skews
+
+
 @dataclass
 class SyntheticSpec:
     rows: int
     cardinalities: list[int]
-    skew: float
+    skew: list[float]  # per field
     drift: float
     seed: int
     dense: int
@@ -168,7 +204,7 @@ def generate_block(model: _HiddenModel, block: int) -> dict[str, np.ndarray]:
     vsum = np.zeros((B, k), dtype=np.float32)
     vsq = np.zeros(B, dtype=np.float32)
     for f, n in enumerate(spec.cardinalities):
-        r = _zipf_ranks(rng, n, spec.skew, B)
+        r = _zipf_ranks(rng, n, spec.skew[f], B)
         # Drift: a row in stage s uses stage s's bijection with probability `drift`, else stage 0's.
         use_stage = np.where(rng.random(B) < spec.drift, stage, 0) if spec.drift > 0 else 0
         off = model.offsets[use_stage, f]
@@ -204,16 +240,15 @@ def dense_transform(raw: np.ndarray, missing: np.ndarray | None = None) -> np.nd
     return x
 
 
-def _spec(rows: int, fields: int, scale: float, skew: float, drift: float, seed: int, dense: int,
+def _spec(rows: int, fields: int, scale: float, skew: Skew, drift: float, seed: int, dense: int,
           cardinalities: list[int] | None, drift_stages: int = NUM_STAGES) -> SyntheticSpec:  # fmt: skip
     if not 0.0 <= drift <= 1.0:
         raise ValueError(f"drift must be in [0, 1], got {drift}")
     if not 1 <= int(drift_stages) <= NUM_STAGES:
         raise ValueError(f"drift_stages must be in [1, {NUM_STAGES}], got {drift_stages}")
-    if skew <= 0:
-        raise ValueError(f"skew must be positive, got {skew}")
     cards = resolve_cardinalities(fields, scale, cardinalities)
-    return SyntheticSpec(rows=int(rows), cardinalities=cards, skew=skew, drift=drift, seed=seed, dense=dense,
+    skews = resolve_skews(len(cards), skew)
+    return SyntheticSpec(rows=int(rows), cardinalities=cards, skew=skews, drift=drift, seed=seed, dense=dense,
                          drift_stages=int(drift_stages))
 
 
@@ -221,7 +256,7 @@ def make_synthetic(
     rows: int = 200_000,
     fields: int = 26,
     scale: float = 0.01,
-    skew: float = 1.1,
+    skew: Skew = 1.1,
     drift: float = 0.0,
     seed: int = 0,
     dense: int = 13,
@@ -284,7 +319,7 @@ def write_synthetic_tsv(
     rows: int,
     fields: int = 26,
     scale: float = 0.01,
-    skew: float = 1.1,
+    skew: Skew = 1.1,
     drift: float = 0.0,
     seed: int = 0,
     dense: int = 13,
