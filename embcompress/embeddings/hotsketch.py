@@ -65,13 +65,18 @@ are slow (~1 ms: below 32768 elements torch does not use its radix sort), so:
 - newcomers are not sorted: most buckets receive one distinct newcomer, which a scatter of the smallest
   and largest id per bucket finds; only buckets with several go through ``torch.unique`` and a sort
   (:meth:`HotSketch._newcomers_by_bucket`), and the slot each newcomer takes comes from counting
-  comparisons between the c slots rather than a per-bucket sort (:func:`pick_ranked`);
+  comparisons between the c slots rather than a per-bucket sort (:func:`pick_ranked`). A step with few
+  ids is the other way round: each op then costs its fixed few microseconds, so below 1,024 newcomers
+  the slots come from a sort of the c × m candidates, and when the newcomers outnumber the buckets (a
+  small sketch, as CAFE's at 10,000×) they go straight to the sort that the cells would end in;
 - the promotion scans the sketch once per insert (entries at T and not hot) and the free-row list only
   up to the rows it needs.
 At batches of 4096×26 ids and 65,536 buckets (``benchmarks/hotsketch.py --skip-recall --baseline
 FILE``: passes of the old and the new version alternate in one process), on a quiet machine (load
 0.3-0.7), this did 15.8M / 16.9M / 19.8M ids/s at Zipf 1.05 / 1.1 / 1.3 on 1 thread and 17.5-18.3M /
 17.2-17.9M / 21.9-25.5M on 2 threads: 1.2-1.55× the sorting version (commit bb67e12) in the same runs.
+On a later day the same code did 20.5-22.2M / 21.5-24.2M / 28.6-29.1M on 2 threads (three runs): this
+machine's speed drifts by 20-25%, so compare versions only within one run.
 Two threads gain little because each op works on ~100k elements. The same states result (same float
 sums in the same order). What remains: hash and slot search ~30% of a batch, newcomers ~40%, query ~12%,
 promotion scan ~12%. At 3,328 ids a batch it is ~1.4× with 65,536 buckets and ~1.07× with 8,192 and a
