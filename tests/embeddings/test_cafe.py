@@ -64,6 +64,24 @@ def test_memory_counts_every_buffer(method, ratio):
         assert int(t.rows2.sum()) > 0 and t.num_hash_rows == int(t.rows.sum() + t.rows2.sum())
 
 
+@pytest.mark.parametrize("ratio", [10, 1000])
+def test_cafe_ml_second_table_from_the_hash_rows_or_from_the_hot_rows(ratio):
+    cafe = table("cafe", ratio)
+    from_hash, from_hot = table("cafe-ml", ratio), table("cafe-ml", ratio, medium_source="hot")
+    budget = ec.full_table_bytes(FIELDS, DIM) / ratio
+    for t in (from_hash, from_hot):
+        assert 0.9 * budget <= t.memory_bytes() <= budget and int(t.rows2.sum()) > 0
+    # "hash": both tables share cafe's hash rows; "hot": the first table is cafe's, the hot rows pay
+    assert from_hash.num_hash_rows == pytest.approx(cafe.num_hash_rows, abs=2)
+    # (cafe-ml's few more fixed bytes can cost the first table a row)
+    assert (from_hot.rows - cafe.rows).abs().max() <= 1 and from_hot.num_hot_rows < cafe.num_hot_rows
+    second = int(from_hot.rows2.sum()) * DIM * 4
+    hot_bytes = budget - cafe.num_hash_rows * DIM * 4
+    assert second == pytest.approx(0.3 * hot_bytes, abs=DIM * 4 * len(FIELDS))  # whole rows per field
+    with pytest.raises(ValueError, match="medium_source"):
+        table("cafe-ml", ratio, medium_source="cold")
+
+
 def test_small_fields_stay_whole_and_are_never_sketched():
     t = table(ratio=100, threshold=1.0, importance="frequency")
     assert t.rows[:2].tolist() == [4, 50] and (t.rows[2:] < torch.tensor(FIELDS[2:])).all()
