@@ -29,7 +29,8 @@ import numpy as np
 
 from common import emit, log  # type: ignore[import-not-found]
 from embcompress.data import make_synthetic
-from embcompress.data.synthetic import KAGGLE_CARDINALITIES, SKEW_PRESETS, _zipf_ranks
+from embcompress.cli import skew_arg
+from embcompress.data.synthetic import KAGGLE_CARDINALITIES, _zipf_ranks
 
 FIELDS = 26
 GROUPS = {"small (<= 30 values)": (0, 30), "mid (31-3,000)": (31, 3000), "large (> 3,000)": (3001, 10**12)}
@@ -64,7 +65,7 @@ def fit_exponent(real: dict[str, float], cardinality: int, rows: int, seeds: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", default="../shared/data/criteo_kaggle_sample_10k.tsv")
-    ap.add_argument("--skew", default="1.1", help="the generator's Zipf exponent, or a preset (criteo-sample)")
+    ap.add_argument("--skew", type=skew_arg, default=1.1, help="the generator's Zipf exponent, or criteo-sample")
     ap.add_argument("--fit", action="store_true", help="fit one exponent per field to the sample (see above)")
     ap.add_argument("--fit-seeds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
@@ -79,8 +80,7 @@ def main() -> None:
             log(f"C{f + 1}: exponent {fitted[-1]:.2f}")
         emit({"benchmark": "field_skew", "settings": vars(args), "rows": len(rows), "fitted_skew": fitted})
         return
-    skew = args.skew if args.skew in SKEW_PRESETS else float(args.skew)
-    synth = make_synthetic(rows=len(rows), scale=1.0, skew=skew, seed=args.seed).sparse
+    synth = make_synthetic(rows=len(rows), scale=1.0, skew=args.skew, seed=args.seed).sparse
     per_field = []
     for f in range(FIELDS):
         entry = {"field": f"C{f + 1}", "cardinality": KAGGLE_CARDINALITIES[f],

@@ -397,7 +397,7 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             self._replace(freed, admitted, new_keys[_locate(new_ids, admitted)[0]])
         back = torch.cat(back_ids)
         if len(back):
-            previous = self.codes[back] if self.write_back == "keep-grid" else None
+            previous = self.codes.index_select(0, back) if self.write_back == "keep-grid" else None
             self.codes[back] = quantize_rows(torch.cat(back_rows), self.bits, stochastic=True, previous=previous)
             stays_out = back_ids[-1]
             for key, (_, v) in states.items():

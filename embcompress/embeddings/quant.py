@@ -42,10 +42,10 @@ def _round_half(x: Tensor, up: bool) -> Tensor:
     return torch.where(wrong, torch.nextafter(h, inf), h)
 
 
-def _scale_bias(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Per-row (scale, bias) as float32 tensors (n,), already rounded to their stored precision."""
+def _scale_bias(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-row (scale, bias) for rows with minima ``lo`` and maxima ``hi``, as float32 tensors (n,),
+    already rounded to their stored precision."""
     levels = (1 << bits) - 1
-    lo, hi = torch.aminmax(x, dim=1)
     if bits == 8:
         return (hi - lo) / levels, lo
     bias = _round_half(lo, up=False)
@@ -95,10 +95,11 @@ def quantize_rows(x: Tensor, bits: int, stochastic: bool = False,
     n, d = x.shape
     if n == 0:
         return torch.empty(0, row_bytes(bits, d), dtype=torch.uint8, device=x.device)
-    scale, bias = _scale_bias(x, bits)
+    lo, hi = torch.aminmax(x, dim=1)
+    scale, bias = _scale_bias(lo, hi, bits)
     if previous is not None:
         old_scale, old_bias = scale_bias_of(previous, bits, d)
-        keep = grid_kept(x, old_scale, old_bias, bits)
+        keep = grid_kept(lo, hi, old_scale, old_bias, bits)
         scale, bias = torch.where(keep, old_scale, scale), torch.where(keep, old_bias, bias)
     codes = _codes(x, scale, bias, bits, stochastic, generator)
     if bits == 8:
@@ -108,8 +109,9 @@ def quantize_rows(x: Tensor, bits: int, stochastic: bool = False,
     return torch.cat([pack_int4(codes), tail], dim=1)
 
 
-def grid_kept(x: Tensor, scale: Tensor, bias: Tensor, bits: int) -> Tensor:
-    """(n,) bool: rows of x that lie inside the grid (scale, bias) and span at least half of it.
+def grid_kept(lo: Tensor, hi: Tensor, scale: Tensor, bias: Tensor, bits: int) -> Tensor:
+    """(n,) bool: rows (minima ``lo``, maxima ``hi``) that lie inside the grid (scale, bias) and span at
+    least half of it.
 
     Why a write-back keeps the grid: requantising a row on a fresh grid moves every element off its old
     code, and stochastic rounding then adds a variance of frac·(1 - frac)·scale² per element (scale²/6 on
@@ -119,7 +121,6 @@ def grid_kept(x: Tensor, scale: Tensor, bias: Tensor, bits: int) -> Tensor:
     <= |u|·scale, which vanishes with the update.
     """
     levels = (1 << bits) - 1
-    lo, hi = torch.aminmax(x, dim=1)
     top = bias + levels * scale
     return (lo >= bias) & (hi <= top) & (scale > 0) & (2 * (hi - lo) >= top - bias)
 
