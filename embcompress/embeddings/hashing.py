@@ -1,9 +1,14 @@
 """``hash``: the hashing trick. Each large field's ids share that field's rows by a 64-bit hash.
 
-Field f gets ``rows[f]`` rows (see :func:`~embcompress.embeddings.ops.allocate_rows`): a field with at
+Field f gets ``rows[f]`` rows (see :func:`~embcompress.embeddings.ops.allocate`): a field with at
 least as many rows as values keeps one row per value; otherwise local id ``i`` is served by row
 ``hash64(i, seed) % rows[f]``, with :func:`~embcompress.embeddings.ops.hash64` the SplitMix64 finaliser,
 so sequential ids spread evenly and no two fields share a row.
+
+The option ``allocation`` chooses how the budget's rows are split among fields: "capped" (the default, the
+DLRM reference's ``--max-ind-range`` rule: small fields whole, the largest fields give up rows first) or
+"proportional" (the CAFE artifact's hashing baseline: every field above a few dozen values compressed by
+the same ratio, so mid-size fields keep only a row or two at 1,000× and above).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
-from .ops import allocate_rows, field_of, field_starts, hash_into
+from .ops import allocate, field_of, field_starts, hash_into
 from .registry import register
 
 _BUFFERS_PER_FIELD = 4  # field start, field size, rows, row base: int64 each
@@ -53,5 +58,7 @@ class HashEmbeddingBag(IndexedEmbeddingBag):
     @classmethod
     def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
                           **options: Any) -> "HashEmbeddingBag":
+        opts = dict(options)
+        rule = opts.pop("allocation", "capped")
         total = (budget_bytes - cls._overhead(field_sizes)) // (embedding_dim * FLOAT_BYTES)
-        return cls(field_sizes, embedding_dim, allocate_rows(field_sizes, total), **options)
+        return cls(field_sizes, embedding_dim, allocate(field_sizes, total, rule), **opts)

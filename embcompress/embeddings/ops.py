@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -96,3 +97,55 @@ def allocate_rows(field_sizes: Sequence[int], total_rows: int, min_rows: Sequenc
             rows[f] += 1
             left -= 1
     return rows
+
+
+def whole_field_max(total_rows: int, field_sizes: Sequence[int]) -> float:
+    """Largest field the CAFE artifact leaves uncompressed at the ratio ``total_rows / sum(field_sizes)``:
+    ``400 / (1 - log2(ratio))``, i.e. 28 values at 10,000×, 37 at 1,000×, 54 at 100×."""
+    ratio = min(1.0, total_rows / max(1, sum(int(n) for n in field_sizes)))
+    return 400.0 / (1.0 - math.log2(ratio))
+
+
+def allocate_rows_proportional(field_sizes: Sequence[int], total_rows: int) -> list[int]:
+    """Split ``total_rows`` the way the CAFE artifact's hashing baseline does: fields up to
+    :func:`whole_field_max` values stay whole, and every other field is compressed by the same ratio
+    (``max(1, floor(c * n_f))`` rows, ``c`` the largest that fits), so a field of 2,000 values gets a
+    fifth of a row's worth at 10,000× (one row). Rows left over go one each to the largest fields.
+    Compare :func:`allocate_rows`, which takes the rows from the largest fields first."""
+    sizes = [int(s) for s in field_sizes]
+    whole_max = whole_field_max(total_rows, sizes)
+    whole = [n <= whole_max for n in sizes]
+
+    def used(c: float) -> int:
+        return sum(n if w else max(1, min(n, math.floor(c * n))) for n, w in zip(sizes, whole))
+
+    if used(0.0) > total_rows:
+        raise ValueError(f"{total_rows} rows cannot keep the fields of up to {whole_max:.0f} values whole "
+                         f"and give every other field one row ({used(0.0)} in all)")
+    lo, hi = 0.0, 1.0
+    for _ in range(64):  # largest c with used(c) <= total_rows
+        mid = (lo + hi) / 2
+        if used(mid) <= total_rows:
+            lo = mid
+        else:
+            hi = mid
+    rows = [n if w else max(1, min(n, math.floor(lo * n))) for n, w in zip(sizes, whole)]
+    left = total_rows - sum(rows)
+    for f in sorted(range(len(sizes)), key=lambda f: -sizes[f]):
+        if left <= 0:
+            break
+        if rows[f] < sizes[f]:
+            rows[f] += 1
+            left -= 1
+    return rows
+
+
+ALLOCATIONS = {"capped": allocate_rows, "proportional": allocate_rows_proportional}
+
+
+def allocate(field_sizes: Sequence[int], total_rows: int, rule: str = "capped") -> list[int]:
+    """Split ``total_rows`` among fields by ``rule``: "capped" (:func:`allocate_rows`, the default) or
+    "proportional" (:func:`allocate_rows_proportional`, the CAFE artifact's hashing baseline)."""
+    if rule not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {rule!r}")
+    return ALLOCATIONS[rule](field_sizes, total_rows)

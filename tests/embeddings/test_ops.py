@@ -1,7 +1,11 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from embcompress.embeddings.ops import allocate_rows, field_of, field_starts, hash64, hash64_reference
+import pytest
+
+from embcompress.embeddings.hashing import HashEmbeddingBag
+from embcompress.embeddings.ops import (allocate, allocate_rows, allocate_rows_proportional, field_of, field_starts,
+                                        hash64, hash64_reference, whole_field_max)
 from embcompress.embeddings.qr import QREmbeddingBag, largest_remainder, plan_field, smallest_qr
 
 
@@ -37,6 +41,57 @@ def test_allocate_rows(sizes, data):
     cap = max(r for r, n in zip(rows, sizes) if r < n) if any(r < n for r, n in zip(rows, sizes)) else None
     if cap is not None:
         assert all(r == n for r, n in zip(rows, sizes) if n < cap - 1)
+
+
+@given(st.lists(st.integers(1, 100_000), min_size=1, max_size=12), st.data())
+@settings(max_examples=80, deadline=None)
+def test_allocate_rows_proportional(sizes, data):
+    whole = [n for n in sizes if n <= whole_field_max(sum(sizes), sizes)]
+    need = sum(whole) + len(sizes) - len(whole)
+    if need > sum(sizes):
+        return
+    total = data.draw(st.integers(need, sum(sizes)))
+    rows = allocate_rows_proportional(sizes, total)
+    assert sum(rows) == total
+    assert all(1 <= r <= n for r, n in zip(rows, sizes))
+    small = whole_field_max(total, sizes)
+    assert all(r == n for r, n in zip(rows, sizes) if n <= small)
+    # one ratio for every compressed field: a larger field never gets fewer rows, and each field's rows are
+    # within one (the floor) plus one (a leftover) of its share
+    big = [(n, r) for n, r in zip(sizes, rows) if n > small]
+    for (n1, r1) in big:
+        for (n2, r2) in big:
+            if n1 >= n2:
+                assert r1 >= r2 - 1
+
+
+def test_proportional_is_the_cafe_artifacts_baseline():
+    kaggle = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+              27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+    total = sum(kaggle) // 10_000
+    rows = allocate_rows_proportional(kaggle, total)
+    assert sum(rows) == total
+    assert round(whole_field_max(total, kaggle)) == 28
+    assert rows[kaggle.index(24)] == 24 and rows[kaggle.index(2173)] == 1  # whole / one row
+    assert abs(rows[2] / kaggle[2] - rows[3] / kaggle[3]) < 2e-6  # the same ratio for large fields
+    capped = allocate_rows(kaggle, total)
+    assert capped[kaggle.index(2173)] > 100  # the default keeps far more rows for mid-size fields
+    with pytest.raises(ValueError, match="whole"):
+        allocate_rows_proportional(kaggle, 40)
+    with pytest.raises(ValueError, match="allocation"):
+        allocate(kaggle, total, "uniform")
+
+
+def test_hash_allocation_option():
+    sizes = [10, 5000, 200_000]
+    budget = 2000 * 4 * 4
+    default = HashEmbeddingBag.from_budget_bytes(sizes, 4, budget)
+    prop = HashEmbeddingBag.from_budget_bytes(sizes, 4, budget, allocation="proportional")
+    assert default.rows.tolist() == allocate_rows(sizes, default.rows.sum().item())
+    assert prop.rows.tolist() == allocate_rows_proportional(sizes, prop.rows.sum().item())
+    assert prop.rows.sum() == default.rows.sum() and prop.rows.tolist() != default.rows.tolist()
+    with pytest.raises(ValueError, match="allocation"):
+        HashEmbeddingBag.from_budget_bytes(sizes, 4, budget, allocation="even")
 
 
 @given(st.integers(1, 10**7), st.integers(2, 10**5))
