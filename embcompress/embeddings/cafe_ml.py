@@ -8,7 +8,9 @@ Three tiers, decided by the HotSketch score of a feature:
 Only medium features touch the second table, so its rows are shared by far fewer features than the first
 table's. ``medium_rate`` of the hash bytes go to the second table (hashed fields only; small fields stay
 whole in the first); with ``medium_source="hot"`` the first table is cafe's and the second takes
-``medium_rate`` of the hot rows' bytes instead. At 10,000× on Criteo Kaggle's id space the hash budget is a
+``medium_rate`` of the hot rows' bytes instead; with ``medium_source="shared"`` there is no second table:
+the first table is cafe's, and a medium feature's second row is another row of its own field's table,
+chosen by the independent hash (no bytes move, so the table costs what cafe's does). At 10,000× on Criteo Kaggle's id space the hash budget is a
 tenth of 216 KB, and splitting it left the cold tier fewer rows than cafe's: "hot" then did better
 (0.7293 against 0.7222 on the default generator, 0.7150 against 0.7140 on ``--skew criteo-sample``; cafe
 0.7291 and 0.7160), but worse at 1,000× on the 1M-row sweep (0.7096 against 0.7120; cafe 0.7109) and
@@ -39,20 +41,27 @@ _SECOND_SEED_OFFSET = 0x51  # the second table's hash seed is seed + this
 @register("cafe-ml")
 class CafeMLEmbeddingBag(CafeEmbeddingBag):
     """Options of ``cafe`` plus ``medium_fraction`` (0.2), ``medium_rate`` (0.3) and ``medium_source``
-    ("hash": the second table's rows come out of the hash rows; "hot": out of the hot rows)."""
+    ("hash": the second table's rows come out of the hash rows; "hot": out of the hot rows; "shared": the
+    second row is drawn from the first table, ``second_in_first=True``)."""
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  second_rows_per_field: Sequence[int], num_hot_rows: int, threshold: float,
-                 medium_fraction: float = 0.2, **options: Any) -> None:
+                 medium_fraction: float = 0.2, second_in_first: bool = False, **options: Any) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
         rows2 = [int(r) if r_ < int(n) else 0 for r, r_, n in zip(second_rows_per_field, rows, field_sizes)]
+        if second_in_first and any(rows2):
+            raise ValueError("second_in_first draws the second row from the first table: second rows must be 0")
         super().__init__(field_sizes, embedding_dim, rows, num_hot_rows, threshold,
                          extra_rows=sum(rows2), **options)
         if not 0 < medium_fraction <= 1:
             raise ValueError(f"medium_fraction must be in (0, 1], got {medium_fraction}")
         self.medium_fraction = float(medium_fraction)
+        self.second_in_first = bool(second_in_first)
         self.register_buffer("rows2", torch.tensor(rows2, dtype=torch.int64))
         self.register_buffer("row2_base", field_starts(rows2) + sum(rows))
+        # Fields whose features can be medium: those with a second row to add.
+        has_second = self.field_hashed.clone() if self.second_in_first else self.rows2 > 0
+        self.register_buffer("has_second", has_second, persistent=False)
         # Second-table rows start small so a feature entering the medium tier keeps roughly its embedding.
         uniform_rows_(self.weight[sum(rows): self.num_hash_rows], [r for r in rows2 if r > 0])
         with torch.no_grad():
@@ -61,11 +70,14 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
     def second_row(self, ids: Tensor, field: Tensor) -> Tensor:
         """Row of the second hash table for each id (meaningless for whole fields, which have none)."""
         local = ids - self.starts[field]
-        return self.row2_base[field] + hash64(local, self.seed + _SECOND_SEED_OFFSET) % self.rows2[field].clamp(min=1)
+        h = hash64(local, self.seed + _SECOND_SEED_OFFSET)
+        if self.second_in_first:
+            return self.row_base[field] + h % self.rows[field]
+        return self.row2_base[field] + h % self.rows2[field].clamp(min=1)
 
     def _medium(self, rows: Tensor, score: Tensor, field: Tensor) -> Tensor:
         threshold = self.medium_fraction * self.sketch.threshold
-        return (score >= threshold) & (rows < self.num_hash_rows) & (self.rows2[field] > 0)
+        return (score >= threshold) & (rows < self.num_hash_rows) & self.has_second[field]
 
     def _rows_of(self, ids: Tensor, rows: Tensor, score: Tensor, field: Tensor) -> Tensor:
         emb = F.embedding(rows, self.weight, sparse=self.sparse)  # (n, D)
@@ -88,8 +100,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
     def cold_embedding(self, ids: Tensor) -> Tensor:
         field = torch.bucketize(ids, self.starts[1:], right=True)
         emb = self.weight[self.hashed_row(ids, field)]
-        has_second = self.rows2[field] > 0
-        return emb + torch.where(has_second[:, None], self.weight[self.second_row(ids, field)], 0.0)
+        return emb + torch.where(self.has_second[field][:, None], self.weight[self.second_row(ids, field)], 0.0)
 
     # ------------------------------------------------------------------ budget
     @classmethod
@@ -102,21 +113,24 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
         opts = dict(options)
         medium_rate = float(opts.pop("medium_rate", 0.3))
         source = opts.pop("medium_source", "hash")
-        if source not in ("hash", "hot"):
-            raise ValueError(f"medium_source must be 'hash' or 'hot', got {source!r}")
+        if source not in ("hash", "hot", "shared"):
+            raise ValueError(f"medium_source must be 'hash', 'hot' or 'shared', got {source!r}")
         hash_rows, hot_rows, opts = cls._plan(field_sizes, embedding_dim, budget_bytes, opts)
         sizes = [int(n) for n in field_sizes]
         if source == "hash":  # the second table takes medium_rate of the hash rows
             first = max(len(sizes), int(round(hash_rows * (1 - medium_rate))))
             rows = allocate_rows(sizes, first)
             second_total = hash_rows - sum(rows)
+        elif source == "shared":  # cafe's table, the second row drawn from it
+            rows = allocate_rows(sizes, hash_rows)
+            second_total = 0
         else:  # the first table is cafe's; the second takes medium_rate of the hot rows' bytes
             rows = allocate_rows(sizes, hash_rows)
             hot_bytes = budget_bytes - cls._fixed_bytes(field_sizes) - sum(rows) * embedding_dim * FLOAT_BYTES
             second_total = int(medium_rate * hot_bytes) // (embedding_dim * FLOAT_BYTES)
         hashed = [f for f, (r, n) in enumerate(zip(rows, sizes)) if r < n]
         rows2 = [0] * len(sizes)
-        if hashed and second_total >= len(hashed):
+        if hashed and second_total >= len(hashed) and source != "shared":
             for f, r in zip(hashed, allocate_rows([sizes[f] for f in hashed], second_total)):
                 rows2[f] = r
         elif source == "hash":  # nothing to hash twice, or too few rows: give them back to the first table
@@ -124,7 +138,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
         leftover = budget_bytes - cls._fixed_bytes(field_sizes) - (sum(rows) + sum(rows2)) * embedding_dim * FLOAT_BYTES
         hot_rows = max(1, int(leftover // cls._hot_row_bytes(embedding_dim, opts.get("slots", 4),
                                                               opts.get("buckets_per_row", 1.0))))
-        table = cls(field_sizes, embedding_dim, rows, rows2, hot_rows, **opts)
+        table = cls(field_sizes, embedding_dim, rows, rows2, hot_rows, second_in_first=source == "shared", **opts)
         log.info("cafe-ml: %d + %d hash rows, %d hot rows, T=%g, %d bytes", sum(rows), sum(rows2), hot_rows,
                  table.sketch.threshold, table.memory_bytes())
         return table

@@ -80,6 +80,9 @@ def test_cafe_ml_second_table_from_the_hash_rows_or_from_the_hot_rows(ratio):
     assert second == pytest.approx(0.3 * hot_bytes, abs=DIM * 4 * len(FIELDS))  # whole rows per field
     with pytest.raises(ValueError, match="medium_source"):
         table("cafe-ml", ratio, medium_source="cold")
+    shared = table("cafe-ml", ratio, medium_source="shared")  # no second table: cafe's rows, cafe's bytes
+    assert int(shared.rows2.sum()) == 0 and (shared.rows - cafe.rows).abs().max() <= 1
+    assert abs(shared.num_hot_rows - cafe.num_hot_rows) <= 1
 
 
 def test_small_fields_stay_whole_and_are_never_sketched():
@@ -144,8 +147,10 @@ def test_promotion_copies_the_served_row_and_demotion_returns_to_it(method):
     torch.testing.assert_close(t(ids), expected)
 
 
-def test_cafe_ml_tiers():
-    t = table("cafe-ml", ratio=10, threshold=10.0, importance="frequency", medium_fraction=0.3)
+@pytest.mark.parametrize("source", ["hash", "shared"])
+def test_cafe_ml_tiers(source):
+    t = table("cafe-ml", ratio=10, threshold=10.0, importance="frequency", medium_fraction=0.3,
+              medium_source=source)
     cold, medium = torch.tensor([70]), torch.tensor([30_000])
     step(t, medium.repeat(4).reshape(-1, 1))  # score 4 >= 0.3 * 10: medium
     t.eval()
@@ -153,7 +158,14 @@ def test_cafe_ml_tiers():
     torch.testing.assert_close(t(medium.reshape(1, 1)), t.weight[t.hashed_row(medium)] +
                                t.weight[t.second_row(medium, f)])
     torch.testing.assert_close(t(cold.reshape(1, 1)), t.weight[t.hashed_row(cold)])
-    assert t.second_row(medium, f).item() >= int(t.rows.sum())  # the second table is its own rows
+    second = t.second_row(medium, f).item()
+    if source == "hash":
+        assert second >= int(t.rows.sum())  # the second table is its own rows
+    else:  # another row of the medium feature's own field, by an independent hash
+        assert int(t.row_base[3]) <= second < int(t.row_base[3] + t.rows[3])
+        ids = torch.arange(54 + 20_000, 54 + 20_000 + 5_000)
+        field = torch.full_like(ids, 3)
+        assert (t.second_row(ids, field) != t.hashed_row(ids, field)).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
