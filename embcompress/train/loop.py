@@ -442,7 +442,9 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
     full = full_table_bytes(table.field_sizes, table.embedding_dim)
     summary: dict[str, Any] = {
         "method": cfg.method,
+        "method_options": dict(cfg.method_options),
         "model": cfg.model,
+        "model_options": dict(cfg.model_options),
         "data": cfg.data,
         "compression_target": cfg.compression if cfg.compression is not None else (
             full / cfg.budget_bytes if cfg.budget_bytes else 1.0),

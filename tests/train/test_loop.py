@@ -12,8 +12,9 @@ from embcompress.train.loop import build_model, build_optimizers
 
 def test_run_writes_run_directory_and_summary(tmp_path, small_synthetic):
     cfg = TrainConfig(method="hash", compression=10, batch_size=512, progress=False, out=str(tmp_path / "run"),
-                      log_every=10)
+                      log_every=10, method_options={"allocation": "proportional"})
     s = run_training(cfg, dataset=small_synthetic)
+    assert s["method_options"] == {"allocation": "proportional"}  # a result says which variant it measured
     for key in ("method", "compression_target", "compression_actual", "embedding_bytes", "full_embedding_bytes",
                 "test_auc", "test_logloss", "train_samples_per_s", "eval_samples_per_s", "rows_train",
                 "rows_test", "epochs"):
