@@ -140,6 +140,22 @@ def allocate_rows_proportional(field_sizes: Sequence[int], total_rows: int) -> l
     return rows
 
 
+def min_rows(field_sizes: Sequence[int], rule: str = "capped") -> int:
+    """Fewest rows that ``rule`` can split among the fields: one per field for "capped"; for
+    "proportional" the fields it keeps whole plus one row per other field, which itself depends on the
+    total (the least fixed point, reached by iterating from one row per field)."""
+    sizes = [int(n) for n in field_sizes]
+    if rule == "capped":
+        return len(sizes)
+    total = len(sizes)
+    while True:
+        whole_max = whole_field_max(total, sizes)
+        need = sum(n if n <= whole_max else 1 for n in sizes)
+        if need <= total:
+            return total
+        total = need
+
+
 ALLOCATIONS = {"capped": allocate_rows, "proportional": allocate_rows_proportional}
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from embcompress.embeddings.hashing import HashEmbeddingBag
 from embcompress.embeddings.ops import (allocate, allocate_rows, allocate_rows_proportional, field_of, field_starts,
-                                        hash64, hash64_reference, whole_field_max)
+                                        hash64, hash64_reference, min_rows, whole_field_max)
 from embcompress.embeddings.qr import QREmbeddingBag, largest_remainder, plan_field, smallest_qr
 
 
@@ -82,6 +82,19 @@ def test_proportional_is_the_cafe_artifacts_baseline():
         allocate(kaggle, total, "uniform")
 
 
+@given(st.lists(st.integers(1, 100_000), min_size=1, max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_min_rows_is_the_fewest_each_rule_can_split(sizes):
+    for rule in ("capped", "proportional"):
+        fewest = min_rows(sizes, rule)
+        if fewest > sum(sizes):
+            continue
+        assert sum(allocate(sizes, fewest, rule)) == fewest
+        if fewest > 1:
+            with pytest.raises(ValueError):
+                allocate(sizes, fewest - 1, rule)
+
+
 def test_hash_allocation_option():
     sizes = [10, 5000, 200_000]
     budget = 2000 * 4 * 4
@@ -92,6 +105,8 @@ def test_hash_allocation_option():
     assert prop.rows.sum() == default.rows.sum() and prop.rows.tolist() != default.rows.tolist()
     with pytest.raises(ValueError, match="allocation"):
         HashEmbeddingBag.from_budget_bytes(sizes, 4, budget, allocation="even")
+    # the smallest reachable table: every field one row (capped), small fields whole (proportional)
+    assert HashEmbeddingBag.byte_range(sizes, 4)[0] < HashEmbeddingBag.byte_range(sizes, 4, allocation="proportional")[0]
 
 
 @given(st.integers(1, 10**7), st.integers(2, 10**5))
