@@ -10,12 +10,14 @@ table's. ``medium_rate`` of the hash bytes go to the second table (hashed fields
 whole in the first); with ``medium_source="hot"`` the first table is cafe's and the second takes
 ``medium_rate`` of the hot rows' bytes instead; with ``medium_source="shared"`` there is no second table:
 the first table is cafe's, and a medium feature's second row is another row of its own field's table,
-chosen by the independent hash (no bytes move, so the table costs what cafe's does). At 10,000× on Criteo Kaggle's id space the hash budget is a
-tenth of 216 KB, and splitting it left the cold tier fewer rows than cafe's: "hot" then did better
-(0.7293 against 0.7222 on the default generator, 0.7150 against 0.7140 on ``--skew criteo-sample``; cafe
-0.7291 and 0.7160), but worse at 1,000× on the 1M-row sweep (0.7096 against 0.7120; cafe 0.7109) and
-well below cafe at 1,000× on ``criteo-sample`` (0.7309 against 0.7360), so the default stays "hash"
-(README, "CAFE against hashing at Criteo Kaggle's size"). A promoted feature's hot row starts as the sum of its two hashed rows: a feature
+chosen by the independent hash (no bytes move, so the table costs what cafe's does).
+
+None of the three matched cafe at Criteo Kaggle's size (10M rows, 10,000×: 0.7132 / 0.7140 / 0.7150 for
+"hash" / "shared" / "hot" against cafe's 0.7159 on ``--skew criteo-sample``); "hash" did match it at
+1,000× on the 1M-row sweep (0.7120 against 0.7109). The default stays "hash", the reference's layout
+(README, "CAFE against hashing at Criteo Kaggle's size").
+
+A promoted feature's hot row starts as the sum of its two hashed rows: a feature
 reaching T has almost always passed through the medium tier.
 """
 
