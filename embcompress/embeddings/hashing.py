@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
-from .ops import allocate, field_of, field_starts, hash_into, min_rows
+from .ops import allocate, fewest_rows, field_of, field_starts, hash_into
 from .registry import register
 
 _BUFFERS_PER_FIELD = 4  # field start, field size, rows, row base: int64 each
@@ -53,7 +53,7 @@ class HashEmbeddingBag(IndexedEmbeddingBag):
     @classmethod
     def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
         row = embedding_dim * FLOAT_BYTES
-        fewest = min_rows(field_sizes, options.get("allocation", "capped"))
+        fewest = fewest_rows(field_sizes, options.get("allocation", "capped"))
         return fewest * row + cls._overhead(field_sizes), sum(field_sizes) * row + cls._overhead(field_sizes)
 
     @classmethod

@@ -140,7 +140,7 @@ def allocate_rows_proportional(field_sizes: Sequence[int], total_rows: int) -> l
     return rows
 
 
-def min_rows(field_sizes: Sequence[int], rule: str = "capped") -> int:
+def fewest_rows(field_sizes: Sequence[int], rule: str = "capped") -> int:
     """Fewest rows that ``rule`` can split among the fields: one per field for "capped"; for
     "proportional" the fields it keeps whole plus one row per other field, which itself depends on the
     total (the least fixed point, reached by iterating from one row per field)."""

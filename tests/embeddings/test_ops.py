@@ -5,7 +5,7 @@ import pytest
 
 from embcompress.embeddings.hashing import HashEmbeddingBag
 from embcompress.embeddings.ops import (allocate, allocate_rows, allocate_rows_proportional, field_of, field_starts,
-                                        hash64, hash64_reference, min_rows, whole_field_max)
+                                        fewest_rows, hash64, hash64_reference, whole_field_max)
 from embcompress.embeddings.qr import QREmbeddingBag, largest_remainder, plan_field, smallest_qr
 
 
@@ -56,8 +56,8 @@ def test_allocate_rows_proportional(sizes, data):
     assert all(1 <= r <= n for r, n in zip(rows, sizes))
     small = whole_field_max(total, sizes)
     assert all(r == n for r, n in zip(rows, sizes) if n <= small)
-    # one ratio for every compressed field: a larger field never gets fewer rows, and each field's rows are
-    # within one (the floor) plus one (a leftover) of its share
+    # one ratio for every compressed field: a larger field never gets fewer rows, but for the one leftover
+    # row a smaller field may have received
     big = [(n, r) for n, r in zip(sizes, rows) if n > small]
     for (n1, r1) in big:
         for (n2, r2) in big:
@@ -84,9 +84,9 @@ def test_proportional_is_the_cafe_artifacts_baseline():
 
 @given(st.lists(st.integers(1, 100_000), min_size=1, max_size=12))
 @settings(max_examples=60, deadline=None)
-def test_min_rows_is_the_fewest_each_rule_can_split(sizes):
+def test_fewest_rows_is_the_fewest_each_rule_can_split(sizes):
     for rule in ("capped", "proportional"):
-        fewest = min_rows(sizes, rule)
+        fewest = fewest_rows(sizes, rule)
         if fewest > sum(sizes):
             continue
         assert sum(allocate(sizes, fewest, rule)) == fewest
