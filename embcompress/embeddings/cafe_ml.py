@@ -123,16 +123,15 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
             first = max(len(sizes), int(round(hash_rows * (1 - medium_rate))))
             rows = allocate_rows(sizes, first)
             second_total = hash_rows - sum(rows)
-        elif source == "shared":  # cafe's table, the second row drawn from it
+        else:  # the first table is cafe's
             rows = allocate_rows(sizes, hash_rows)
-            second_total = 0
-        else:  # the first table is cafe's; the second takes medium_rate of the hot rows' bytes
-            rows = allocate_rows(sizes, hash_rows)
-            hot_bytes = budget_bytes - cls._fixed_bytes(field_sizes) - sum(rows) * embedding_dim * FLOAT_BYTES
-            second_total = int(medium_rate * hot_bytes) // (embedding_dim * FLOAT_BYTES)
+            second_total = 0  # "shared": the second row is drawn from the first table
+            if source == "hot":  # the second table takes medium_rate of the hot rows' bytes
+                hot_bytes = budget_bytes - cls._fixed_bytes(field_sizes) - sum(rows) * embedding_dim * FLOAT_BYTES
+                second_total = int(medium_rate * hot_bytes) // (embedding_dim * FLOAT_BYTES)
         hashed = [f for f, (r, n) in enumerate(zip(rows, sizes)) if r < n]
         rows2 = [0] * len(sizes)
-        if hashed and second_total >= len(hashed) and source != "shared":
+        if hashed and second_total >= len(hashed):
             for f, r in zip(hashed, allocate_rows([sizes[f] for f in hashed], second_total)):
                 rows2[f] = r
         elif source == "hash":  # nothing to hash twice, or too few rows: give them back to the first table

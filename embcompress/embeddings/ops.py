@@ -66,6 +66,17 @@ def field_of(ids: Tensor, starts: Tensor) -> Tensor:
     return torch.bucketize(ids, starts[1:], right=True)
 
 
+def _hand_out(rows: list[int], sizes: list[int], left: int) -> list[int]:
+    """Give ``left`` more rows, one each, to the largest fields that are not whole yet (in place)."""
+    for f in sorted(range(len(sizes)), key=lambda f: -sizes[f]):
+        if left <= 0:
+            break
+        if rows[f] < sizes[f]:
+            rows[f] += 1
+            left -= 1
+    return rows
+
+
 def allocate_rows(field_sizes: Sequence[int], total_rows: int, min_rows: Sequence[int] | None = None) -> list[int]:
     """Split ``total_rows`` among fields: field f gets ``max(min_rows[f], min(n_f, cap))`` rows.
 
@@ -89,14 +100,7 @@ def allocate_rows(field_sizes: Sequence[int], total_rows: int, min_rows: Sequenc
         else:
             hi = mid - 1
     rows = [max(m, min(n, lo)) for n, m in zip(sizes, mins)]
-    left = total_rows - sum(rows)
-    for f in sorted(range(len(sizes)), key=lambda f: -sizes[f]):
-        if left <= 0:
-            break
-        if rows[f] < sizes[f]:
-            rows[f] += 1
-            left -= 1
-    return rows
+    return _hand_out(rows, sizes, total_rows - sum(rows))
 
 
 def whole_field_max(total_rows: int, field_sizes: Sequence[int]) -> float:
@@ -116,8 +120,11 @@ def allocate_rows_proportional(field_sizes: Sequence[int], total_rows: int) -> l
     whole_max = whole_field_max(total_rows, sizes)
     whole = [n <= whole_max for n in sizes]
 
+    def share(c: float) -> list[int]:
+        return [n if w else max(1, min(n, math.floor(c * n))) for n, w in zip(sizes, whole)]
+
     def used(c: float) -> int:
-        return sum(n if w else max(1, min(n, math.floor(c * n))) for n, w in zip(sizes, whole))
+        return sum(share(c))
 
     if used(0.0) > total_rows:
         raise ValueError(f"{total_rows} rows cannot keep the fields of up to {whole_max:.0f} values whole "
@@ -129,15 +136,8 @@ def allocate_rows_proportional(field_sizes: Sequence[int], total_rows: int) -> l
             lo = mid
         else:
             hi = mid
-    rows = [n if w else max(1, min(n, math.floor(lo * n))) for n, w in zip(sizes, whole)]
-    left = total_rows - sum(rows)
-    for f in sorted(range(len(sizes)), key=lambda f: -sizes[f]):
-        if left <= 0:
-            break
-        if rows[f] < sizes[f]:
-            rows[f] += 1
-            left -= 1
-    return rows
+    rows = share(lo)
+    return _hand_out(rows, sizes, total_rows - sum(rows))
 
 
 def fewest_rows(field_sizes: Sequence[int], rule: str = "capped") -> int:
