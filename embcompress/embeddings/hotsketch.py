@@ -94,6 +94,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .ops import topk_ties_first
+
 log = logging.getLogger(__name__)
 
 EMPTY = -1
@@ -458,7 +460,9 @@ class HotSketch(nn.Module):
         if n == 0:
             return none, none, none
         w_scores = flat_scores.index_select(0, wait[:n])
-        h_scores, h_order = torch.topk(flat_scores.index_select(0, hot), n, largest=False, sorted=True)
+        hot_scores = flat_scores.index_select(0, hot)
+        h_order = topk_ties_first(hot_scores, n, largest=False)  # ties: lower slot first, on every device
+        h_scores = hot_scores.index_select(0, h_order)
         swap = torch.nonzero(w_scores * self.decay > h_scores).squeeze(1)
         if swap.numel() == 0:
             return none, none, none

@@ -66,6 +66,26 @@ def field_of(ids: Tensor, starts: Tensor) -> Tensor:
     return torch.bucketize(ids, starts[1:], right=True)
 
 
+def topk_ties_first(values: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Positions of the ``k`` largest (or smallest) of ``values`` (1-D), best first, ties to the lower
+    position: the same answer on every device. ``torch.topk`` leaves the order of ties to the backend,
+    and the CPU and CUDA kernels differ, so a sketch or cache choosing among equal counts with it would
+    diverge between devices.
+
+    Non-negative float32 values (counts, scores) are packed with their position into one int64 key, so
+    one ``topk`` over distinct keys does it; any other values take a stable sort.
+    """
+    k = min(int(k), values.numel())
+    n = values.numel()
+    if values.dtype == torch.float32 and n < 2**31 and (n == 0 or bool(values.min() >= 0)):
+        # The bits of a non-negative float32 order like the float (+ 0.0 turns -0.0 into 0.0).
+        bits = (values + 0.0).view(torch.int32).long() << 31
+        pos = torch.arange(n, device=values.device)
+        key = bits + (0x7FFFFFFF - pos if largest else pos)
+        return torch.topk(key, k, largest=largest, sorted=True).indices
+    return torch.sort(values, descending=largest, stable=True)[1][:k]
+
+
 def _hand_out(rows: list[int], sizes: list[int], left: int) -> list[int]:
     """Give ``left`` more rows, one each, to the largest fields that are not whole yet (in place)."""
     for f in sorted(range(len(sizes)), key=lambda f: -sizes[f]):

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import CompressedEmbeddingBag, uniform_rows_
-from .ops import field_of, field_starts
+from .ops import field_of, field_starts, topk_ties_first
 from .registry import register
 from .sync import gather_across_ranks
 from .tt_cores import (EMPTY, TTPlan, core_std, plan_bytes, plan_for_budget, split_index, trunc_normal_slice_,
@@ -265,12 +265,16 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.steps += steps
         valid = self.track_ids != EMPTY
         all_ids = torch.cat([self.track_ids[valid], ids])
-        all_counts = torch.cat([self.track_counts[valid] * self.decay ** steps, counts.to(self.track_counts.dtype)])
+        old_counts = self.track_counts[valid] * self.decay ** steps
         unique, inverse = torch.unique(all_ids, return_inverse=True)
-        summed = torch.zeros(unique.shape[0], dtype=all_counts.dtype, device=all_counts.device)
-        summed.index_add_(0, inverse, all_counts)
+        summed = torch.zeros(unique.shape[0], dtype=old_counts.dtype, device=old_counts.device)
+        # The new counts first: they are whole numbers, whose float sum is exact in any order (CUDA adds
+        # duplicates in no fixed order); then each tracked id's one decayed count. The same sums everywhere.
+        n_old = old_counts.numel()
+        summed.index_add_(0, inverse[n_old:], counts.to(old_counts.dtype))
+        summed.index_add_(0, inverse[:n_old], old_counts)
         keep = min(unique.shape[0], self.track_ids.numel())
-        top = torch.topk(summed, keep).indices
+        top = topk_ties_first(summed, keep)
         self.track_ids.fill_(EMPTY)
         self.track_counts.zero_()
         self.track_ids[:keep] = unique[top]
@@ -286,7 +290,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         cand, score = self.track_ids[valid], self.track_counts[valid].clone()
         cached_now, _ = self._cache_find(cand)
         score[cached_now] *= self.hysteresis
-        want = cand[torch.topk(score, min(capacity, cand.numel())).indices]
+        want = cand[topk_ties_first(score, capacity)]
         keep, keep_slot = self._cache_find(want)
         old_valid = self.cache_keys != EMPTY
         n_old = int(old_valid.sum())

@@ -4,8 +4,9 @@ from hypothesis import given, settings, strategies as st
 import pytest
 
 from embcompress.embeddings.hashing import HashEmbeddingBag
-from embcompress.embeddings.ops import (allocate, allocate_rows, allocate_rows_proportional, field_of, field_starts,
-                                        fewest_rows, hash64, hash64_reference, whole_field_max)
+from embcompress.embeddings.ops import (allocate, allocate_rows, allocate_rows_proportional, fewest_rows,
+                                        field_of, field_starts, hash64, hash64_reference, topk_ties_first,
+                                        whole_field_max)
 from embcompress.embeddings.qr import QREmbeddingBag, largest_remainder, plan_field, smallest_qr
 
 
@@ -129,3 +130,20 @@ def test_qr_pairs_are_unique_within_a_field():
     # and embeddings differ for ids sharing a remainder
     out = table(ids.view(-1, 1))
     assert not torch.allclose(out[0], out[37])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 0.5, 1.0, 1.0, 2.0, 3.5, 1e30, float("inf")]), max_size=40),
+       st.integers(0, 45), st.booleans(), st.sampled_from([torch.float32, torch.float64]))
+def test_topk_ties_first_is_topk_with_ties_to_the_lower_position(vals, k, largest, dtype):
+    """Against a plain Python sort by (value, position): many ties, -0.0, +inf, k beyond the length, and
+    float64 (the stable-sort path)."""
+    got = topk_ties_first(torch.tensor(vals, dtype=dtype), k, largest=largest).tolist()
+    want = sorted(range(len(vals)), key=lambda i: (-vals[i] if largest else vals[i], i))[:k]
+    assert got == want
+
+
+def test_topk_ties_first_takes_the_sort_path_for_negative_values():
+    vals = torch.tensor([-1.0, 2.0, -1.0, 2.0, 0.0])
+    assert topk_ties_first(vals, 3).tolist() == [1, 3, 4]
+    assert topk_ties_first(vals, 3, largest=False).tolist() == [0, 2, 4]

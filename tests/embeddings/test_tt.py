@@ -311,11 +311,11 @@ def test_core_scale_is_a_reparametrisation():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_and_trains_with_cache():
-    table = small_table(cache_rows=6, dtype=torch.float32, refresh_every=1)
+    table = small_table(cache_rows=6, dtype=torch.float32, refresh_every=1, track_every=1)
     ids, offsets, w = random_bags(64, 3, table.num_embeddings, seed=6)
     table.eval()
     expect = table(ids, offsets, w.float())
-    gpu = small_table(cache_rows=6, dtype=torch.float32, refresh_every=1).cuda()
+    gpu = small_table(cache_rows=6, dtype=torch.float32, refresh_every=1, track_every=1).cuda()
     gpu.load_state_dict(table.state_dict())
     gpu.eval()
     torch.testing.assert_close(gpu(ids.cuda(), offsets.cuda(), w.float().cuda()).cpu(), expect)
