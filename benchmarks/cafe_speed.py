@@ -1,6 +1,8 @@
 """DLRM training samples/s with ``cafe`` (and ``cafe-ml``) vs ``hash`` at the same compression ratio, in one run.
 
     PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/cafe_speed.py [--ratio 1000 --rows 200000 --blocks 20]
+    # on a GPU (the data is copied to it once; each timed block ends with a synchronize)
+    PYTHONPATH=.:benchmarks python3 benchmarks/cafe_speed.py --device cuda --batch-size 4096 --scale 1
 
 Every method gets its own DLRM and optimizer (the loop's: Adagrad, lr 0.05, ``embcompress.attach``) on one
 dataset, and their training steps run interleaved in blocks (25 steps of hash, 25 of cafe, 25 of cafe-ml,
@@ -32,16 +34,18 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=20, help="timed rounds of blocks per method")
     ap.add_argument("--block-steps", type=int, default=25)
     ap.add_argument("--methods", default="hash,cafe,cafe-ml")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     apply_threads(args)
     ds = make_synthetic(rows=args.rows, scale=args.scale)
-    dense, sparse = torch.from_numpy(ds.dense), torch.from_numpy(ds.sparse.astype("int64"))
-    labels = torch.from_numpy(ds.labels).float()
+    dev = torch.device(args.device)
+    dense, sparse = torch.from_numpy(ds.dense).to(dev), torch.from_numpy(ds.sparse.astype("int64")).to(dev)
+    labels = torch.from_numpy(ds.labels).float().to(dev)
     runs = {}
     for method in args.methods.split(","):
         cfg = TrainConfig(method=method, compression=args.ratio, batch_size=args.batch_size)
         torch.manual_seed(0)
-        model = build_model(cfg, ds)
+        model = build_model(cfg, ds).to(dev)
         model.train()
         runs[method] = {"model": model, "opts": build_optimizers(model, cfg), "step": 0, "seconds": 0.0}
     b, rows = args.batch_size, len(labels) - args.batch_size
@@ -61,6 +65,8 @@ def main() -> None:
             start = time.perf_counter()
             for _ in range(args.block_steps):
                 step(run)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             if block:  # the first round warms up caches, allocators and the sketch
                 run["seconds"] += time.perf_counter() - start
     samples = args.blocks * args.block_steps * b

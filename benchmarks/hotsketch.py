@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/hotsketch.py                # a few minutes on 2 cores
     PYTHONPATH=. .venv/bin/python benchmarks/hotsketch.py --stream 10000000 --universe 5000000
+    PYTHONPATH=. python3 benchmarks/hotsketch.py --device cuda --skip-recall --threads 1   # on a GPU
 
 Throughput: per batch one ``query`` (as in the forward) and one ``insert`` of the same ids with the
 located slots reused (as in the training step), on 1 and on 2 threads; best of ``--repeats`` passes
@@ -46,15 +47,20 @@ def load_baseline(path: str) -> type:
 
 
 def one_pass(cls: type, batches: tuple[torch.Tensor, ...], hot_rows: int) -> float:
-    """Seconds for query + insert (located slots reused) of every batch on a fresh sketch."""
-    sk = cls(hot_rows, hot_rows, threshold=50.0)
+    """Seconds for query + insert (located slots reused) of every batch on a fresh sketch (on the
+    batches' device; a CUDA pass ends with a synchronize)."""
+    dev = batches[0].device
+    sk = cls(hot_rows, hot_rows, threshold=50.0).to(dev)
     for b in batches[:2]:  # warm-up
         sk.insert(b)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for b in batches:
         loc = sk.locate(b)
         sk.query(b, loc)
         sk.insert(b, located=loc)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -71,7 +77,7 @@ def throughput(ids: torch.Tensor, batch: int, hot_rows: int, repeats: int, threa
         if baseline is not None and not r % 2:
             base_times.append(one_pass(baseline, batches, hot_rows))
     best = min(times)
-    out = {"threads": threads, "ids_per_s": round(len(batches) * batch / best),
+    out = {"device": str(ids.device), "threads": threads, "ids_per_s": round(len(batches) * batch / best),
            "ms_per_batch": round(best / len(batches) * 1e3, 2), "loadavg_1m": round(os.getloadavg()[0], 2)}
     if baseline is not None:
         out.update(baseline_ids_per_s=round(len(batches) * batch / min(base_times)),
@@ -124,11 +130,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=16, help="embedding dim for the equal-memory comparison")
     ap.add_argument("--skip-recall", action="store_true")
     ap.add_argument("--baseline", help="another hotsketch.py to time against, alternating passes")
+    ap.add_argument("--device", default="cpu", help="where the throughput runs (recall runs on the CPU)")
     args = ap.parse_args()
     baseline = load_baseline(args.baseline) if args.baseline else None
     for exponent in (float(e) for e in args.exponents.split(",")):
         ids = zipf_stream(args.stream, args.universe, exponent, seed=0)
-        speed = [throughput(ids, args.batch, args.speed_hot_rows, args.repeats, int(t), baseline)
+        speed = [throughput(ids.to(args.device), args.batch, args.speed_hot_rows, args.repeats, int(t), baseline)
                  for t in args.threads.split(",")]
         log(f"zipf {exponent}: {speed}")
         torch.set_num_threads(2)

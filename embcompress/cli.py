@@ -197,7 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in chosen:
         cfg = TrainConfig(data="synthetic", data_options=opts, method=method,
                           compression=None if method == "full" else args.compression, batch_size=args.batch_size,
-                          lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                          lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
                           out=f"{args.out}/{method}" if args.out else None,
                           progress=not args.no_progress)
         try:
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write each run under this directory")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
