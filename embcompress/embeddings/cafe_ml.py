@@ -5,6 +5,10 @@ Three tiers, decided by the HotSketch score of a feature:
 - medium (not hot, score >= ``medium_fraction`` · T): the sum of its row in the first hash table and its
   row in a second per-field hash table indexed by an independent hash (``hash64`` with another seed);
 - cold: its row in the first hash table only.
+``medium_fraction=0`` leaves no cold tier: every feature that is not hot gets both rows (a feature the
+sketch does not hold scores 0). That is what the CAFE artifact's multi-level code does
+(``tricks/sketch_ml_embed.py``: its medium-tier mask is computed but unused, and every non-hot lookup
+sums its rows of two hash tables, 70% and 30% of the hash rows).
 Only medium features touch the second table, so its rows are shared by far fewer features than the first
 table's. ``medium_rate`` of the hash bytes go to the second table (hashed fields only; small fields stay
 whole in the first); with ``medium_source="hot"`` the first table is cafe's and the second takes
@@ -55,8 +59,8 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
             raise ValueError("second_in_first draws the second row from the first table: second rows must be 0")
         super().__init__(field_sizes, embedding_dim, rows, num_hot_rows, threshold,
                          extra_rows=sum(rows2), **options)
-        if not 0 < medium_fraction <= 1:
-            raise ValueError(f"medium_fraction must be in (0, 1], got {medium_fraction}")
+        if not 0 <= medium_fraction <= 1:
+            raise ValueError(f"medium_fraction must be in [0, 1], got {medium_fraction}")
         self.medium_fraction = float(medium_fraction)
         self.second_in_first = bool(second_in_first)
         self.register_buffer("rows2", torch.tensor(rows2, dtype=torch.int64))

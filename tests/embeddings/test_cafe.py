@@ -168,6 +168,17 @@ def test_cafe_ml_tiers(source):
         assert (t.second_row(ids, field) != t.hashed_row(ids, field)).float().mean() > 0.9
 
 
+def test_cafe_ml_medium_fraction_zero_has_no_cold_tier():
+    t = table("cafe-ml", ratio=10, threshold=10.0, importance="frequency", medium_fraction=0.0)
+    t.eval()
+    never_seen = torch.tensor([70, 30_000])  # not in the sketch: score 0, still two rows
+    f = torch.tensor([2, 3])
+    torch.testing.assert_close(t(never_seen.reshape(-1, 1)), t.weight[t.hashed_row(never_seen)] +
+                               t.weight[t.second_row(never_seen, f)])
+    with pytest.raises(ValueError, match=r"medium_fraction must be in \[0, 1\]"):
+        table("cafe-ml", ratio=10, medium_fraction=-0.1)
+
+
 @pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
 def test_ordinary_loop_promotes_the_frequent_ids_and_checkpoint_reproduces(method):
     t = table(method, ratio=100, threshold=20.0)
