@@ -54,7 +54,10 @@ still serves the most lookups from hot rows (59% vs 57% and 54% of all lookups a
 it affords more rows; so CAFE's tables default to one bucket per hot row, as in the paper.
 With one id per call this is exactly the sequential algorithm. The result does not depend on the order
 of ids within a batch (up to float rounding of score sums; with integer scores it is exact), and the
-same code gives the same state on CPU and CUDA.
+same code gives the same state on CPU and CUDA (checked on an H100: every choice among equal scores is
+made by slot position, never by ``torch.topk``'s backend-specific order of ties). With float scores
+(gradient importance) CUDA adds a batch's scores in no fixed order, so the two can differ where sums
+differ in the last bit.
 
 **Speed.** A training step queries the sketch in the forward and inserts the same ids after backward;
 :meth:`locate` returns the buckets and slots of a batch and :meth:`insert` reuses them while the sketch
