@@ -207,7 +207,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def _normalise(self, norms: Tensor, field: Tensor) -> Tensor:
         """Per field, scale norms to mean 1; a field whose gradients are all zero counts 1 per lookup."""
         nf = len(self.field_sizes)
-        count = torch.bincount(field, minlength=nf).float()
+        # index_add_ rather than bincount, which reads the largest field back to the host (a CUDA sync)
+        count = torch.zeros(nf, device=norms.device).index_add_(0, field, torch.ones_like(norms, dtype=torch.float32))
         total = torch.zeros(nf, device=norms.device).index_add_(0, field, norms.float())
         zero = total == 0  # per field (nf values): every norm of the field is 0
         factor = torch.where(zero, 0.0, count / total.clamp(min=1e-30))

@@ -74,6 +74,11 @@ are slow (~1 ms: below 32768 elements torch does not use its radix sort), so:
   small sketch, as CAFE's at 10,000×) they go straight to the sort that the cells would end in;
 - the promotion scans the sketch once per insert (entries at T and not hot) and the free-row list only
   up to the rows it needs.
+On CUDA the trade-off is the other way round: every op is a kernel launch of a few microseconds whatever
+its size, and a sort is a few kernels, so there both the newcomers and their slots go through the sort
+(the same results: ``test_cell_aggregation_of_newcomers_gives_the_sorted_result``,
+``test_pick_ranked_is_a_stable_sort_at_the_rank``). A CAFE training step on an H100 is bound by these
+launches (README, "On a GPU").
 At batches of 4096×26 ids and 65,536 buckets (``benchmarks/hotsketch.py --skip-recall --baseline
 FILE``: passes of the old and the new version alternate in one process), on a quiet machine (load
 0.3-0.7), this did 15.8M / 16.9M / 19.8M ids/s at Zipf 1.05 / 1.1 / 1.3 on 1 thread and 17.5-18.3M /
@@ -143,7 +148,7 @@ def pick_ranked(order_key: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     against 8.7 ms at m = 65536).
     """
     c, m = order_key.shape
-    if c > 8 or m < _PICK_COUNT_MIN:
+    if c > 8 or m < _PICK_COUNT_MIN or order_key.is_cuda:  # on CUDA the sort's few kernels win
         keys, rows = torch.sort(order_key, dim=0, stable=True)
         r = rank[None]
         return rows.gather(0, r).squeeze(0), keys.gather(0, r).squeeze(0)
@@ -368,7 +373,9 @@ class HotSketch(nn.Module):
         """
         # Sorting takes fewer ops for small batches, and is what the cells would end in when newcomers
         # outnumber the buckets (then most buckets receive several: a small sketch, e.g. CAFE at 10,000x).
-        if not self.bucket_cells or not _CELLS_MIN <= ids.numel() <= _CELLS_MAX_PER_BUCKET * self.num_buckets:
+        # On CUDA the sort is a few kernels and the cells a dozen more launches (module doc, "Speed").
+        if (ids.is_cuda or not self.bucket_cells
+                or not _CELLS_MIN <= ids.numel() <= _CELLS_MAX_PER_BUCKET * self.num_buckets):
             return self._rank_sorted(ids, s, b)
         n, w, dev = ids.numel(), self.num_buckets, ids.device
         size = 1 << max(4 * n - 1, 1).bit_length()  # >= 4n cells: few unrelated buckets share a cell
