@@ -23,8 +23,8 @@ noise of cafe (0.7154, 0.7158) by becoming cafe, and is worse at 1,000×. "hash"
 on the 1M-row sweep (0.7120 against 0.7109). The default stays "hash", the reference's layout (README,
 "CAFE against hashing at Criteo Kaggle's size").
 
-A promoted feature's hot row starts as the sum of its two hashed rows: a feature
-reaching T has almost always passed through the medium tier.
+A promoted feature's hot row starts as the sum of its two hashed rows: a feature reaching T has almost
+always passed through the medium tier.
 """
 
 from __future__ import annotations

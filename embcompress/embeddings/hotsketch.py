@@ -74,11 +74,6 @@ are slow (~1 ms: below 32768 elements torch does not use its radix sort), so:
   small sketch, as CAFE's at 10,000×) they go straight to the sort that the cells would end in;
 - the promotion scans the sketch once per insert (entries at T and not hot) and the free-row list only
   up to the rows it needs.
-On CUDA the trade-off is the other way round: every op is a kernel launch of a few microseconds whatever
-its size, and a sort is a few kernels, so there both the newcomers and their slots go through the sort
-(the same results: ``test_cell_aggregation_of_newcomers_gives_the_sorted_result``,
-``test_pick_ranked_is_a_stable_sort_at_the_rank``). A CAFE training step on an H100 is bound by these
-launches (README, "On a GPU").
 At batches of 4096×26 ids and 65,536 buckets (``benchmarks/hotsketch.py --skip-recall --baseline
 FILE``: passes of the old and the new version alternate in one process), on a quiet machine (load
 0.3-0.7), this did 15.8M / 16.9M / 19.8M ids/s at Zipf 1.05 / 1.1 / 1.3 on 1 thread and 17.5-18.3M /
@@ -89,6 +84,11 @@ Two threads gain little because each op works on ~100k elements. The same states
 sums in the same order). What remains: hash and slot search ~30% of a batch, newcomers ~40%, query ~12%,
 promotion scan ~12%. At 3,328 ids a batch it is ~1.4× with 65,536 buckets and ~1.07× with 8,192 and a
 full hot set.
+On CUDA the trade-off is reversed: every op is a kernel launch of a few microseconds whatever
+its size, and a sort is a few kernels, so there both the newcomers and their slots go through the sort
+(the same results: ``test_cell_aggregation_of_newcomers_gives_the_sorted_result``,
+``test_pick_ranked_is_a_stable_sort_at_the_rank``). A CAFE training step on an H100 is bound by these
+launches (README, "On a GPU").
 
 All state sits in fixed-size buffers, so ``state_dict`` is a complete checkpoint and the memory is
 ``w · c · 16`` bytes for the slots, one byte per hot row for the free-row mask and 8 bytes of counter.
