@@ -17,11 +17,9 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
-from common import add_threads_arg, apply_threads, emit, log  # type: ignore[import-not-found]
+from common import add_threads_arg, apply_threads, dlrm_steppers, emit, log  # type: ignore[import-not-found]
 from embcompress.data import make_synthetic
-from embcompress.train.loop import TrainConfig, build_model, build_optimizers
 
 
 def main() -> None:
@@ -38,39 +36,20 @@ def main() -> None:
     args = ap.parse_args()
     apply_threads(args)
     ds = make_synthetic(rows=args.rows, scale=args.scale)
-    dev = torch.device(args.device)
-    dense, sparse = torch.from_numpy(ds.dense).to(dev), torch.from_numpy(ds.sparse.astype("int64")).to(dev)
-    labels = torch.from_numpy(ds.labels).float().to(dev)
-    runs = {}
-    for method in args.methods.split(","):
-        cfg = TrainConfig(method=method, compression=args.ratio, batch_size=args.batch_size)
-        torch.manual_seed(0)
-        model = build_model(cfg, ds).to(dev)
-        model.train()
-        runs[method] = {"model": model, "opts": build_optimizers(model, cfg), "step": 0, "seconds": 0.0}
-    b, rows = args.batch_size, len(labels) - args.batch_size
-
-    def step(run: dict) -> None:
-        lo = run["step"] * b % rows
-        for opt in run["opts"]:
-            opt.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(run["model"](dense[lo:lo + b], sparse[lo:lo + b]), labels[lo:lo + b])
-        loss.backward()
-        for opt in run["opts"]:
-            opt.step()
-        run["step"] += 1
-
+    steps = dlrm_steppers(ds, args.methods.split(","), args.ratio, args.batch_size, args.device)
+    seconds = dict.fromkeys(steps, 0.0)
+    cuda = torch.device(args.device).type == "cuda"
     for block in range(args.blocks + 1):
-        for run in runs.values():
+        for method, step in steps.items():
             start = time.perf_counter()
             for _ in range(args.block_steps):
-                step(run)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+                step()
+            if cuda:
+                torch.cuda.synchronize()
             if block:  # the first round warms up caches, allocators and the sketch
-                run["seconds"] += time.perf_counter() - start
-    samples = args.blocks * args.block_steps * b
-    speed = {m: samples / r["seconds"] for m, r in runs.items()}
+                seconds[method] += time.perf_counter() - start
+    samples = args.blocks * args.block_steps * args.batch_size
+    speed = {m: samples / t for m, t in seconds.items()}
     rel = {m: round(v / speed["hash"], 3) for m, v in speed.items()} if "hash" in speed else {}
     log(f"relative to hash: {rel}")
     emit({"benchmark": "cafe_speed", "settings": vars(args),

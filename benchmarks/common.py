@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -118,3 +118,36 @@ def zipf_requests(field_sizes: list[int], batch: int, batches: int, skew: float 
         ranks = np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"), size - 1)
         ids[:, f] = rng.permutation(size)[ranks] + starts[f]
     return [torch.from_numpy(chunk.reshape(-1, 1).copy()) for chunk in np.split(ids, batches)]
+
+
+def dlrm_steppers(ds: Any, methods: list[str], ratio: float, batch_size: int,
+                  device: str = "cpu") -> dict[str, Callable[[], None]]:
+    """One DLRM per method as the training loop builds it (model, optimizers, tables attached), the data
+    copied to ``device`` once; each value runs that model's next training step, walking the rows in order."""
+    import torch.nn.functional as F
+    from embcompress.train.loop import TrainConfig, build_model, build_optimizers
+
+    dev = torch.device(device)
+    dense, sparse = torch.from_numpy(ds.dense).to(dev), torch.from_numpy(ds.sparse.astype("int64")).to(dev)
+    labels = torch.from_numpy(ds.labels).float().to(dev)
+    b, rows = batch_size, len(labels) - batch_size
+
+    def stepper(method: str) -> Callable[[], None]:
+        cfg = TrainConfig(method=method, compression=ratio, batch_size=batch_size)
+        torch.manual_seed(0)
+        model = build_model(cfg, ds).to(dev)
+        model.train()
+        opts = build_optimizers(model, cfg)
+        done = [0]
+
+        def step() -> None:
+            lo = done[0] * b % rows
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(model(dense[lo:lo + b], sparse[lo:lo + b]), labels[lo:lo + b]).backward()
+            for opt in opts:
+                opt.step()
+            done[0] += 1
+        return step
+
+    return {m: stepper(m) for m in methods}

@@ -23,5 +23,6 @@ $py -m embcompress demo --device cuda --no-progress --methods full,hash,qr,cafe,
         $py benchmarks/cafe_speed.py --device cuda --scale 1 --rows 300000 --batch-size 4096 --ratio $ratio --blocks 10
     done
     $py benchmarks/hotsketch.py --device cuda --skip-recall --threads 1 --exponents 1.1 --stream 10000000
+    $py benchmarks/cafe_profile.py --device cuda
 } 2>>"$out/bench.log" | tee "$out/bench.jsonl" || status=1
 exit $status

@@ -1,0 +1,73 @@
+"""Where a DLRM training step's time goes, per method: ms per step, and from ``torch.profiler`` the
+kernel launches, stream synchronisations and GPU time per step (on CUDA) or the aten ops per step.
+
+    # the README's profile ("On a GPU"): Kaggle cardinalities, batch 4096, 1000x
+    PYTHONPATH=.:benchmarks python3 benchmarks/cafe_profile.py --device cuda
+    PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/cafe_profile.py --scale 0.2 --rows 60000   # CPU
+
+Each method gets the loop's model and optimizers (``common.dlrm_steppers``); ``--warmup`` steps are not
+counted, ``--timed`` steps give ms per step (ending with a synchronize on CUDA), then ``--profiled`` steps
+run under the profiler. The busiest ops by host time go to stderr; one JSON line to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import add_threads_arg, apply_threads, dlrm_steppers, emit, log  # type: ignore[import-not-found]
+from embcompress.data import make_synthetic
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=1000)
+    ap.add_argument("--rows", type=int, default=120_000)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--methods", default="hash,cafe")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--timed", type=int, default=60)
+    ap.add_argument("--profiled", type=int, default=10)
+    add_threads_arg(ap, default=1)
+    args = ap.parse_args()
+    apply_threads(args)
+    cuda = torch.device(args.device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    ds = make_synthetic(rows=args.rows, scale=args.scale)
+    steps = dlrm_steppers(ds, args.methods.split(","), args.ratio, args.batch_size, args.device)
+    results = {}
+    for method, step in steps.items():
+        for _ in range(args.warmup):
+            step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.timed):
+            step()
+        sync()
+        ms = (time.perf_counter() - start) / args.timed * 1e3
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.profiled):
+                step()
+            sync()
+        events = prof.key_averages()
+        per_step = {"ms_per_step": round(ms, 2)}
+        if cuda:
+            per_step["kernel_launches"] = sum(e.count for e in events if e.key in LAUNCHES) / args.profiled
+            per_step["stream_syncs"] = sum(e.count for e in events if e.key == "cudaStreamSynchronize") / args.profiled
+            per_step["gpu_ms"] = round(sum(e.self_device_time_total for e in events) / 1e3 / args.profiled, 2)
+        else:
+            per_step["aten_ops"] = sum(e.count for e in events if e.key.startswith("aten::")) / args.profiled
+        results[method] = per_step
+        log(f"{method}: {per_step}\n" + events.table(sort_by="self_cpu_time_total", row_limit=25))
+    emit({"benchmark": "cafe_profile", "settings": vars(args), "per_step": results})
+
+
+if __name__ == "__main__":
+    main()
