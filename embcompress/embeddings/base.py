@@ -17,6 +17,7 @@ as step hooks of the optimizer, so ``loss.backward(); optimizer.step()`` does th
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -110,7 +111,27 @@ class CompressedEmbeddingBag(nn.Module):
 
     def bind_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Called by :func:`attach` with the optimizers that step this table, for tables whose rows move
-        between parameters (a cache) and must carry their optimizer state along."""
+        (between parameters, as a cache's, or within one, as CAFE's hot rows) and must carry their
+        optimizer state along. Held by weak reference: the table must not keep them alive."""
+        self._optimizers = [weakref.ref(o) for o in optimizers]
+
+    def row_optimizer_state(self, param: nn.Parameter) -> tuple[dict[str, Any], dict[str, float]]:
+        """(the bound optimizer's state dict of ``param``, initial value of each per-row state tensor).
+
+        Per-row state tensors are those shaped like ``param`` up to the number of rows (Adagrad's ``sum``,
+        Adam's and SparseAdam's moments, SGD's momentum buffer); scalars such as Adam's step count are shared and
+        left out. Both are empty when no optimizer is bound or it has no state for ``param`` yet.
+        """
+        for ref in getattr(self, "_optimizers", ()):
+            opt = ref()
+            state = opt.state.get(param) if opt is not None else None
+            if state:
+                group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+                inits = {k: float(group.get("initial_accumulator_value", 0.0)) if k == "sum" else 0.0
+                         for k, v in state.items()
+                         if isinstance(v, Tensor) and v.dim() == param.dim() >= 1 and v.shape[1:] == param.shape[1:]}
+                return state, inits
+        return {}, {}
 
     # ------------------------------------------------------------------ construction from a budget
     @classmethod

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from typing import Any, Sequence
 
 import torch
@@ -131,7 +130,6 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             raise ValueError(f"write_back must be one of {list(WRITE_BACKS)}, got {write_back!r}")
         self.optimizer_state = optimizer_state
         self.write_back = write_back
-        self._optimizers: list[weakref.ref] = []
         self.bits = PRECISIONS[precision]
         self.precision = precision
         self.policy = policy
@@ -265,28 +263,11 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         return [self.cache_weight]
 
     # ------------------------------------------------------------------ optimizer state follows the row
-    def bind_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        self._optimizers = [weakref.ref(o) for o in optimizers]  # weak: the table must not keep them alive
-
     def _slot_state(self, param: nn.Parameter) -> tuple[dict[str, Any], dict[str, float]]:
-        """(the optimizer's state dict of ``param``, initial value of each per-row state tensor in it).
-
-        Empty when no optimizer is bound, it has no state for ``param`` yet, or ``optimizer_state`` is
-        ``slot``. Per-row state tensors are those of the parameter's shape (D columns); scalars such as
-        Adam's step count stay shared.
-        """
+        """:meth:`row_optimizer_state` of ``param``, empty when ``optimizer_state`` is ``slot``."""
         if self.optimizer_state == "slot":
             return {}, {}
-        for ref in self._optimizers:
-            opt = ref()
-            state = opt.state.get(param) if opt is not None else None
-            if state:
-                group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
-                inits = {k: float(group.get("initial_accumulator_value", 0.0)) if k == "sum" else 0.0
-                         for k, v in state.items()
-                         if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == self.embedding_dim}
-                return state, inits
-        return {}, {}
+        return self.row_optimizer_state(param)
 
     def _store(self, key: str, init: float) -> Tensor:
         """Per-row store of optimizer state ``key``, created at ``init`` on first use."""
