@@ -9,7 +9,9 @@ located slots reused (as in the training step), on 1 and on 2 threads; best of `
 because the machine is shared (the load average is recorded). ``--baseline FILE`` (another version of
 hotsketch.py, e.g. ``git show bb67e12:embcompress/embeddings/hotsketch.py > /tmp/old.py``) alternates
 passes of that version with the current one in the same process and reports the speed-up (best pass
-against best pass, and the median over consecutive pairs of passes): a ratio that survives a loaded machine. Recall: the true top-k by exact counting
+against best pass, and the median over consecutive pairs of passes): a ratio that survives a loaded machine.
+``--key-dtype int32`` times the sketch with 4-byte ids (what CAFE uses when its ids fit);
+``--baseline-key-dtype int64`` makes the baseline the current sketch with 8-byte ids. Recall: the true top-k by exact counting
 against the hot set (``recall_hot``) and the sketch's k highest scores (``recall_top``), per Zipf exponent,
 batch size and buckets per hot row (memory). Prints JSON lines (benchmarks/common.py).
 """
@@ -17,6 +19,7 @@ batch size and buckets per hot row (memory). Prints JSON lines (benchmarks/commo
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -65,7 +68,7 @@ def one_pass(cls: type, batches: tuple[torch.Tensor, ...], hot_rows: int) -> flo
 
 
 def throughput(ids: torch.Tensor, batch: int, hot_rows: int, repeats: int, threads: int,
-               baseline: type | None = None) -> dict:
+               baseline: type | None = None, sketch: type = HotSketch) -> dict:
     torch.set_num_threads(threads)
     batches = ids[: (len(ids) // batch) * batch].split(batch)
     times: list[float] = []
@@ -73,7 +76,7 @@ def throughput(ids: torch.Tensor, batch: int, hot_rows: int, repeats: int, threa
     for r in range(repeats):  # best of several passes: the machine is shared
         if baseline is not None and r % 2:  # alternate which version goes first
             base_times.append(one_pass(baseline, batches, hot_rows))
-        times.append(one_pass(HotSketch, batches, hot_rows))
+        times.append(one_pass(sketch, batches, hot_rows))
         if baseline is not None and not r % 2:
             base_times.append(one_pass(baseline, batches, hot_rows))
     best = min(times)
@@ -130,12 +133,18 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=16, help="embedding dim for the equal-memory comparison")
     ap.add_argument("--skip-recall", action="store_true")
     ap.add_argument("--baseline", help="another hotsketch.py to time against, alternating passes")
+    ap.add_argument("--key-dtype", default="int64", choices=["int64", "int32"], help="ids stored in the sketch")
+    ap.add_argument("--baseline-key-dtype", choices=["int64", "int32"],
+                    help="time against the current sketch with this key dtype (instead of --baseline FILE)")
     ap.add_argument("--device", default="cpu", help="where the throughput runs (recall runs on the CPU)")
     args = ap.parse_args()
     baseline = load_baseline(args.baseline) if args.baseline else None
+    if args.baseline_key_dtype:
+        baseline = functools.partial(baseline or HotSketch, key_dtype=getattr(torch, args.baseline_key_dtype))
+    sketch = functools.partial(HotSketch, key_dtype=getattr(torch, args.key_dtype))
     for exponent in (float(e) for e in args.exponents.split(",")):
         ids = zipf_stream(args.stream, args.universe, exponent, seed=0)
-        speed = [throughput(ids.to(args.device), args.batch, args.speed_hot_rows, args.repeats, int(t), baseline)
+        speed = [throughput(ids.to(args.device), args.batch, args.speed_hot_rows, args.repeats, int(t), baseline, sketch)
                  for t in args.threads.split(",")]
         log(f"zipf {exponent}: {speed}")
         torch.set_num_threads(2)

@@ -20,11 +20,14 @@ has not changed in between), so the hash and slot search run once per step. Unde
 so every rank applies the same update.
 
 Budget: ``memory_bytes`` is the bytes of the state dict. A hot row costs 4·D bytes for its weights plus
-its share of the sketch: ``buckets_per_row`` buckets of ``slots`` slots of 16 bytes (int64 id, float32
-score, int32 row) and 1 byte of free-row mask, i.e. 4·D + 65 with the defaults (the paper's 48 bytes per
-bucket use 4-byte ids; ours hold any int64 id). ``hash_rate`` of the budget goes to hash rows, the rest to
-hot rows and sketch. ``threshold`` and ``hash_rate`` default to the CAFE artifact's values for the nearest
-compression ratio.
+its share of the sketch: ``buckets_per_row`` buckets of ``slots`` slots of 12 bytes (int32 id, float32
+score, int32 row: the paper's 48 bytes per bucket) and 1 byte of free-row mask, i.e. 4·D + 49 with the
+defaults. The sketch stores int64 ids (16-byte slots, 4·D + 65) only when the table has more than 2^31
+ids, or with ``key_dtype="int64"``: the layout of every cafe figure measured before 4-byte ids became the
+default, which reproduces them and loads their checkpoints (at 1,000× on Criteo Kaggle's ids the 4-byte
+ids buy 14% more hot rows).
+``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch. ``threshold`` and
+``hash_rate`` default to the CAFE artifact's values for the nearest compression ratio.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
-from .hotsketch import SLOT_BYTES, HotSketch, Located
+from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
 from .ops import allocate_rows, field_of, field_starts, hash_into
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
@@ -52,6 +55,16 @@ REFERENCE_THRESHOLD = (10, 10, 20, 30, 50, 100, 200, 500, 500, 500, 500, 500)
 REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1)
 _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
 _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
+
+
+def sketch_key_dtype(field_sizes: Sequence[int], key_dtype: str = "auto") -> torch.dtype:
+    """The sketch's id dtype: ``"auto"`` is int32 when every global id fits (below 2^31), else int64."""
+    if key_dtype not in ("auto", "int32", "int64"):
+        raise ValueError(f"key_dtype must be 'auto', 'int32' or 'int64', got {key_dtype!r}")
+    fits = sum(int(n) for n in field_sizes) <= 2**31
+    if key_dtype == "int32" and not fits:
+        raise ValueError(f"key_dtype='int32' cannot hold the {sum(int(n) for n in field_sizes)} ids of these fields")
+    return torch.int32 if key_dtype == "int32" or (key_dtype == "auto" and fits) else torch.int64
 
 
 def reference_defaults(ratio: float) -> tuple[float, float]:
@@ -81,20 +94,30 @@ class _Pending:
 class CafeEmbeddingBag(IndexedEmbeddingBag):
     """CAFE table. Options: ``threshold``, ``hash_rate``, ``decay`` (0.98), ``importance``
     (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (1), ``decay_mass`` (10),
-    ``pressure_decay`` and ``preempt`` (True; :mod:`.hotsketch` explains both)."""
+    ``pressure_decay`` and ``preempt`` (True; :mod:`.hotsketch` explains both), ``key_dtype``
+    (``"auto"`` | ``"int32"`` | ``"int64"``: the sketch's ids, module doc "Budget") and
+    ``optimizer_state`` (what a hot row handed to a new feature starts with, under a stateful optimizer
+    bound by :func:`~embcompress.attach`: ``"slot"`` keeps the row's state, ``"copy"`` takes that of
+    the hashed row that served the feature, ``"reset"`` the optimizer's initial state; the last two
+    also drop the gradient the row's previous feature left in that step)."""
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
                  slots: int = 4, buckets_per_row: float = 1.0, decay_mass: float = 10.0,
-                 pressure_decay: bool = True, preempt: bool = True, extra_rows: int = 0, mode: str = "sum", seed: int = 0, sparse: bool = True) -> None:
+                 pressure_decay: bool = True, preempt: bool = True, optimizer_state: str = "slot",
+                 key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum", seed: int = 0,
+                 sparse: bool = True) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
         if len(rows) != len(field_sizes) or min(rows) < 1 or num_hot_rows < 1:
             raise ValueError("rows_per_field needs one positive count per field, and num_hot_rows >= 1")
         if importance not in ("gradient", "frequency"):
             raise ValueError(f"importance must be 'gradient' or 'frequency', got {importance!r}")
+        if optimizer_state not in ("slot", "copy", "reset"):
+            raise ValueError(f"optimizer_state must be 'slot', 'copy' or 'reset', got {optimizer_state!r}")
         self.num_hash_rows = sum(rows) + int(extra_rows)  # extra rows: cafe-ml's second hash table
         super().__init__(field_sizes, embedding_dim, self.num_hash_rows + int(num_hot_rows), mode, sparse)
         self.importance = importance
+        self.optimizer_state = optimizer_state
         self.seed = int(seed)
         self.register_buffer("starts", field_starts(self.field_sizes))
         self.register_buffer("sizes", torch.tensor(self.field_sizes, dtype=torch.int64))
@@ -104,7 +127,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         self.register_buffer("field_hashed", self.rows < self.sizes, persistent=False)
         buckets = max(1, int(round(buckets_per_row * num_hot_rows)))
         self.sketch = HotSketch(buckets, int(num_hot_rows), threshold, slots=slots, decay=decay,
-                                decay_mass=decay_mass, pressure_decay=pressure_decay, preempt=preempt)
+                                decay_mass=decay_mass, pressure_decay=pressure_decay, preempt=preempt,
+                                key_dtype=sketch_key_dtype(field_sizes, key_dtype))
         uniform_rows_(self.weight[: sum(rows)], rows)
         with torch.no_grad():
             self.weight[sum(rows):].zero_()  # extra and hot rows: set when used
@@ -232,7 +256,32 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             located = None  # other ranks' ids were never located here
         update = self.sketch.insert(ids, scores, located=located)
         if update.promoted_ids.numel():
-            self.weight[update.promoted_rows + self.num_hash_rows] = self.cold_embedding(update.promoted_ids)
+            hot = update.promoted_rows + self.num_hash_rows
+            self.weight[hot] = self.cold_embedding(update.promoted_ids)
+            if self.optimizer_state != "slot":
+                self._restart_rows(hot, self.hashed_row(update.promoted_ids))
+
+    def _restart_rows(self, hot: Tensor, source: Tensor) -> None:
+        """Hot rows ``hot`` now serve new features: give each the optimizer state of the hashed row
+        ``source`` that served its feature (``copy``) or a fresh one (``reset``), and drop the gradient
+        its previous holder left for this step."""
+        state, inits = self.row_optimizer_state(self.weight)
+        for key, init in inits.items():
+            if self.optimizer_state == "copy":
+                state[key].index_copy_(0, hot, state[key].index_select(0, source))
+            else:
+                state[key].index_fill_(0, hot, init)
+        grad = self.weight.grad
+        if grad is None:
+            return
+        if not grad.is_sparse:
+            grad.index_fill_(0, hot, 0.0)
+            return
+        rows = grad._indices()[0]
+        keep = torch.nonzero(~torch.isin(rows, hot)).squeeze(1)
+        if keep.numel() < rows.numel():
+            self.weight.grad = torch.sparse_coo_tensor(grad._indices().index_select(1, keep),
+                                                       grad._values().index_select(0, keep), grad.shape)
 
     def cold_embedding(self, ids: Tensor) -> Tensor:
         """The embedding that serves ``ids`` when they are not hot (copied into a new hot row)."""
@@ -244,8 +293,11 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
 
     # ------------------------------------------------------------------ budget
     @classmethod
-    def _hot_row_bytes(cls, embedding_dim: int, slots: int = 4, buckets_per_row: float = 1.0) -> float:
-        return embedding_dim * FLOAT_BYTES + buckets_per_row * slots * SLOT_BYTES + 1
+    def _hot_row_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, options: dict[str, Any]) -> float:
+        """A hot row's weights plus its share of the sketch: ``buckets_per_row`` buckets and a mask byte."""
+        key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
+        sketch = options.get("buckets_per_row", 1.0) * options.get("slots", 4) * slot_bytes(key)
+        return embedding_dim * FLOAT_BYTES + sketch + 1
 
     @classmethod
     def _fixed_bytes(cls, field_sizes: Sequence[int]) -> int:
@@ -253,7 +305,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
 
     @classmethod
     def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
-        hot = cls._hot_row_bytes(embedding_dim, options.get("slots", 4), options.get("buckets_per_row", 1.0))
+        hot = cls._hot_row_bytes(field_sizes, embedding_dim, options)
         row = embedding_dim * FLOAT_BYTES
         fixed = cls._fixed_bytes(field_sizes)
         lo = fixed + len(field_sizes) * row + 2 * hot
@@ -269,7 +321,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         t_ref, rate_ref = reference_defaults(ratio)
         opts.setdefault("threshold", t_ref)
         hash_rate = float(opts.pop("hash_rate", None) or rate_ref)
-        hot = cls._hot_row_bytes(embedding_dim, opts.get("slots", 4), opts.get("buckets_per_row", 1.0))
+        hot = cls._hot_row_bytes(field_sizes, embedding_dim, opts)
         row = embedding_dim * FLOAT_BYTES
         usable = budget_bytes - cls._fixed_bytes(field_sizes)
         hash_rows = max(len(field_sizes), min(sum(int(n) for n in field_sizes), int(hash_rate * usable) // row))

@@ -143,8 +143,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
         elif source == "hash":  # nothing to hash twice, or too few rows: give them back to the first table
             rows = allocate_rows(sizes, min(sum(sizes), hash_rows))
         leftover = budget_bytes - cls._fixed_bytes(field_sizes) - (sum(rows) + sum(rows2)) * embedding_dim * FLOAT_BYTES
-        hot_rows = max(1, int(leftover // cls._hot_row_bytes(embedding_dim, opts.get("slots", 4),
-                                                              opts.get("buckets_per_row", 1.0))))
+        hot_rows = max(1, int(leftover // cls._hot_row_bytes(field_sizes, embedding_dim, opts)))
         table = cls(field_sizes, embedding_dim, rows, rows2, hot_rows, second_in_first=source == "shared", **opts)
         log.info("cafe-ml: %d + %d hash rows, %d hot rows, T=%g, %d bytes", sum(rows), sum(rows2), hot_rows,
                  table.sketch.threshold, table.memory_bytes())

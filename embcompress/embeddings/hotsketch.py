@@ -91,7 +91,8 @@ its size, and a sort is a few kernels, so there both the newcomers and their slo
 launches (README, "On a GPU").
 
 All state sits in fixed-size buffers, so ``state_dict`` is a complete checkpoint and the memory is
-``w · c · 16`` bytes for the slots, one byte per hot row for the free-row mask and 8 bytes of counter.
+``w · c · 16`` bytes for the slots (``w · c · 12`` with ``key_dtype=torch.int32``, the paper's 48 bytes per
+bucket of 4 slots), one byte per hot row for the free-row mask and 8 bytes of counter.
 """
 
 from __future__ import annotations
@@ -107,7 +108,15 @@ from .ops import topk_ties_first
 log = logging.getLogger(__name__)
 
 EMPTY = -1
-SLOT_BYTES = 8 + 4 + 4  # id int64, score float32, hot row int32
+KEY_DTYPES = (torch.int32, torch.int64)
+
+
+def slot_bytes(key_dtype: torch.dtype = torch.int64) -> int:
+    """Bytes of one slot: the id (``key_dtype``), its float32 score and its int32 hot row."""
+    return key_dtype.itemsize + 4 + 4
+
+
+SLOT_BYTES = slot_bytes(torch.int64)
 _CELLS_MIN = 2048  # newcomers from which _newcomers_by_bucket aggregates by cells rather than sorting
 _CELLS_MAX_PER_BUCKET = 1.0  # ... up to this many newcomers per bucket
 _PICK_COUNT_MIN = 1024  # columns from which pick_ranked counts comparisons rather than sorting
@@ -201,17 +210,21 @@ class HotSketch(nn.Module):
         pressure_decay: also decay when more entries have reached T than rows are free (see module doc).
         preempt: let an entry waiting for a row take the row of a hot entry it outscores (module doc).
         seed: seed of the bucket hash.
+        key_dtype: dtype of the stored ids. ``torch.int32`` (12-byte slots, the paper's 48 bytes per
+            bucket) holds ids in ``[0, 2^31)`` and rejects others at insert; the default int64 holds any id.
     """
 
     def __init__(self, num_buckets: int, num_hot_rows: int, threshold: float, slots: int = 4,
                  decay: float = 0.98, decay_mass: float = 10.0, pressure_decay: bool = True,
-                 preempt: bool = True, seed: int = DEFAULT_SEED) -> None:
+                 preempt: bool = True, seed: int = DEFAULT_SEED, key_dtype: torch.dtype = torch.int64) -> None:
         super().__init__()
         if num_buckets < 1 or slots < 1 or num_hot_rows < 0:
             raise ValueError(f"need num_buckets >= 1, slots >= 1, num_hot_rows >= 0; got "
                              f"{num_buckets}, {slots}, {num_hot_rows}")
         if num_hot_rows >= 2**31 or num_buckets * slots >= 2**31:
             raise ValueError("hot-row indices and bucket indices must stay below 2^31")
+        if key_dtype not in KEY_DTYPES:
+            raise ValueError(f"key_dtype must be torch.int32 or torch.int64, got {key_dtype}")
         if threshold <= 0 or not 0 < decay <= 1:
             raise ValueError(f"need threshold > 0 and 0 < decay <= 1, got {threshold}, {decay}")
         self.threshold = float(threshold)
@@ -221,7 +234,7 @@ class HotSketch(nn.Module):
         self.preempt = bool(preempt)
         self.seed = int(seed)
         self.bucket_cells = True  # aggregate newcomers per bucket cell (False: sort them all; same result)
-        self.register_buffer("keys", torch.full((num_buckets, slots), EMPTY, dtype=torch.int64))
+        self.register_buffer("keys", torch.full((num_buckets, slots), EMPTY, dtype=key_dtype))
         self.register_buffer("scores", torch.zeros(num_buckets, slots, dtype=torch.float32))
         self.register_buffer("hot_row", torch.full((num_buckets, slots), EMPTY, dtype=torch.int32))
         self.register_buffer("row_used", torch.zeros(num_hot_rows, dtype=torch.bool))  # the free-row list
@@ -242,9 +255,10 @@ class HotSketch(nn.Module):
         return self.row_used.numel()
 
     @staticmethod
-    def memory_bytes_for(num_buckets: int, num_hot_rows: int, slots: int = 4) -> int:
+    def memory_bytes_for(num_buckets: int, num_hot_rows: int, slots: int = 4,
+                         key_dtype: torch.dtype = torch.int64) -> int:
         """Bytes of the buffers of a sketch of this shape (what ``state_dict`` holds)."""
-        return num_buckets * slots * SLOT_BYTES + num_hot_rows + 8
+        return num_buckets * slots * slot_bytes(key_dtype) + num_hot_rows + 8
 
     def num_hot(self) -> int:
         return int(self.row_used.sum())
@@ -303,7 +317,7 @@ class HotSketch(nn.Module):
     def hot_entries(self) -> tuple[Tensor, Tensor]:
         """(ids, hot rows) of every hot feature, int64."""
         mask = self.hot_row >= 0
-        return self.keys[mask], self.hot_row[mask].long()
+        return self.keys[mask].long(), self.hot_row[mask].long()
 
     def top(self, k: int) -> Tensor:
         """The k ids with the highest scores (fewer if the sketch holds fewer)."""
@@ -311,7 +325,7 @@ class HotSketch(nn.Module):
         present = keys >= 0
         order = torch.argsort(torch.where(present, scores, -1.0), descending=True, stable=True)
         k = min(k, int(present.sum()))
-        return keys[order[:k]]
+        return keys[order[:k]].long()
 
     # ------------------------------------------------------------------ writing
     def insert(self, ids: Tensor, scores: Tensor | None = None, located: Located | None = None) -> SketchUpdate:
@@ -359,8 +373,18 @@ class HotSketch(nn.Module):
         place = torch.nonzero(ok).squeeze(1)
         target = (base + slot).index_select(0, place)
         old = slot_score.index_select(0, place).clamp(min=0)  # an empty slot counts as 0
-        self.keys.view(-1).index_copy_(0, target, uid.index_select(0, place))
+        self.keys.view(-1).index_copy_(0, target, self._as_key(uid.index_select(0, place)))
         self.scores.view(-1).index_copy_(0, target, old + us.index_select(0, place))
+
+    def _as_key(self, ids: Tensor) -> Tensor:
+        """``ids`` in the dtype of the stored keys; ValueError for ids int32 keys cannot hold."""
+        if self.keys.dtype == torch.int64 or ids.numel() == 0:
+            return ids
+        lo, hi = torch.aminmax(ids)
+        if lo.item() < 0 or hi.item() > torch.iinfo(torch.int32).max:
+            bad = lo.item() if lo.item() < 0 else hi.item()
+            raise ValueError(f"HotSketch with int32 keys holds ids in [0, 2^31); got {bad}")
+        return ids.to(torch.int32)
 
     def _newcomers_by_bucket(self, ids: Tensor, s: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(unique id, summed score, bucket, rank in its bucket) of the newcomers with rank < c.
@@ -482,7 +506,7 @@ class HotSketch(nn.Module):
         flat_rows.index_fill_(0, lose, EMPTY)
         flat_rows.index_copy_(0, win, rows)
         self.generation += 1
-        return flat_keys.index_select(0, win), flat_keys.index_select(0, lose), rows.long()
+        return flat_keys.index_select(0, win).long(), flat_keys.index_select(0, lose).long(), rows.long()
 
     def apply_decay(self) -> tuple[Tensor, Tensor]:
         """Multiply every score by ``decay`` and demote hot entries below T; returns (ids, rows) demoted."""
@@ -491,7 +515,7 @@ class HotSketch(nn.Module):
         self.generation += 1
         flat_rows = self.hot_row.view(-1)
         out = torch.nonzero((flat_rows >= 0) & (self.scores.view(-1) < self.threshold)).squeeze(1)
-        ids, rows = self.keys.view(-1).index_select(0, out), flat_rows.index_select(0, out).long()
+        ids, rows = self.keys.view(-1).index_select(0, out).long(), flat_rows.index_select(0, out).long()
         if ids.numel():
             self.row_used.index_fill_(0, rows, False)
             flat_rows.index_fill_(0, out, EMPTY)
@@ -512,4 +536,4 @@ class HotSketch(nn.Module):
         self.hot_row.view(-1).index_copy_(0, cand, rows.int())
         self.row_used.index_fill_(0, rows, True)
         self.generation += 1
-        return self.keys.view(-1).index_select(0, cand), rows
+        return self.keys.view(-1).index_select(0, cand).long(), rows

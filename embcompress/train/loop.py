@@ -111,6 +111,9 @@ class TrainConfig:
 RESUME_MUST_MATCH = ("data", "data_options", "split", "test_fraction", "method", "compression", "budget_bytes",
                      "method_options", "model", "model_options", "embedding_dim", "batch_size", "lr",
                      "warmup_steps", "optimizer", "seed", "shuffle")
+# Method options a resumed run may add to a checkpoint's settings: they rebuild what older versions built
+# by default (cafe / cafe-ml sketches held 8-byte ids before 4-byte ids became the default).
+_OLD_DEFAULTS = {"key_dtype": "int64"}
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -246,6 +249,10 @@ def restore(state: dict[str, Any], model: nn.Module, opts: list[torch.optim.Opti
     """Load a checkpoint into a freshly built model and optimizers; returns the data position."""
     saved = state.get("config", {})
     mine = config_json(cfg)
+    if "method_options" in saved:  # options that rebuild what older versions built by default may be added
+        added = {k: v for k, v in mine["method_options"].items() if k not in saved["method_options"]}
+        if added and added.items() <= _OLD_DEFAULTS.items():
+            saved = {**saved, "method_options": {**saved["method_options"], **added}}
     differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != mine[k]]
     if differ:
         raise CheckpointError(f"cannot resume from {source}: it was trained with different settings: "
@@ -256,7 +263,13 @@ def restore(state: dict[str, Any], model: nn.Module, opts: list[torch.optim.Opti
     if state.get("world_size", 1) != world_size:
         raise CheckpointError(f"cannot resume from {source}: it was written by {state.get('world_size')} "
                               f"ranks and this run has {world_size} (the data shards would differ)")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # e.g. size mismatch: the settings build tables of another shape
+        raise CheckpointError(
+            f"cannot resume from {source}: its model does not fit the one these settings build (a cafe or "
+            f"cafe-ml checkpoint from before 4-byte sketch ids became the default needs --option "
+            f"key_dtype=int64): {e}") from e
     if len(state["optimizers"]) != len(opts):
         raise CheckpointError(f"cannot resume from {source}: it has {len(state['optimizers'])} optimizer states, "
                               f"this run {len(opts)}")

@@ -48,13 +48,16 @@ def test_reference_defaults_by_nearest_ratio():
 
 @pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
 @pytest.mark.parametrize("ratio", [10, 100, 1000])
-def test_memory_counts_every_buffer(method, ratio):
-    t = table(method, ratio)
+@pytest.mark.parametrize("key_dtype", ["auto", "int64"])
+def test_memory_counts_every_buffer(method, ratio, key_dtype):
+    t = table(method, ratio, key_dtype=key_dtype)
     state = t.state_dict()
     assert t.memory_bytes() == sum(v.numel() * v.element_size() for v in state.values())
     h, w = t.num_hot_rows, t.sketch.num_buckets
     assert state["weight"].shape == (t.num_hash_rows + h, DIM)
-    assert HotSketch.memory_bytes_for(w, h) == sum(
+    key = torch.int32 if key_dtype == "auto" else torch.int64  # 70k ids fit in int32
+    assert t.sketch.keys.dtype == key
+    assert HotSketch.memory_bytes_for(w, h, key_dtype=key) == sum(
         v.numel() * v.element_size() for k, v in state.items() if k.startswith("sketch."))
     hash_bytes = t.num_hash_rows * DIM * 4
     budget = ec.full_table_bytes(FIELDS, DIM) / ratio
@@ -202,6 +205,56 @@ def test_ordinary_loop_promotes_the_frequent_ids_and_checkpoint_reproduces(metho
     other.load_state_dict(before)
     other.eval()
     assert torch.equal(other(probe), out)
+
+
+def test_sketch_key_dtype_is_int32_when_the_ids_fit():
+    from embcompress.embeddings.cafe import sketch_key_dtype
+    assert sketch_key_dtype([2**30, 2**30]) == torch.int32  # ids 0 .. 2^31 - 1
+    assert sketch_key_dtype([2**30, 2**30 + 1]) == torch.int64
+    assert sketch_key_dtype([10], "int64") == torch.int64
+    with pytest.raises(ValueError, match="cannot hold"):
+        sketch_key_dtype([2**31, 5], "int32")
+    with pytest.raises(ValueError, match="key_dtype must be"):
+        sketch_key_dtype([10], "int16")
+    wide, narrow = table(ratio=100, key_dtype="int64"), table(ratio=100)
+    assert narrow.num_hot_rows > wide.num_hot_rows and narrow.num_hash_rows == wide.num_hash_rows
+    assert max(narrow.memory_bytes(), wide.memory_bytes()) <= ec.full_table_bytes(FIELDS, DIM) / 100
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("optimizer_state", ["copy", "reset", "slot"])
+def test_a_reused_hot_row_restarts_from_the_served_row_with_its_optimizer_state(optimizer_state, sparse):
+    """One hot row: A holds it, then B outgrows A within one step. With ``copy`` B's row starts as its
+    hashed row, weight and Adagrad sum, with ``reset`` as its hashed row's weight and a zero sum, and A's
+    gradient of that step does not land on it; with ``slot`` it keeps the row's old sum and takes A's
+    step."""
+    torch.manual_seed(0)
+    t = CafeEmbeddingBag(FIELDS, DIM, [4, 50, 100, 100], num_hot_rows=1, threshold=4.0, decay=0.5,
+                         importance="frequency", optimizer_state=optimizer_state, sparse=sparse)
+    opt = torch.optim.Adagrad(t.parameters(), lr=0.1)
+    ec.attach(t, opt)
+    a, b = 100, 30_000
+
+    def train(ids: list[int]) -> None:
+        opt.zero_grad()
+        t.train()
+        t(torch.tensor(ids).reshape(-1, 1)).pow(2).sum().backward()
+        opt.step()
+
+    train([a] * 5)  # A reaches T: promoted into row 0
+    train([a, b])  # row 0 trains, its Adagrad sum grows; so does the sum of B's hashed row
+    assert t.sketch.query(torch.tensor([a]))[0].item() == 0
+    hot, source = t.num_hash_rows, int(t.hashed_row(torch.tensor([b])))
+    sums = opt.state[t.weight]["sum"]
+    assert sums[hot].abs().sum() > 0
+    before_weight, before_sum = t.weight[source].detach().clone(), sums[source].clone()
+    assert before_sum.abs().sum() > 0 and not torch.equal(before_sum, sums[hot])
+    train([a] + [b] * 10)  # B waits, no row is free: decay demotes A (3.5 < T) and B takes row 0
+    assert t.sketch.query(torch.tensor([a, b]))[0].tolist() == [-1, 0]
+    fresh = {"copy": before_sum, "reset": torch.zeros(DIM), "slot": None}[optimizer_state]
+    restarted = torch.equal(t.weight[hot].detach(), before_weight) and fresh is not None and torch.equal(sums[hot], fresh)
+    assert restarted == (optimizer_state != "slot")
+    assert optimizer_state != "slot" or not torch.equal(t.weight[hot].detach(), before_weight)
 
 
 def test_training_forward_without_backward_records_nothing_harmful():

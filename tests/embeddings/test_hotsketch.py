@@ -208,6 +208,30 @@ def test_hot_set_recalls_true_top_k_on_zipf(exponent):
     assert len(set(sk.top(k).tolist()) & true_top) / k >= 0.95
 
 
+def test_int32_keys_give_the_same_sketch_in_three_quarters_of_the_slot_bytes():
+    ids = zipf_stream(60_000, 30_000, 1.1, seed=5)
+    wide, narrow = HotSketch(128, 64, 20.0), HotSketch(128, 64, 20.0, key_dtype=torch.int32)
+    for chunk in ids.split(3000):
+        updates = wide.insert(chunk), narrow.insert(chunk)
+        for a, b in zip(*(vars(u).values() for u in updates)):
+            assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+    assert narrow.keys.dtype == torch.int32 and torch.equal(narrow.keys.long(), wide.keys)
+    for name in ("scores", "hot_row", "row_used"):
+        assert torch.equal(getattr(narrow, name), getattr(wide, name))
+    top = int(wide.top(1)[0])
+    probe = torch.cat([torch.tensor([top]), ids[:500], torch.tensor([2**40 + top])])  # int32 would wrap it onto top
+    assert all(torch.equal(a, b) for a, b in zip(wide.query(probe), narrow.query(probe)))
+    assert narrow.query(probe)[1][0] > 0 and narrow.query(probe)[1][-1] == 0  # not confused with top
+    assert narrow.top(10).dtype == narrow.hot_entries()[0].dtype == torch.int64
+    size = {k: v.numel() * v.element_size() for k, v in narrow.state_dict().items()}
+    assert sum(size.values()) == HotSketch.memory_bytes_for(128, 64, key_dtype=torch.int32)
+    assert size["keys"] * 2 == wide.keys.numel() * 8
+    with pytest.raises(ValueError, match=r"int32 keys holds ids in \[0, 2\^31\)"):
+        narrow.insert(torch.tensor([2**31]))
+    with pytest.raises(ValueError, match="key_dtype"):
+        HotSketch(4, 4, 1.0, key_dtype=torch.int16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_and_cuda_agree():
     ids = zipf_stream(50_000, 20_000, 1.1, seed=3)

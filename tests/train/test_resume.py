@@ -13,7 +13,7 @@ import torch
 
 from embcompress.data import make_synthetic
 from embcompress.train import CheckpointError, TrainConfig, load_checkpoint
-from embcompress.train.checkpoint import MANIFEST, find_resume_checkpoint
+from embcompress.train.checkpoint import MANIFEST, find_resume_checkpoint, save_run_checkpoint
 from embcompress.train.loop import train_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,6 +146,22 @@ def test_resume_refuses_different_settings(tmp_path, small):
     train_model(_cfg(tmp_path / "run", max_steps=20), dataset=small)
     with pytest.raises(CheckpointError, match=r"different settings: compression=10"):
         train_model(_cfg(tmp_path / "run", compression=20, resume=True), dataset=small)
+
+
+def test_resume_of_a_cafe_checkpoint_with_8_byte_sketch_ids_names_the_option(tmp_path, small):
+    """A checkpoint from before 4-byte sketch ids became the default: same settings, other table shape."""
+    train_model(_cfg(tmp_path / "run", max_steps=20, method_options={"key_dtype": "int64"}), dataset=small)
+    state, _ = find_resume_checkpoint(tmp_path / "run")
+    state["config"]["method_options"] = {}  # what such a run recorded
+    save_run_checkpoint(tmp_path / "run", state, step=21)
+    with pytest.raises(CheckpointError, match=r"(?s)does not fit.*--option key_dtype=int64.*size mismatch"):
+        train_model(_cfg(tmp_path / "run", resume=True), dataset=small)
+    s, _ = train_model(_cfg(tmp_path / "run", resume=True, max_steps=25, method_options={"key_dtype": "int64"}),
+                       dataset=small)  # the option the message names: accepted though the checkpoint lacks it
+    assert s["steps"] == 25
+    with pytest.raises(CheckpointError, match="different settings: method_options"):  # other options are not
+        train_model(_cfg(tmp_path / "run", resume=True, method_options={"key_dtype": "int64", "threshold": 9}),
+                    dataset=small)
 
 
 def test_resume_without_checkpoint_starts_afresh(tmp_path, small):
