@@ -123,8 +123,10 @@ def zipf_requests(field_sizes: list[int], batch: int, batches: int, skew: float 
 def dlrm_steppers(ds: Any, methods: list[str], ratio: float, batch_size: int,
                   device: str = "cpu") -> dict[str, Callable[[], None]]:
     """One DLRM per method as the training loop builds it (model, optimizers, tables attached), the data
-    copied to ``device`` once; each value runs that model's next training step, walking the rows in order."""
+    copied to ``device`` once; each value runs that model's next training step, walking the rows in order.
+    A method may carry table options: ``cafe:key_dtype=int64:threshold=200``."""
     import torch.nn.functional as F
+    from embcompress.cli import parse_options
     from embcompress.train.loop import TrainConfig, build_model, build_optimizers
 
     dev = torch.device(device)
@@ -133,7 +135,8 @@ def dlrm_steppers(ds: Any, methods: list[str], ratio: float, batch_size: int,
     b, rows = batch_size, len(labels) - batch_size
 
     def stepper(method: str) -> Callable[[], None]:
-        cfg = TrainConfig(method=method, compression=ratio, batch_size=batch_size)
+        name, *options = method.split(":")
+        cfg = TrainConfig(method=name, compression=ratio, batch_size=batch_size, method_options=parse_options(options))
         torch.manual_seed(0)
         model = build_model(cfg, ds).to(dev)
         model.train()
