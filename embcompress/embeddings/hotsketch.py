@@ -380,10 +380,9 @@ class HotSketch(nn.Module):
         """``ids`` in the dtype of the stored keys; ValueError for ids int32 keys cannot hold."""
         if self.keys.dtype == torch.int64 or ids.numel() == 0:
             return ids
-        lo, hi = torch.aminmax(ids)
-        if lo.item() < 0 or hi.item() > torch.iinfo(torch.int32).max:
-            bad = lo.item() if lo.item() < 0 else hi.item()
-            raise ValueError(f"HotSketch with int32 keys holds ids in [0, 2^31); got {bad}")
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read back (a sync on CUDA), not two
+        if lo < 0 or hi > torch.iinfo(torch.int32).max:
+            raise ValueError(f"HotSketch with int32 keys holds ids in [0, 2^31); got {lo if lo < 0 else hi}")
         return ids.to(torch.int32)
 
     def _newcomers_by_bucket(self, ids: Tensor, s: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

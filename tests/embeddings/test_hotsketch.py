@@ -226,8 +226,9 @@ def test_int32_keys_give_the_same_sketch_in_three_quarters_of_the_slot_bytes():
     size = {k: v.numel() * v.element_size() for k, v in narrow.state_dict().items()}
     assert sum(size.values()) == HotSketch.memory_bytes_for(128, 64, key_dtype=torch.int32)
     assert size["keys"] * 2 == wide.keys.numel() * 8
-    with pytest.raises(ValueError, match=r"int32 keys holds ids in \[0, 2\^31\)"):
-        narrow.insert(torch.tensor([2**31]))
+    for bad in (2**31, -5):
+        with pytest.raises(ValueError, match=rf"int32 keys holds ids in \[0, 2\^31\); got {bad}"):
+            narrow.insert(torch.tensor([bad]))
     with pytest.raises(ValueError, match="key_dtype"):
         HotSketch(4, 4, 1.0, key_dtype=torch.int16)
 
