@@ -119,8 +119,8 @@ class CompressedEmbeddingBag(nn.Module):
         """(the bound optimizer's state dict of ``param``, initial value of each per-row state tensor).
 
         Per-row state tensors are those shaped like ``param`` up to the number of rows (Adagrad's ``sum``,
-        Adam's and SparseAdam's moments, SGD's momentum buffer); scalars such as Adam's step count are shared and
-        left out. Both are empty when no optimizer is bound or it has no state for ``param`` yet.
+        Adam's and SparseAdam's moments, SGD's momentum buffer); scalars such as Adam's step count are
+        shared and left out. Both are empty when no optimizer is bound or it has no state for ``param`` yet.
         """
         for ref in getattr(self, "_optimizers", ()):
             opt = ref()

@@ -61,9 +61,10 @@ def sketch_key_dtype(field_sizes: Sequence[int], key_dtype: str = "auto") -> tor
     """The sketch's id dtype: ``"auto"`` is int32 when every global id fits (below 2^31), else int64."""
     if key_dtype not in ("auto", "int32", "int64"):
         raise ValueError(f"key_dtype must be 'auto', 'int32' or 'int64', got {key_dtype!r}")
-    fits = sum(int(n) for n in field_sizes) <= 2**31
+    total = sum(int(n) for n in field_sizes)
+    fits = total <= 2**31
     if key_dtype == "int32" and not fits:
-        raise ValueError(f"key_dtype='int32' cannot hold the {sum(int(n) for n in field_sizes)} ids of these fields")
+        raise ValueError(f"key_dtype='int32' cannot hold the {total} ids of these fields")
     return torch.int32 if key_dtype == "int32" or (key_dtype == "auto" and fits) else torch.int64
 
 
