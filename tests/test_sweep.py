@@ -9,6 +9,7 @@ import pytest
 
 from embcompress.cli import main
 from embcompress.sweep import Cell, plan_cells
+from embcompress.sweep.results import markdown, paired
 from embcompress.train import loop
 
 # 2 methods x 2 reachable ratios x 1 seed, plus one ratio no method can reach on this data (skipped cells).
@@ -61,6 +62,12 @@ def test_sweep_writes_cells_csv_markdown_and_plots(uninterrupted):
     md = (out / "results.md").read_text()
     assert "| hash | 10x | 1/1 |" in md and "| qr | 100x | 1/1 |" in md
     assert "`hash-1e+07x-seed0` skipped: method 'hash' cannot reach" in md
+    # qr against the default baseline (hash), paired by seed, at the two ratios both reached
+    auc = {(r["method"], float(r["ratio"])): float(r["test_auc"]) for r in rows if r["status"] == "done"}
+    assert "## Test AUC against `hash`, paired by seed" in md
+    for ratio, target in ((10.0, "10x"), (100.0, "100x")):
+        diff = auc[("qr", ratio)] - auc[("hash", ratio)]
+        assert f"| qr | {target} | {diff:+.4f} |" in md and f"0: {diff:+.4f}" in md
     for name in ("auc_vs_compression.png", "train_speed_vs_compression.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -125,3 +132,29 @@ def test_a_crashing_cell_is_reported_not_saved_and_retried(tmp_path, monkeypatch
     md = (out / "results.md").read_text()
     assert "`hash-10x-seed0` error: RuntimeError: bug in hash" in md
     assert "6 errors" in capsys.readouterr().out
+
+
+def _done(method: str, ratio: float, seed: int, auc: float) -> dict:
+    return {"cell": {"method": method, "ratio": ratio, "seed": seed}, "key": f"{method}-{ratio:g}x-seed{seed}",
+            "status": "done", "reason": None, "summary": {"test_auc": auc}}
+
+
+def test_paired_differences_use_only_seeds_both_methods_finished():
+    records = [_done("hash", 10.0, 0, 0.70), _done("hash", 10.0, 1, 0.60), _done("hash", 10.0, 2, 0.80),
+               _done("cafe", 10.0, 0, 0.72), _done("cafe", 10.0, 1, 0.59), _done("cafe", 10.0, 2, 0.83),
+               _done("cafe", 10.0, 3, 0.99),  # no hash on seed 3: not paired
+               _done("cafe", 100.0, 0, 0.50),  # no hash at 100x at all
+               {"cell": {"method": "hash", "ratio": 100.0, "seed": 0}, "key": "hash-100x-seed0",
+                "status": "skipped", "reason": "cannot reach"}]
+    (row,) = paired(records, "hash")
+    assert (row["method"], row["ratio"], row["seeds"]) == ("cafe", 10.0, [0, 1, 2])
+    assert row["diffs"] == pytest.approx([0.02, -0.01, 0.03])
+    assert row["mean"] == pytest.approx(0.04 / 3)
+    assert row["se"] == pytest.approx(0.020816659994661 / 3**0.5)  # sample std of the diffs / sqrt(3)
+    assert row["relative"] == pytest.approx((0.04 / 3) / 0.70)
+    assert row["wins"] == 2
+    settings = {"data": "synthetic", "data_options": {}, "data_seed": None, "train": {}, "method_options": {}}
+    md = markdown(records, settings, baseline="hash")
+    assert "| cafe | 10x | +0.0133 ± 0.0120 | +1.90% | 2/3 | 0: +0.0200 / 1: -0.0100 / 2: +0.0300 |" in md
+    assert "paired by seed" not in markdown(records, settings, baseline=None)
+    assert "No method has a result" in markdown(records, settings, baseline="tt")

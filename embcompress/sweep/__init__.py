@@ -4,7 +4,8 @@
         --compression 10,100,1000,10000 --seeds 3 --out bench-out/sweep
 
 Writes under --out: ``cells/*.json`` (one per finished cell; a rerun skips them, so an interrupted sweep
-resumes), ``results.csv``, ``results.md`` (mean ± std over seeds) and two PNG plots. Cells a method cannot
+resumes), ``results.csv``, ``results.md`` (mean ± std over seeds, and every method's test AUC against ``--baseline``
+paired by seed) and two PNG plots. Cells a method cannot
 reach are skipped with the reason. See :mod:`embcompress.sweep.runner` for the resume rules.
 """
 
@@ -31,7 +32,7 @@ def write_reports(cfg: SweepConfig, records: list[dict[str, Any]]) -> None:
 
     out = Path(cfg.out)
     write_csv(out / "results.csv", records)
-    write_markdown(out / "results.md", records, cfg.settings(), machine_info())
+    write_markdown(out / "results.md", records, cfg.settings(), machine_info(), cfg.baseline)
     write_plots(out, records)
 
 
@@ -68,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(out=args.out, methods=methods, ratios=ratios, seeds=list(range(first, first + args.seeds)),
                        data=args.data, data_options=opts, data_seed=args.data_seed, train=train,
                        method_options=parse_method_options(args.option, methods), keep_runs=args.keep_runs,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, baseline=None if args.baseline == "none" else args.baseline)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +98,9 @@ def add_parser(subparsers: Any) -> None:
                    help="table option for METHOD (or for every compressed method), repeatable")
     g.add_argument("--out", required=True, help="sweep directory; rerun with the same settings to resume")
     g.add_argument("--keep-runs", action="store_true", help="keep each cell's run directory under OUT/runs")
+    g.add_argument("--baseline", default="hash",
+                   help="results.md compares every method's test AUC with this method's, paired by seed "
+                        "(default hash; 'none' leaves the comparison out)")
     g.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("training (shared by every cell)")
     g.add_argument("--model", default="dlrm")

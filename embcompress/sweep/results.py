@@ -1,4 +1,5 @@
-"""A sweep's outputs: results.csv (one row per cell) and results.md (mean ± std over seeds per method/ratio)."""
+"""A sweep's outputs: results.csv (one row per cell) and results.md (mean ± std over seeds per method/ratio,
+and each method's test AUC against a baseline method paired by seed)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,46 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(records: Sequence[dict[str, Any]], settings: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
+def paired(records: Sequence[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Per (method, ratio): test AUC minus ``baseline``'s at the same ratio and seed, over the seeds where
+    both finished. With one dataset per seed the seeds differ in difficulty far more than the methods
+    do, so these differences, not the means, say which method is ahead."""
+    auc = {(r["cell"]["method"], r["cell"]["ratio"], r["cell"]["seed"]): float(r["summary"]["test_auc"])
+           for r in records if r["status"] == "done" and "test_auc" in (r.get("summary") or {})}
+    rows = []
+    for method, ratio in dict.fromkeys((m, r) for m, r, _ in auc):
+        if method == baseline:
+            continue
+        seeds = sorted(s for m, r, s in auc if (m, r) == (method, ratio) and (baseline, ratio, s) in auc)
+        if not seeds:
+            continue
+        diffs = [auc[(method, ratio, s)] - auc[(baseline, ratio, s)] for s in seeds]
+        mean, std = mean_std(diffs)
+        base = statistics.fmean(auc[(baseline, ratio, s)] for s in seeds)
+        rows.append({"method": method, "ratio": ratio, "target": f"{ratio:,g}x", "seeds": seeds, "diffs": diffs,
+                     "mean": mean, "se": std / math.sqrt(len(diffs)), "relative": mean / base,
+                     "wins": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def _paired_table(records: Sequence[dict[str, Any]], baseline: str) -> list[str]:
+    rows = paired(records, baseline)
+    if not rows:
+        return [f"No method has a result at a ratio where `{baseline}` has one on the same seed.", ""]
+    for row in rows:
+        se = "" if math.isnan(row["se"]) else f" ± {row['se']:.4f}"
+        row["fmt_mean"] = f"{row['mean']:+.4f}{se}"
+        row["fmt_relative"] = f"{100 * row['relative']:+.2f}%"
+        row["fmt_wins"] = f"{row['wins']}/{len(row['diffs'])}"
+        row["fmt_per_seed"] = " / ".join(f"{s}: {d:+.4f}" for s, d in zip(row["seeds"], row["diffs"]))
+    columns = [("method", "method", "{}"), ("target", "target", "{}"), ("fmt_mean", "AUC difference", "{}"),
+               ("fmt_relative", "relative", "{}"), ("fmt_wins", "seeds ahead", "{}"),
+               ("fmt_per_seed", "per seed", "{}")]
+    return [markdown_table(rows, columns), ""]
+
+
+def markdown(records: Sequence[dict[str, Any]], settings: dict[str, Any], machine: dict[str, Any] | None = None,
+             baseline: str | None = None) -> str:
     rows = aggregate(records)
     columns = [("method", "method", "{}"), ("target", "target", "{}"), ("seeds", "seeds done", "{}")]
     columns += [("fmt_" + key, title, "{}") for key, title, _, _ in MD_METRICS] + [("note", "note", "{}")]
@@ -111,6 +151,12 @@ def markdown(records: Sequence[dict[str, Any]], settings: dict[str, Any], machin
         lines.append(f"1-minute load average around the cells: {min(loads):.2f} to {max(loads):.2f} "
                      "(speeds are comparable only under similar load).")
     lines += ["", table, ""]
+    if baseline:
+        lines += [f"## Test AUC against `{baseline}`, paired by seed", "",
+                  f"Each method's test AUC minus `{baseline}`'s at the same target ratio and seed (the same data and "
+                  "initial seed), over the seeds where both finished: mean ± standard error of the mean, the mean "
+                  f"relative to `{baseline}`'s AUC, and on how many seeds the method was ahead.", ""]
+        lines += _paired_table(records, baseline)
     not_done = [r for r in records if r["status"] != "done"]
     if not_done:
         lines += ["## Cells without a result", ""]
@@ -120,5 +166,5 @@ def markdown(records: Sequence[dict[str, Any]], settings: dict[str, Any], machin
 
 
 def write_markdown(path: str | Path, records: Sequence[dict[str, Any]], settings: dict[str, Any],
-                   machine: dict[str, Any] | None = None) -> None:
-    atomic_write_bytes(path, markdown(records, settings, machine).encode())
+                   machine: dict[str, Any] | None = None, baseline: str | None = None) -> None:
+    atomic_write_bytes(path, markdown(records, settings, machine, baseline).encode())

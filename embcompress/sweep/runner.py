@@ -62,6 +62,7 @@ class SweepConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method name
     keep_runs: bool = False  # keep each cell's run directory (metrics.jsonl, checkpoint) under runs/
     progress: bool = True
+    baseline: str | None = "hash"  # results.md's paired comparison; a report option, not a setting
 
     def settings(self) -> dict[str, Any]:
         """What every cell's result depends on besides (method, ratio, seed); must match on resume."""
