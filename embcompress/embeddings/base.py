@@ -105,6 +105,24 @@ class CompressedEmbeddingBag(nn.Module):
     def after_optimizer_step(self) -> None:
         """Runs right after ``optimizer.step()``."""
 
+    def training_stats(self) -> dict[str, float]:
+        """What the table's own state did since the previous call, for the training log (the loop adds
+        it to every train row of metrics.jsonl): cafe's hot share and promotions, mpcache's cache hit
+        rate, tt's cache refreshes. Counts cover this process's training forwards (one rank under data
+        parallelism). Reading them changes nothing the table computes. ``{}`` for tables without such state."""
+        return {}
+
+    def _since_last_call(self, key: str, counters: Tensor) -> list[int]:
+        """Cumulative integer ``counters`` minus their values at the previous call with ``key`` (for
+        :meth:`training_stats`; from zero at the first call, or after the counters were reset)."""
+        now = [int(v) for v in counters.tolist()]
+        seen = self.__dict__.setdefault("_counters_seen", {})
+        prev = seen.get(key)
+        if prev is None or len(prev) != len(now) or any(n < p for n, p in zip(now, prev)):
+            prev = [0] * len(now)
+        seen[key] = now
+        return [n - p for n, p in zip(now, prev)]
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters that receive sparse gradients (need SGD, Adagrad or SparseAdam)."""
         return []

@@ -135,6 +135,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             self.weight[sum(rows):].zero_()  # extra and hot rows: set when used
         self._pending: list[_Pending] = []
         self._warned = False
+        # training_stats counters (not state): hashed-field lookups, how many of them hot rows served
+        # (a tensor, so the forward never reads back), hot-set changes
+        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, None, 0, 0
 
     @property
     def num_hot_rows(self) -> int:
@@ -173,6 +176,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         out = self._pool(ids, rows, score, field, offsets, psw)  # (B, D)
         if self.training and torch.is_grad_enabled() and ids.numel() > 0:
             self._record(out, ids, field, offsets, psw, located, input.dim() == 2 and input.shape[1] == 1)
+            hot = (rows >= self.num_hash_rows).sum()  # only hashed fields' features hold hot rows
+            self._stat_hot = hot if self._stat_hot is None else self._stat_hot.add_(hot)
         return out
 
     def _record(self, out: Tensor, ids: Tensor, field: Tensor, offsets: Tensor, psw: Tensor | None,
@@ -189,6 +194,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         sub = Located(*(t.index_select(0, keep) for t in (located.bucket, located.flat, located.found)),
                       located.generation)
         entry = _Pending(ids=ids.index_select(0, keep), field=field.index_select(0, keep), located=sub)
+        self._stat_lookups += keep.numel()
         if self.importance == "gradient" and out.requires_grad:
             n = ids.numel()
             if one_per_bag:  # (B, 1) input, how the models look up fields: lookup i is bag i
@@ -256,6 +262,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         if distributed_world() > 1 or ids.shape[0] != n:
             located = None  # other ranks' ids were never located here
         update = self.sketch.insert(ids, scores, located=located)
+        self._stat_promoted += update.promoted_ids.numel()
+        self._stat_demoted += update.demoted_ids.numel()
         if update.promoted_ids.numel():
             hot = update.promoted_rows + self.num_hash_rows
             self.weight[hot] = self.cold_embedding(update.promoted_ids)
@@ -283,6 +291,18 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         if keep.numel() < rows.numel():
             self.weight.grad = torch.sparse_coo_tensor(grad._indices().index_select(1, keep),
                                                        grad._values().index_select(0, keep), grad.shape)
+
+    def training_stats(self) -> dict[str, float]:
+        """``hot_share``: share of the hashed fields' training lookups that hot rows served;
+        ``hot_rows_used``: share of the hot rows held now; ``promoted`` / ``demoted``: features that got
+        or lost a hot row (a preemption counts once each way). All since the previous call."""
+        stats: dict[str, float] = {"hot_rows_used": self.sketch.num_hot() / self.num_hot_rows,
+                                   "promoted": self._stat_promoted, "demoted": self._stat_demoted}
+        if self._stat_lookups:
+            hot = 0 if self._stat_hot is None else int(self._stat_hot)  # one read back per call
+            stats["hot_share"] = hot / self._stat_lookups
+        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, None, 0, 0
+        return stats
 
     def cold_embedding(self, ids: Tensor) -> Tensor:
         """The embedding that serves ``ids`` when they are not hot (copied into a new hot row)."""

@@ -446,6 +446,11 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     def reset_stats(self) -> None:
         self.stats[1:3] = 0
 
+    def training_stats(self) -> dict[str, float]:
+        """``cache_hit_rate``: share of the training lookups since the previous call served by the cache."""
+        hits, lookups = self._since_last_call("cache", self.stats[1:3])
+        return {"cache_hit_rate": hits / lookups} if lookups else {}
+
     # ------------------------------------------------------------------ state_dict: staging is workspace
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -315,6 +315,10 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.raw_weight, self.cache_weight] if self.sparse else []
 
+    def training_stats(self) -> dict[str, float]:
+        """Cache ``refreshes``, rows ``admitted`` and ``evicted`` since the previous call."""
+        return dict(zip(("refreshes", "admitted", "evicted"), self._since_last_call("cache", self.stats)))
+
     # ------------------------------------------------------------------ budget
     @classmethod
     def _split_options(cls, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

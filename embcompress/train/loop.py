@@ -1,7 +1,8 @@
 """One training loop for every method: build data, table and model; train; evaluate; write the run.
 
 Reads top to bottom: :func:`run_training` is the whole job, the functions above it are its steps.
-A run directory holds ``config.json``, ``metrics.jsonl`` (one line per logged step and per evaluation),
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per logged step, with the tables'
+``training_stats``, and per evaluation),
 ``summary.json`` and the last ``keep_checkpoints`` checkpoints (``checkpoint-STEP.pt``, the manifest
 ``checkpoints.json`` and ``checkpoint.pt``, a link to the newest; see :mod:`.checkpoint`).
 
@@ -134,6 +135,16 @@ def build_model(cfg: TrainConfig, dataset: Dataset) -> nn.Module:
 
 def embedding_tables(model: nn.Module) -> list[CompressedEmbeddingBag]:
     return [m for m in model.modules() if isinstance(m, CompressedEmbeddingBag)]
+
+
+def table_stats(model: nn.Module) -> dict[str, float]:
+    """Every table's :meth:`~embcompress.embeddings.base.CompressedEmbeddingBag.training_stats` since the
+    previous call; keys get the table's index when the model has several tables."""
+    tables = embedding_tables(model)
+    out: dict[str, float] = {}
+    for i, t in enumerate(tables):
+        out.update({(f"{i}.{k}" if len(tables) > 1 else k): v for k, v in t.training_stats().items()})
+    return out
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -354,6 +365,7 @@ def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, 
     bar = tqdm(total=total, disable=not cfg.progress or not ctx.is_main,
                desc=f"epoch {pos.epoch + 1}/{cfg.epochs} {cfg.method}", unit="batch", leave=False)
     window, window_start, start = 0.0, time.perf_counter(), time.perf_counter()
+    table_stats(model)  # start the tables' counters here (a resumed table's count from its checkpoint)
     for i, batch in enumerate(batches):
         if i >= total:
             break
@@ -384,8 +396,9 @@ def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, 
             now = time.perf_counter()
             rate = cfg.log_every * cfg.batch_size / max(now - window_start, 1e-9)
             bar.set_postfix(loss=f"{window / cfg.log_every:.4f}")
+            stats = table_stats(model)  # the table's own state over the window: cafe's hot share, ...
             writer.metric(kind="train", epoch=pos.epoch, step=pos.step, loss=window / cfg.log_every,
-                          samples_per_s=rate)
+                          samples_per_s=rate, **({"table": stats} if stats else {}))
             window, window_start = 0.0, now
         # the end of an epoch is checkpointed by the caller, as the start of the next one
         if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.batch < epoch_total:

@@ -283,3 +283,27 @@ def test_importance_is_gathered_across_ranks_before_the_sketch_update(monkeypatc
     step(t, torch.tensor([[100], [30_000], [100]]))
     assert seen == [2]
     assert t.sketch.query(torch.tensor([100, 30_000]))[1].tolist() == [4.0, 2.0]
+
+
+@pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
+def test_training_stats_count_hot_lookups_and_hot_set_changes_since_the_last_call(method):
+    t = table(method, ratio=100, threshold=20.0)
+    gen = torch.Generator().manual_seed(4)
+    frequent = torch.tensor([60, 61, 62, 20_100, 20_101])
+    assert t.training_stats() == {"hot_rows_used": 0.0, "promoted": 0, "demoted": 0}  # no lookups: no share
+    hot = lookups = 0
+    for _ in range(20):
+        ids = torch.cat([frequent.repeat(8), big_ids(24, gen).reshape(-1), torch.tensor([0, 1])]).reshape(-1, 1)
+        with torch.no_grad():  # what the training forward will serve: hashed-field ids (>= 54) on hot rows
+            hashed = ids.reshape(-1)[ids.reshape(-1) >= 54]
+            hot += int((t.row_index(hashed) >= t.num_hash_rows).sum())
+            lookups += hashed.numel()
+        step(t, ids)
+    stats = t.training_stats()
+    held = int(t.sketch.row_used.sum())
+    assert 0 < hot < lookups and stats["hot_share"] == pytest.approx(hot / lookups)
+    assert stats["hot_rows_used"] == pytest.approx(held / t.num_hot_rows)
+    assert stats["promoted"] - stats["demoted"] == held > 0
+    t.eval()
+    t(big_ids(10, gen))  # eval forwards are not training lookups
+    assert t.training_stats() == {"hot_rows_used": pytest.approx(held / t.num_hot_rows), "promoted": 0, "demoted": 0}

@@ -177,11 +177,19 @@ def test_cache_hit_rate_matches_exact_simulation(policy, depth, width):
                                 sketch_depth=depth, sketch_width=width)
     opt = torch.optim.SGD(table.parameters(), lr=0.05)
     ec.attach(table, opt)
-    for b in batches:
+    half = steps // 2
+    for i, b in enumerate(batches):
+        if i == half:
+            first = table.training_stats()
+            hits_first = int(table.stats[1])
         opt.zero_grad()
         table(torch.from_numpy(b).long()[:, None]).pow(2).sum().backward()
         opt.step()
     hits, total, cached = simulate(batches, capacity, policy, depth, width=width)
+    # training_stats: the hit rate of the lookups since the previous call
+    assert first == {"cache_hit_rate": pytest.approx(hits_first / (half * batch))}
+    assert table.training_stats() == {"cache_hit_rate": pytest.approx((hits - hits_first) / ((steps - half) * batch))}
+    assert table.training_stats() == {}  # nothing looked up since
     assert int(table.stats[2]) == total == steps * batch
     assert int(table.stats[1]) == hits
     assert set(table.cache_ids[table.cache_ids < n].tolist()) == cached

@@ -241,6 +241,7 @@ def test_cache_admits_hot_rows_without_changing_outputs_and_evicted_rows_return_
     opt.step()  # after_optimizer_step: counts, refresh
     assert sorted(table.cache_keys.tolist()) == sorted(hot.tolist())
     assert table.stats.tolist() == [1, 4, 0]
+    assert table.training_stats() == {"refreshes": 1, "admitted": 4, "evicted": 0}
     table.eval()
     torch.testing.assert_close(table(batch), before)  # admitted rows start as their TT values
     with torch.no_grad():
@@ -255,6 +256,8 @@ def test_cache_admits_hot_rows_without_changing_outputs_and_evicted_rows_return_
         opt.step()
     assert sorted(table.cache_keys.tolist()) == [60, 61, 1700, 5200]
     assert table.stats[2].item() == 4
+    since = table.training_stats()  # only what happened after the first call
+    assert since["evicted"] == 4 and since["refreshes"] == table.stats[0].item() - 1
     table.eval()
     torch.testing.assert_close(table(hot[:, None]), before[:4])
 

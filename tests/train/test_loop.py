@@ -27,8 +27,24 @@ def test_run_writes_run_directory_and_summary(tmp_path, small_synthetic):
     assert json.loads((run / "config.json").read_text())["method"] == "hash"
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(l["kind"] == "train" for l in lines) and lines[-1]["kind"] == "eval"
+    assert not any("table" in l for l in lines)  # hash has no state of its own to report
     state = load_checkpoint(run / "checkpoint.pt")
     assert state["step"] == s["steps"]
+
+
+def test_train_rows_carry_the_tables_training_stats(tmp_path, small_synthetic):
+    cfg = TrainConfig(method="cafe", compression=10, batch_size=256, progress=False, out=str(tmp_path),
+                      log_every=5, max_steps=20)
+    run_training(cfg, dataset=small_synthetic)
+    train = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert [row["step"] for row in train] == [5, 10, 15, 20]
+    for row in train:
+        assert set(row["table"]) == {"hot_share", "hot_rows_used", "promoted", "demoted"}
+        assert 0.0 <= row["table"]["hot_share"] <= 1.0
+    # promotions are counted per window, not cumulatively: their sum is what the sketch holds at the end
+    state = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    held = int(next(v for k, v in state.items() if k.endswith("sketch.row_used")).sum())
+    assert sum(r["table"]["promoted"] - r["table"]["demoted"] for r in train) == held > 0
 
 
 def test_checkpoint_reloads_to_identical_predictions(tmp_path, small_synthetic):
