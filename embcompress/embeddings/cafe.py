@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
-from .ops import allocate_rows, field_of, field_starts, hash_into
+from .ops import allocate_rows, field_hash_rows, field_of, field_starts
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
 
@@ -147,8 +147,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def hashed_row(self, ids: Tensor, field: Tensor | None = None) -> Tensor:
         """Row of the per-field hash table serving each id (whole fields: the id's own row)."""
         f = field_of(ids, self.starts) if field is None else field
-        local = ids - self.starts[f]
-        return self.row_base[f] + hash_into(local, self.rows[f], self.sizes[f], self.seed)
+        return field_hash_rows(ids, f, self.starts, self.sizes, self.rows, self.row_base, self.seed)
 
     def _route(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Located]:
         """(row of ``weight`` serving each id, field of each id, sketch score of each id, sketch slots)."""
@@ -189,8 +188,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                             self._label(), len(self._pending))
                 self._warned = True
             self._pending.pop(0)
-        hashed = self.field_hashed[field]
-        keep = torch.nonzero(hashed).squeeze(1)
+        keep = torch.nonzero(self.field_hashed.index_select(0, field)).squeeze(1)
         sub = Located(*(t.index_select(0, keep) for t in (located.bucket, located.flat, located.found)),
                       located.generation)
         entry = _Pending(ids=ids.index_select(0, keep), field=field.index_select(0, keep), located=sub)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
-from .ops import allocate, fewest_rows, field_of, field_starts, hash_into
+from .ops import allocate, fewest_rows, field_hash_rows, field_of, field_starts
 from .registry import register
 
 _BUFFERS_PER_FIELD = 4  # field start, field size, rows, row base: int64 each
@@ -42,9 +42,8 @@ class HashEmbeddingBag(IndexedEmbeddingBag):
         uniform_rows_(self.weight, rows)
 
     def row_index(self, ids: Tensor) -> Tensor:
-        f = field_of(ids, self.starts)
-        local = ids - self.starts[f]
-        return self.row_base[f] + hash_into(local, self.rows[f], self.sizes[f], self.seed)
+        return field_hash_rows(ids, field_of(ids, self.starts), self.starts, self.sizes, self.rows, self.row_base,
+                               self.seed)
 
     @classmethod
     def _overhead(cls, field_sizes: Sequence[int]) -> int:
