@@ -4,9 +4,9 @@
         --compression 10,100,1000,10000 --seeds 3 --out bench-out/sweep
 
 Writes under --out: ``cells/*.json`` (one per finished cell; a rerun skips them, so an interrupted sweep
-resumes), ``results.csv``, ``results.md`` (mean ± std over seeds, and every method's test AUC against ``--baseline``
-paired by seed) and two PNG plots. Cells a method cannot
-reach are skipped with the reason. See :mod:`embcompress.sweep.runner` for the resume rules.
+resumes), ``results.csv``, ``results.md`` (mean ± std over seeds, and every method's test AUC against
+``--baseline``, paired by seed) and two PNG plots. Cells a method cannot reach are skipped with the
+reason. See :mod:`embcompress.sweep.runner` for the resume rules.
 """
 
 from __future__ import annotations

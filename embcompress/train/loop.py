@@ -2,9 +2,9 @@
 
 Reads top to bottom: :func:`run_training` is the whole job, the functions above it are its steps.
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per logged step, with the tables'
-``training_stats``, and per evaluation),
-``summary.json`` and the last ``keep_checkpoints`` checkpoints (``checkpoint-STEP.pt``, the manifest
-``checkpoints.json`` and ``checkpoint.pt``, a link to the newest; see :mod:`.checkpoint`).
+``training_stats``, and per evaluation), ``summary.json`` and the last ``keep_checkpoints`` checkpoints
+(``checkpoint-STEP.pt``, the manifest ``checkpoints.json`` and ``checkpoint.pt``, a link to the newest;
+see :mod:`.checkpoint`).
 
 A checkpoint holds everything needed to continue exactly: model state (parameters and every table's
 state: sketches, caches, counters), optimizer states, the RNG states (torch, numpy, python, CUDA) and the
