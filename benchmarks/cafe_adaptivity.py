@@ -102,11 +102,8 @@ def dlrm_stream(ds, name: str, args: argparse.Namespace) -> dict:
         k = table.num_hot_rows
         tops = {"old": regime_top(ds.sparse[:half], starts, hashed, k),
                 "new": regime_top(ds.sparse[half:], starts, hashed, k)}
-    hashed_t = torch.from_numpy(hashed)
-    starts_t = torch.from_numpy(starts)
     preds = np.empty(rows, dtype=np.float32)
-    hot_hits = np.zeros(rows // window + 1)
-    lookups = np.zeros(rows // window + 1)
+    hot_share: list[float] = []  # per window, from the table's training_stats()
     frac_hot: dict[str, list[float]] = {key: [] for key in tops}
     model.train()
     start = time.perf_counter()
@@ -119,15 +116,11 @@ def dlrm_stream(ds, name: str, args: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
         logits = model(dense, sparse)
         preds[lo:hi] = torch.sigmoid(logits.detach()).numpy()  # scored before training on this batch
-        if cafe:  # which lookups the forward served from hot rows (the sketch has not changed since)
-            with torch.no_grad():
-                ids = (sparse + starts_t)[:, hashed_t].reshape(-1)
-                hot_hits[lo // window] += float((table.sketch.query(ids)[0] >= 0).sum())
-                lookups[lo // window] += ids.numel()
         F.binary_cross_entropy_with_logits(logits, labels).backward()
         for opt in opts:
             opt.step()
         if cafe and hi % window == 0:
+            hot_share.append(table.training_stats()["hot_share"])  # the window's hashed-field lookups
             for key, top in tops.items():
                 frac_hot[key].append(round(float((table.sketch.query(top)[0] >= 0).float().mean()), 3))
     seconds = time.perf_counter() - start
@@ -140,7 +133,7 @@ def dlrm_stream(ds, name: str, args: argparse.Namespace) -> dict:
         rec = {"window": w, "regime": 1 + int(lo >= half), "auc": round(auc, 4), "bayes_auc": round(bayes, 4),
                "gap": round(bayes - auc, 4)}
         if cafe:
-            rec["hot_share"] = round(hot_hits[w] / max(lookups[w], 1), 3)
+            rec["hot_share"] = round(hot_share[w], 3)
             rec.update({f"{key}_topk_hot": frac_hot[key][w] for key in frac_hot if w < len(frac_hot[key])})
         windows.append(rec)
     out = {"config": name, "method": method, "options": mopts, "samples_per_s": round(rows / seconds),

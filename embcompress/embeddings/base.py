@@ -70,6 +70,7 @@ class CompressedEmbeddingBag(nn.Module):
         self.mode: str = mode
         #: set to False to skip the range check in forward (saves a min/max reduction per call)
         self.validate_ids: bool = True
+        self._counters_seen: dict[str, list[int]] = {}  # _since_last_call's snapshots (not state)
 
     # ------------------------------------------------------------------ what subclasses implement
     def lookup(self, ids: Tensor) -> Tensor:
@@ -116,11 +117,10 @@ class CompressedEmbeddingBag(nn.Module):
         """Cumulative integer ``counters`` minus their values at the previous call with ``key`` (for
         :meth:`training_stats`; from zero at the first call, or after the counters were reset)."""
         now = [int(v) for v in counters.tolist()]
-        seen = self.__dict__.setdefault("_counters_seen", {})
-        prev = seen.get(key)
+        prev = self._counters_seen.get(key)
         if prev is None or len(prev) != len(now) or any(n < p for n, p in zip(now, prev)):
             prev = [0] * len(now)
-        seen[key] = now
+        self._counters_seen[key] = now
         return [n - p for n, p in zip(now, prev)]
 
     def sparse_parameters(self) -> list[nn.Parameter]:
