@@ -8,19 +8,65 @@ kernel launches, stream synchronisations and GPU time per step (on CUDA) or the 
 Each method gets the loop's model and optimizers (``common.dlrm_steppers``); ``--warmup`` steps are not
 counted, ``--timed`` steps give ms per step (ending with a synchronize on CUDA), then ``--profiled`` steps
 run under the profiler. The busiest ops by host time go to stderr; one JSON line to stdout.
+``--sites`` also times, over another ``--timed`` steps, the CAFE table's own call sites (the sketch's and
+the table's methods, each counted without the sites it calls), in microseconds per step:
+
+    PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/cafe_profile.py --scale 0.05 --rows 200000 \
+        --batch-size 128 --ratio 10000 --sites --timed 1000        # cafe_speed.py's setting
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import time
+from collections import Counter
+from typing import Iterator
 
 import torch
 
 from common import add_threads_arg, apply_threads, dlrm_steppers, emit, log  # type: ignore[import-not-found]
 from embcompress.data import make_synthetic
+from embcompress.embeddings.cafe import CafeEmbeddingBag
+from embcompress.embeddings.cafe_ml import CafeMLEmbeddingBag
+from embcompress.embeddings.hotsketch import HotSketch
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC")
+SITES = {HotSketch: ("locate", "query", "insert", "_insert_newcomers", "_newcomers_by_bucket", "_rank_sorted",
+                     "_maintain", "_waiting", "apply_decay", "_promote", "_preempt"),
+         CafeEmbeddingBag: ("_route", "hashed_row", "_pool", "_record", "before_optimizer_step", "_normalise",
+                            "apply_importance", "cold_embedding", "training_stats"),
+         CafeMLEmbeddingBag: ("_rows_of", "_pool", "cold_embedding")}
+
+
+@contextlib.contextmanager
+def site_timer(seconds: Counter) -> Iterator[None]:
+    """While open, add each call site's own time (without the sites it calls) to ``seconds``."""
+    stack: list[float] = []
+    saved = [(cls, name, cls.__dict__[name]) for cls, names in SITES.items() for name in names if name in cls.__dict__]
+
+    def timed(f, label):  # type: ignore[no-untyped-def]
+        @functools.wraps(f)
+        def call(*a, **k):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return f(*a, **k)
+            finally:
+                took, inner = time.perf_counter() - start, stack.pop()
+                seconds[label] += took - inner
+                if stack:
+                    stack[-1] += took
+        return call
+
+    for cls, name, f in saved:
+        setattr(cls, name, timed(f, f"{cls.__name__}.{name}"))
+    try:
+        yield
+    finally:
+        for cls, name, f in saved:
+            setattr(cls, name, f)
 
 
 def main() -> None:
@@ -34,6 +80,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--timed", type=int, default=60)
     ap.add_argument("--profiled", type=int, default=10)
+    ap.add_argument("--sites", action="store_true", help="also time the CAFE table's call sites")
     add_threads_arg(ap, default=1)
     args = ap.parse_args()
     apply_threads(args)
@@ -64,6 +111,14 @@ def main() -> None:
             per_step["gpu_ms"] = round(sum(e.self_device_time_total for e in events) / 1e3 / args.profiled, 2)
         else:
             per_step["aten_ops"] = sum(e.count for e in events if e.key.startswith("aten::")) / args.profiled
+        if args.sites:
+            seconds: Counter = Counter()
+            with site_timer(seconds):
+                for _ in range(args.timed):
+                    step()
+                sync()
+            if seconds:
+                per_step["sites_us"] = {k: round(v / args.timed * 1e6, 1) for k, v in seconds.most_common()}
         results[method] = per_step
         log(f"{method}: {per_step}\n" + events.table(sort_by="self_cpu_time_total", row_limit=25))
     emit({"benchmark": "cafe_profile", "settings": vars(args), "per_step": results})
