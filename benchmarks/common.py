@@ -120,11 +120,13 @@ def zipf_requests(field_sizes: list[int], batch: int, batches: int, skew: float 
     return [torch.from_numpy(chunk.reshape(-1, 1).copy()) for chunk in np.split(ids, batches)]
 
 
-def dlrm_steppers(ds: Any, methods: list[str], ratio: float, batch_size: int,
-                  device: str = "cpu") -> dict[str, Callable[[], None]]:
+def dlrm_steppers(ds: Any, methods: list[str], ratio: float, batch_size: int, device: str = "cpu",
+                  optimizers: Callable[[Any, Any], list[torch.optim.Optimizer]] | None = None,
+                  ) -> dict[str, Callable[[], None]]:
     """One DLRM per method as the training loop builds it (model, optimizers, tables attached), the data
     copied to ``device`` once; each value runs that model's next training step, walking the rows in order.
-    A method may carry table options: ``cafe:key_dtype=int64:threshold=200``."""
+    A method may carry table options: ``cafe:key_dtype=int64:threshold=200``. ``optimizers(model, cfg)``
+    replaces the loop's ``build_optimizers`` (it must attach the tables)."""
     import torch.nn.functional as F
     from embcompress.cli import parse_options
     from embcompress.train.loop import TrainConfig, build_model, build_optimizers
@@ -140,7 +142,7 @@ def dlrm_steppers(ds: Any, methods: list[str], ratio: float, batch_size: int,
         torch.manual_seed(0)
         model = build_model(cfg, ds).to(dev)
         model.train()
-        opts = build_optimizers(model, cfg)
+        opts = (optimizers or build_optimizers)(model, cfg)
         done = [0]
 
         def step() -> None:

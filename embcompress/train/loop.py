@@ -115,6 +115,8 @@ RESUME_MUST_MATCH = ("data", "data_options", "split", "test_fraction", "method",
 # Method options a resumed run may add to a checkpoint's settings: they rebuild what older versions built
 # by default (cafe / cafe-ml sketches held 8-byte ids before 4-byte ids became the default).
 _OLD_DEFAULTS = {"key_dtype": "int64"}
+# Optimizer settings that pick how the update runs, not what it computes: a resumed run keeps its own.
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -150,18 +152,28 @@ def table_stats(model: nn.Module) -> dict[str, float]:
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """Optimizers for a model whose tables may have sparse-gradient parameters.
 
-    SGD and Adagrad take sparse and dense gradients alike; Adam needs SparseAdam for the sparse ones.
-    The list is in stepping order; :func:`embcompress.attach` hooks the tables onto it.
+    SGD takes sparse and dense gradients alike. Adagrad does too, but one sparse gradient sends every
+    parameter of its optimizer down a per-tensor loop of small ops, so the sparse parameters get one
+    Adagrad and the dense ones (the MLPs) another: the same update, since Adagrad's state is per
+    parameter. The dense one runs fused on the CPU (one kernel per tensor: its time does not depend on
+    the values, where ``sqrt`` of the per-tensor loop is up to 7x slower on an accumulator with many
+    exact zeros, e.g. dead ReLU units; ``benchmarks/optimizer_speed.py``) and with the default
+    multi-tensor kernels on CUDA. Adam needs SparseAdam for the sparse parameters, and its dense ones
+    are fused on the CPU likewise. The list is in stepping order; :func:`embcompress.attach` hooks the
+    tables onto it.
     """
     sparse_ids = {id(p) for t in embedding_tables(model) for p in t.sparse_parameters()}
     sparse = [p for p in model.parameters() if id(p) in sparse_ids]
     dense = [p for p in model.parameters() if id(p) not in sparse_ids and p.requires_grad]
+    fused = True if dense and all(p.device.type == "cpu" and p.is_floating_point() for p in dense) else None
     if cfg.optimizer == "sgd":
         opts: list[torch.optim.Optimizer] = [torch.optim.SGD(sparse + dense, lr=cfg.lr)]
     elif cfg.optimizer == "adagrad":
-        opts = [torch.optim.Adagrad(sparse + dense, lr=cfg.lr)]
+        opts = (([torch.optim.Adagrad(sparse, lr=cfg.lr)] if sparse else [])
+                + ([torch.optim.Adagrad(dense, lr=cfg.lr, fused=fused)] if dense else []))
     else:
-        opts = ([torch.optim.SparseAdam(sparse, lr=cfg.lr)] if sparse else []) + [torch.optim.Adam(dense, lr=cfg.lr)]
+        opts = (([torch.optim.SparseAdam(sparse, lr=cfg.lr)] if sparse else [])
+                + ([torch.optim.Adam(dense, lr=cfg.lr, fused=fused)] if dense else []))
     attach(model, *opts)
     return opts
 
@@ -281,14 +293,35 @@ def restore(state: dict[str, Any], model: nn.Module, opts: list[torch.optim.Opti
             f"cannot resume from {source}: its model does not fit the one these settings build (a cafe or "
             f"cafe-ml checkpoint from before 4-byte sketch ids became the default needs --option "
             f"key_dtype=int64): {e}") from e
-    if len(state["optimizers"]) != len(opts):
+    saved_opts = state["optimizers"]
+    sizes = [sum(len(g["params"]) for g in o.param_groups) for o in opts]
+    if cfg.optimizer == "adagrad" and len(saved_opts) == 1 < len(opts):
+        saved_opts = _split_optimizer_state(saved_opts[0], sizes)
+    if len(saved_opts) != len(opts):
         raise CheckpointError(f"cannot resume from {source}: it has {len(state['optimizers'])} optimizer states, "
                               f"this run {len(opts)}")
-    for opt, s in zip(opts, state["optimizers"]):
-        opt.load_state_dict(s)
+    for opt, s in zip(opts, saved_opts):
+        # How the update runs (fused, multi-tensor) is this run's choice, not the checkpoint's: a
+        # checkpoint written on a CPU resumes on CUDA, where fused Adagrad does not exist.
+        groups = [{**saved, **{k: g[k] for k in _IMPLEMENTATION_FLAGS if k in g}}
+                  for saved, g in zip(s["param_groups"], opt.param_groups)]
+        opt.load_state_dict({**s, "param_groups": groups})
     set_rng_state(state["rng"])
     known = {f.name for f in fields(Position)}
     return Position(**{k: v for k, v in state["position"].items() if k in known})
+
+
+def _split_optimizer_state(saved: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
+    """The state of one Adagrad over all parameters (checkpoints from before the sparse and the dense
+    parameters had an optimizer each) as the states of optimizers over ``sizes`` parameters in turn."""
+    if len(saved["param_groups"]) != 1 or len(saved["param_groups"][0]["params"]) != sum(sizes):
+        return [saved]  # not that layout: the count check reports it
+    group, out, start = saved["param_groups"][0], [], 0
+    for n in sizes:
+        out.append({"state": {int(i) - start: v for i, v in saved["state"].items() if start <= int(i) < start + n},
+                    "param_groups": [{**group, "params": list(range(n))}]})
+        start += n
+    return out
 
 
 class RunWriter:
