@@ -97,9 +97,37 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
 
     def _pool(self, ids: Tensor, rows: Tensor, score: Tensor, field: Tensor, offsets: Tensor,
               psw: Tensor | None) -> Tensor:
-        emb = self._rows_of(ids, rows, score, field)
-        index = torch.arange(ids.numel(), device=ids.device)
-        return F.embedding_bag(index, emb, offsets, mode=self.mode, per_sample_weights=psw)
+        """One ``embedding_bag`` over ``weight`` whose bags also hold each medium lookup's second row,
+        right after its first: one sparse gradient. Gathering each lookup's rows first and pooling them
+        as a dense tensor cost a second sparse gradient and a dense backward: DLRM steps at batch 128
+        took 0.36-0.68 ms (3-6%) longer. Sums are the same up to float rounding (exactly the same with
+        one lookup per bag and no weights)."""
+        medium = self._medium(rows, score, field)
+        pos = torch.nonzero(medium).squeeze(1)
+        if pos.numel() == 0:
+            return F.embedding_bag(rows, self.weight, offsets, mode=self.mode, per_sample_weights=psw,
+                                   sparse=self.sparse)
+        n, dev = ids.numel(), ids.device
+        before = torch.zeros(n + 1, dtype=torch.int64, device=dev)  # medium lookups before each position
+        torch.cumsum(medium, 0, out=before[1:])
+        first = torch.arange(n, device=dev).add_(before[:-1])  # where each lookup's first row goes
+        index = torch.empty(n + pos.numel(), dtype=torch.int64, device=dev)
+        index.index_copy_(0, first, rows)
+        second_at = first.index_select(0, pos).add_(1)
+        index.index_copy_(0, second_at, self.second_row(ids.index_select(0, pos), field.index_select(0, pos)))
+        bags = offsets + before.index_select(0, offsets)
+        weights = psw
+        if self.mode == "mean":  # the mean over lookups, not over entries: weight each entry 1 / lookups
+            lengths = torch.diff(offsets, append=torch.tensor([n], device=dev))
+            bag = torch.bucketize(torch.arange(n, device=dev), offsets, right=True) - 1
+            weights = 1.0 / lengths.index_select(0, bag).clamp(min=1).float()
+        if weights is not None:
+            doubled = torch.empty(index.shape, dtype=weights.dtype, device=dev)
+            doubled.index_copy_(0, first, weights)
+            doubled.index_copy_(0, second_at, weights.index_select(0, pos))
+            weights = doubled
+        return F.embedding_bag(index, self.weight, bags, mode="sum", per_sample_weights=weights,
+                               sparse=self.sparse)
 
     def lookup(self, ids: Tensor) -> Tensor:
         rows, field, score, _ = self._route(ids)
@@ -107,8 +135,9 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
 
     def cold_embedding(self, ids: Tensor) -> Tensor:
         field = torch.bucketize(ids, self.starts[1:], right=True)
-        emb = self.weight[self.hashed_row(ids, field)]
-        return emb + torch.where(self.has_second[field][:, None], self.weight[self.second_row(ids, field)], 0.0)
+        emb = self.weight.index_select(0, self.hashed_row(ids, field))
+        second = self.weight.index_select(0, self.second_row(ids, field))
+        return emb + torch.where(self.has_second.index_select(0, field)[:, None], second, 0.0)
 
     # ------------------------------------------------------------------ budget
     @classmethod

@@ -171,6 +171,38 @@ def test_cafe_ml_tiers(source):
         assert (t.second_row(ids, field) != t.hashed_row(ids, field)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "weighted"])
+def test_cafe_ml_bags_pool_both_rows_of_their_medium_lookups(mode):
+    """Bags of several lookups, medium and cold mixed, an empty bag among them: the pooled output and the
+    weight gradient equal pooling the per-lookup embeddings of ``lookup`` (first row + second row for a
+    medium feature) by hand."""
+    t = table("cafe-ml", ratio=10, threshold=10.0, importance="frequency", medium_fraction=0.3)
+    step(t, torch.tensor([30_000, 30_001]).repeat(4).reshape(-1, 1))  # score 4 >= 0.3 * 10: medium
+    ids = torch.tensor([30_000, 70, 30_001, 30_000, 20_100, 70])
+    offsets = torch.tensor([0, 2, 2, 5])  # bags [30000, 70], [], [30001, 30000, 20100], [70]
+    bag = torch.tensor([0, 0, 2, 2, 2, 3])
+    w = torch.tensor([0.5, 2.0, 1.5, -1.0, 0.25, 3.0]) if mode == "weighted" else None
+    t.mode = "mean" if mode == "mean" else "sum"
+    t.eval()
+    rows = t.lookup(ids)
+    routed, field, score, _ = t._route(ids)
+    assert int(t._medium(routed, score, field).sum()) == 3  # 30000 twice and 30001
+    scale = torch.ones(6) if w is None else w
+    if mode == "mean":
+        scale = 1.0 / torch.tensor([2, 2, 3, 3, 3, 1]).float()
+    expected = torch.zeros(4, DIM).index_add_(0, bag, rows * scale[:, None])
+    out = t(ids, offsets, per_sample_weights=w)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
+    t.weight.grad = None
+    (out * grad_out).sum().backward()
+    got = t.weight.grad.to_dense()
+    t.weight.grad = None
+    (torch.zeros(4, DIM).index_add_(0, bag, t.lookup(ids) * scale[:, None]) * grad_out).sum().backward()
+    torch.testing.assert_close(got, t.weight.grad.to_dense())
+    assert (got[int(t.rows.sum()):t.num_hash_rows].abs().sum(1) > 0).sum() >= 2  # second rows got gradient
+
+
 def test_cafe_ml_medium_fraction_zero_has_no_cold_tier():
     t = table("cafe-ml", ratio=10, threshold=10.0, importance="frequency", medium_fraction=0.0)
     t.eval()
