@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
-from .ops import allocate_rows, field_hash_rows, field_of, field_starts
+from .ops import allocate_rows, bag_of_lookups, field_hash_rows, field_of, field_starts, mean_weights
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
 
@@ -198,13 +198,12 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             if one_per_bag:  # (B, 1) input, how the models look up fields: lookup i is bag i
                 bag = keep
             else:
-                bag = (torch.bucketize(torch.arange(n, device=ids.device), offsets, right=True) - 1).index_select(0, keep)
+                bag = bag_of_lookups(offsets, n).index_select(0, keep)
             scale = None
             if psw is not None:
                 scale = psw.detach().abs().index_select(0, keep)
             elif self.mode == "mean":
-                lengths = torch.diff(offsets, append=torch.tensor([n], device=ids.device))
-                scale = 1.0 / lengths.index_select(0, bag).clamp(min=1).float()
+                scale = mean_weights(offsets, bag, n)
             entry.bag, entry.scale = bag, scale
             out.register_hook(entry.capture)
         self._pending.append(entry)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .base import FLOAT_BYTES, uniform_rows_
 from .cafe import CafeEmbeddingBag
-from .ops import allocate_rows, field_starts, hash64
+from .ops import allocate_rows, bag_of_lookups, field_of, field_starts, hash64, mean_weights
 from .registry import register
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
         bags = offsets + before.index_select(0, offsets)
         weights = psw
         if self.mode == "mean":  # the mean over lookups, not over entries: weight each entry 1 / lookups
-            lengths = torch.diff(offsets, append=torch.tensor([n], device=dev))
-            bag = torch.bucketize(torch.arange(n, device=dev), offsets, right=True) - 1
-            weights = 1.0 / lengths.index_select(0, bag).clamp(min=1).float()
+            weights = mean_weights(offsets, bag_of_lookups(offsets, n), n)
         if weights is not None:
             doubled = torch.empty(index.shape, dtype=weights.dtype, device=dev)
             doubled.index_copy_(0, first, weights)
@@ -134,7 +132,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
         return self._rows_of(ids, rows, score, field)
 
     def cold_embedding(self, ids: Tensor) -> Tensor:
-        field = torch.bucketize(ids, self.starts[1:], right=True)
+        field = field_of(ids, self.starts)
         emb = self.weight.index_select(0, self.hashed_row(ids, field))
         second = self.weight.index_select(0, self.second_row(ids, field))
         return emb + torch.where(self.has_second.index_select(0, field)[:, None], second, 0.0)

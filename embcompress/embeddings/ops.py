@@ -77,6 +77,18 @@ def field_of(ids: Tensor, starts: Tensor) -> Tensor:
     return torch.bucketize(ids, starts[1:], right=True)
 
 
+def bag_of_lookups(offsets: Tensor, n: int) -> Tensor:
+    """Bag of each of the ``n`` lookups of an ``embedding_bag`` call with these ``offsets``."""
+    return torch.bucketize(torch.arange(n, device=offsets.device), offsets, right=True) - 1
+
+
+def mean_weights(offsets: Tensor, bag: Tensor, n: int) -> Tensor:
+    """Per-sample weight, for lookups in bags ``bag``, that turns a bag's sum into its mean: 1 / the number
+    of lookups in the bag (``n`` lookups in all)."""
+    lengths = torch.diff(offsets, append=torch.tensor([n], device=offsets.device))
+    return 1.0 / lengths.index_select(0, bag).clamp(min=1).float()
+
+
 def topk_ties_first(values: Tensor, k: int, largest: bool = True) -> Tensor:
     """Positions of the ``k`` largest (or smallest) of ``values`` (1-D), best first, ties to the lower
     position: the same answer on every device. ``torch.topk`` leaves the order of ties to the backend,
