@@ -14,40 +14,25 @@ Prints one JSON line with samples/s per method and the ratios to ``hash``.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import add_threads_arg, apply_threads, dlrm_steppers, emit, log  # type: ignore[import-not-found]
+from common import (add_dlrm_step_args, apply_threads, dlrm_steppers, emit,  # type: ignore[import-not-found]
+                    interleaved_seconds, log)
 from embcompress.data import make_synthetic
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratio", type=float, default=1000)
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--scale", type=float, default=0.05)
-    add_threads_arg(ap, default=1)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--blocks", type=int, default=20, help="timed rounds of blocks per method")
-    ap.add_argument("--block-steps", type=int, default=25)
+    add_dlrm_step_args(ap, ratio=1000.0)
     ap.add_argument("--methods", default="hash,cafe,cafe-ml")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     apply_threads(args)
     ds = make_synthetic(rows=args.rows, scale=args.scale)
     steps = dlrm_steppers(ds, args.methods.split(","), args.ratio, args.batch_size, args.device)
-    seconds = dict.fromkeys(steps, 0.0)
-    cuda = torch.device(args.device).type == "cuda"
-    for block in range(args.blocks + 1):
-        for method, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.block_steps):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-            if block:  # the first round warms up caches, allocators and the sketch
-                seconds[method] += time.perf_counter() - start
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else None
+    seconds = interleaved_seconds(steps, args.blocks, args.block_steps, sync)
     samples = args.blocks * args.block_steps * args.batch_size
     speed = {m: samples / t for m, t in seconds.items()}
     rel = {m: round(v / speed["hash"], 3) for m, v in speed.items()} if "hash" in speed else {}

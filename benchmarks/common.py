@@ -120,6 +120,37 @@ def zipf_requests(field_sizes: list[int], batch: int, batches: int, skew: float 
     return [torch.from_numpy(chunk.reshape(-1, 1).copy()) for chunk in np.split(ids, batches)]
 
 
+def add_dlrm_step_args(ap: argparse.ArgumentParser, ratio: float) -> None:
+    """The data, model and timing options of the DLRM step benchmarks (``cafe_speed.py``,
+    ``optimizer_speed.py``): one synthetic dataset, steps interleaved in blocks."""
+    ap.add_argument("--ratio", type=float, default=ratio)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--scale", type=float, default=0.05)
+    add_threads_arg(ap, default=1)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--blocks", type=int, default=20, help="timed rounds of blocks per model")
+    ap.add_argument("--block-steps", type=int, default=25)
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], None]], blocks: int, block_steps: int,
+                        sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Seconds each stepper took over ``blocks`` rounds of ``block_steps`` steps, the steppers taking turns
+    block by block, so load from other processes hits all of them alike. A first round warms up caches,
+    allocators and the tables' state and is not counted; ``sync`` (e.g. ``torch.cuda.synchronize``) ends
+    each block."""
+    seconds = dict.fromkeys(steps, 0.0)
+    for block in range(blocks + 1):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(block_steps):
+                step()
+            if sync is not None:
+                sync()
+            if block:
+                seconds[key] += time.perf_counter() - start
+    return seconds
+
+
 def dlrm_steppers(ds: Any, methods: list[str], ratio: float, batch_size: int, device: str = "cpu",
                   optimizers: Callable[[Any, Any], list[torch.optim.Optimizer]] | None = None,
                   ) -> dict[str, Callable[[], None]]:

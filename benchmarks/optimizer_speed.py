@@ -15,13 +15,14 @@ of exact zeros in each model's dense Adagrad state at the end.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import add_threads_arg, apply_threads, dlrm_steppers, emit, log  # type: ignore[import-not-found]
+from common import (add_dlrm_step_args, apply_threads, dlrm_steppers, emit,  # type: ignore[import-not-found]
+                    interleaved_seconds, log)
 from embcompress.data import make_synthetic
 from embcompress.embeddings import attach
+from embcompress.train.loop import build_optimizers
 
 
 def one_adagrad(model, cfg) -> list[torch.optim.Optimizer]:  # type: ignore[no-untyped-def]
@@ -33,13 +34,7 @@ def one_adagrad(model, cfg) -> list[torch.optim.Optimizer]:  # type: ignore[no-u
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratio", type=float, default=10000)
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--scale", type=float, default=0.05)
-    add_threads_arg(ap, default=1)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--blocks", type=int, default=20, help="timed rounds of blocks per model")
-    ap.add_argument("--block-steps", type=int, default=25)
+    add_dlrm_step_args(ap, ratio=10000.0)
     ap.add_argument("--methods", default="hash,cafe")
     args = ap.parse_args()
     apply_threads(args)
@@ -55,20 +50,12 @@ def main() -> None:
             return opts
         return wrapped
 
-    from embcompress.train.loop import build_optimizers
     steps = {}
     for layout, build in (("one", one_adagrad), ("split", build_optimizers)):
         for method, step in dlrm_steppers(ds, methods, args.ratio, args.batch_size,
                                           optimizers=keep(layout, build)).items():
             steps[f"{method}/{layout}"] = step
-    seconds = dict.fromkeys(steps, 0.0)
-    for block in range(args.blocks + 1):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.block_steps):
-                step()
-            if block:
-                seconds[key] += time.perf_counter() - start
+    seconds = interleaved_seconds(steps, args.blocks, args.block_steps)
     n = args.blocks * args.block_steps
     ms = {k: round(v / n * 1e3, 3) for k, v in seconds.items()}
     speedup = {m: round(ms[f"{m}/one"] / ms[f"{m}/split"], 3) for m in methods}
