@@ -99,9 +99,9 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
               psw: Tensor | None) -> Tensor:
         """One ``embedding_bag`` over ``weight`` whose bags also hold each medium lookup's second row,
         right after its first: one sparse gradient. Gathering each lookup's rows first and pooling them
-        as a dense tensor cost a second sparse gradient and a dense backward: DLRM steps at batch 128
-        took 0.36-0.68 ms (3-6%) longer. Sums are the same up to float rounding (exactly the same with
-        one lookup per bag and no weights)."""
+        as a dense tensor cost a second sparse gradient and a dense backward (cafe-ml / hash in
+        ``benchmarks/cafe_speed.py`` went from 0.76-0.78 to 0.78-0.81). Sums are the same up to float
+        rounding (exactly the same with one lookup per bag and no weights)."""
         medium = self._medium(rows, score, field)
         pos = torch.nonzero(medium).squeeze(1)
         if pos.numel() == 0:

@@ -156,7 +156,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     parameter of its optimizer down a per-tensor loop of small ops, so the sparse parameters get one
     Adagrad and the dense ones (the MLPs) another: the same update, since Adagrad's state is per
     parameter. The dense one runs fused on the CPU (one kernel per tensor: its time does not depend on
-    the values, where ``sqrt`` of the per-tensor loop is up to 7x slower on an accumulator with many
+    the values, where ``sqrt`` of the per-tensor loop is 7-8x slower on an accumulator with 40%
     exact zeros, e.g. dead ReLU units; ``benchmarks/optimizer_speed.py``) and with the default
     multi-tensor kernels on CUDA. Adam needs SparseAdam for the sparse parameters, and its dense ones
     are fused on the CPU likewise. The list is in stepping order; :func:`embcompress.attach` hooks the
