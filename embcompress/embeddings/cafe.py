@@ -54,6 +54,7 @@ REFERENCE_CR = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4
 REFERENCE_THRESHOLD = (10, 10, 20, 30, 50, 100, 200, 500, 500, 500, 500, 500)
 REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1)
 _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
+_ROUNDING_SLACK = SLOT_BYTES * 4  # a bucket of int64 slots: room for round(buckets_per_row * hot rows)
 _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
 
 
@@ -319,7 +320,16 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
 
     @classmethod
     def _fixed_bytes(cls, field_sizes: Sequence[int]) -> int:
-        return _FIELD_BUFFERS * 8 * len(field_sizes) + 8 + SLOT_BYTES * 4  # + sketch counter, rounding slack
+        return _FIELD_BUFFERS * 8 * len(field_sizes) + 8 + _ROUNDING_SLACK  # + the sketch's mass counter
+
+    @classmethod
+    def _bytes_besides_hash_rows(cls, field_sizes: Sequence[int], embedding_dim: int, hot_rows: int,
+                                 options: dict[str, Any]) -> int:
+        """Exact bytes of a table with ``hot_rows`` hot rows, less its hash rows (no rounding slack)."""
+        key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
+        buckets = max(1, int(round(options.get("buckets_per_row", 1.0) * hot_rows)))
+        sketch = HotSketch.memory_bytes_for(buckets, hot_rows, options.get("slots", 4), key)  # with its counter
+        return cls._fixed_bytes(field_sizes) - _ROUNDING_SLACK - 8 + hot_rows * embedding_dim * FLOAT_BYTES + sketch
 
     @classmethod
     def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:
@@ -342,11 +352,24 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         hot = cls._hot_row_bytes(field_sizes, embedding_dim, opts)
         row = embedding_dim * FLOAT_BYTES
         usable = budget_bytes - cls._fixed_bytes(field_sizes)
-        hash_rows = max(len(field_sizes), min(sum(int(n) for n in field_sizes), int(hash_rate * usable) // row))
+        total = sum(int(n) for n in field_sizes)
+        wanted = min(total, int(hash_rate * usable) // row)
+        hash_rows = max(len(field_sizes), wanted)
         hot_rows = int((usable - hash_rows * row) // hot)
         if hot_rows < 1:
             hash_rows = (usable - int(hot) - 1) // row
             hot_rows = 1
+        if wanted < len(field_sizes):
+            # The reference's hash_rate assumes tables of Criteo Kaggle's size; on a budget of a few hundred
+            # bytes per field the one-row-per-field minimum overrides it and few hot rows are left. The split
+            # is off hash_rate anyway, so every byte that whole hot rows leave, rounding slack included, buys
+            # hash rows (without them the table can fall more than 10% under the budget).
+            spare = budget_bytes - cls._bytes_besides_hash_rows(field_sizes, embedding_dim, hot_rows, opts)
+            hash_rows = min(total, max(hash_rows, spare // row))
+            log.warning("%s: %d bytes cannot honour hash_rate=%g: the hash rows (at least one per field) take "
+                        "%.0f%% of them, leaving %d hot rows. On budgets this small plain 'hash' did better in "
+                        "our measurements (README, 'Which method for which budget').", getattr(cls, "name", "cafe"),
+                        budget_bytes, hash_rate, 100 * hash_rows * row / budget_bytes, hot_rows)
         return hash_rows, hot_rows, opts
 
     @classmethod

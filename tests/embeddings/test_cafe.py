@@ -47,6 +47,22 @@ def test_reference_defaults_by_nearest_ratio():
 
 
 @pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
+def test_a_budget_too_small_for_hash_rate_warns_and_spends_every_byte(method, caplog):
+    with caplog.at_level("WARNING", logger="embcompress.embeddings.cafe"):
+        table(method, 1000)
+    assert not caplog.records
+    for ratio in (2000, 3000, 4000):  # 1,120 to 560 bytes: hash_rate 0.1 buys fewer rows than the 4 fields need
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="embcompress.embeddings.cafe"):
+            t = table(method, ratio)  # BudgetError unless it lands within 10% under the budget
+        budget = ec.full_table_bytes(FIELDS, DIM) / ratio
+        (record,) = caplog.records
+        assert f"{method}: {int(budget)} bytes cannot honour hash_rate=0.1" in record.getMessage()
+        assert f"leaving {t.num_hot_rows} hot rows" in record.getMessage()
+        assert budget - DIM * 4 < t.memory_bytes() <= budget  # no hash row's worth of bytes left unspent
+
+
+@pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
 @pytest.mark.parametrize("ratio", [10, 100, 1000])
 @pytest.mark.parametrize("key_dtype", ["auto", "int64"])
 def test_memory_counts_every_buffer(method, ratio, key_dtype):
