@@ -57,6 +57,16 @@ def test_memory_within_budget(method):
     assert reached >= 1
 
 
+def test_every_budget_from_the_smallest_reachable_lands(method):
+    """Just above the bottom of ``byte_range`` (where fixed costs and rounding weigh most) a method must
+    still build a table within 10% under the budget, not claim a ratio it then fails to build."""
+    lo, hi = ec.get_method(method).byte_range(FIELDS, DIM)
+    for factor in (1.0, 1.05, 1.2, 1.5, 2.0, 3.0):
+        budget = min(int(lo * factor), hi)
+        table = ec.make_table(method, FIELDS, DIM, budget_bytes=budget)
+        assert 0.9 * budget <= table.memory_bytes() <= budget, (factor, table.memory_bytes(), budget)
+
+
 def test_budget_bytes_construction(method):
     table = build(method)
     budget = table.memory_bytes()
