@@ -169,7 +169,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
                 rows2[f] = r
         elif source == "hash":  # nothing to hash twice, or too few rows: give them back to the first table
             rows = allocate_rows(sizes, min(sum(sizes), hash_rows))
-        if source == "hot":  # the other layouts split the plan's hash rows and keep its hot rows
+        if source == "hot" and any(rows2):  # otherwise the plan's rows are split, or unchanged: keep its hot rows
             leftover = budget_bytes - cls._fixed_bytes(field_sizes) - (sum(rows) + sum(rows2)) * embedding_dim * FLOAT_BYTES
             hot_rows = max(1, int(leftover // cls._hot_row_bytes(field_sizes, embedding_dim, opts)))
         table = cls(field_sizes, embedding_dim, rows, rows2, hot_rows, second_in_first=source == "shared", **opts)

@@ -62,6 +62,15 @@ def test_a_budget_too_small_for_hash_rate_warns_and_spends_every_byte(method, ca
         assert budget - DIM * 4 < t.memory_bytes() <= budget  # no hash row's worth of bytes left unspent
 
 
+@pytest.mark.parametrize("source", ["hash", "shared", "hot"])
+def test_cafe_ml_layouts_land_in_budget_down_to_the_bottom_of_their_range(source):
+    lo, _ = ec.get_method("cafe-ml").byte_range(FIELDS, DIM, medium_source=source)
+    for factor in (1.0, 1.05, 1.1, 1.2, 1.5):
+        budget = int(lo * factor)
+        t = ec.make_table("cafe-ml", FIELDS, DIM, budget_bytes=budget, medium_source=source)
+        assert 0.9 * budget <= t.memory_bytes() <= budget, (factor, t.memory_bytes(), budget)
+
+
 @pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
 @pytest.mark.parametrize("ratio", [10, 100, 1000])
 @pytest.mark.parametrize("key_dtype", ["auto", "int64"])
