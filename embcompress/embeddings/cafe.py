@@ -69,6 +69,12 @@ def sketch_key_dtype(field_sizes: Sequence[int], key_dtype: str = "auto") -> tor
     return torch.int32 if key_dtype == "int32" or (key_dtype == "auto" and fits) else torch.int64
 
 
+def sketch_buckets(buckets_per_row: float, hot_rows: int) -> int:
+    """Buckets of the sketch of a table with ``hot_rows`` hot rows (what the constructor builds and the
+    planner counts)."""
+    return max(1, int(round(buckets_per_row * hot_rows)))
+
+
 def reference_defaults(ratio: float) -> tuple[float, float]:
     """(threshold T, hash_rate) of the artifact for the CR nearest (in log scale) to ``1 / ratio``."""
     cr = 1.0 / ratio
@@ -127,7 +133,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         self.register_buffer("row_base", field_starts(rows))
         # derived, so not state: fields served whole never need a hot row
         self.register_buffer("field_hashed", self.rows < self.sizes, persistent=False)
-        buckets = max(1, int(round(buckets_per_row * num_hot_rows)))
+        buckets = sketch_buckets(buckets_per_row, num_hot_rows)
         self.sketch = HotSketch(buckets, int(num_hot_rows), threshold, slots=slots, decay=decay,
                                 decay_mass=decay_mass, pressure_decay=pressure_decay, preempt=preempt,
                                 key_dtype=sketch_key_dtype(field_sizes, key_dtype))
@@ -319,17 +325,22 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         return embedding_dim * FLOAT_BYTES + sketch + 1
 
     @classmethod
+    def _field_buffer_bytes(cls, field_sizes: Sequence[int]) -> int:
+        """Bytes of the per-field int64 buffers."""
+        return _FIELD_BUFFERS * 8 * len(field_sizes)
+
+    @classmethod
     def _fixed_bytes(cls, field_sizes: Sequence[int]) -> int:
-        return _FIELD_BUFFERS * 8 * len(field_sizes) + 8 + _ROUNDING_SLACK  # + the sketch's mass counter
+        return cls._field_buffer_bytes(field_sizes) + 8 + _ROUNDING_SLACK  # + the sketch's mass counter
 
     @classmethod
     def _bytes_besides_hash_rows(cls, field_sizes: Sequence[int], embedding_dim: int, hot_rows: int,
                                  options: dict[str, Any]) -> int:
         """Exact bytes of a table with ``hot_rows`` hot rows, less its hash rows (no rounding slack)."""
         key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
-        buckets = max(1, int(round(options.get("buckets_per_row", 1.0) * hot_rows)))
+        buckets = sketch_buckets(options.get("buckets_per_row", 1.0), hot_rows)
         sketch = HotSketch.memory_bytes_for(buckets, hot_rows, options.get("slots", 4), key)  # with its counter
-        return cls._fixed_bytes(field_sizes) - _ROUNDING_SLACK - 8 + hot_rows * embedding_dim * FLOAT_BYTES + sketch
+        return cls._field_buffer_bytes(field_sizes) + hot_rows * embedding_dim * FLOAT_BYTES + sketch
 
     @classmethod
     def byte_range(cls, field_sizes: Sequence[int], embedding_dim: int, **options: Any) -> tuple[int, int]:

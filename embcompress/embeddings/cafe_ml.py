@@ -139,8 +139,8 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
 
     # ------------------------------------------------------------------ budget
     @classmethod
-    def _fixed_bytes(cls, field_sizes: Sequence[int]) -> int:
-        return super()._fixed_bytes(field_sizes) + 2 * 8 * len(field_sizes)
+    def _field_buffer_bytes(cls, field_sizes: Sequence[int]) -> int:
+        return super()._field_buffer_bytes(field_sizes) + 2 * 8 * len(field_sizes)  # + rows2, row2_base
 
     @classmethod
     def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
