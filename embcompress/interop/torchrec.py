@@ -6,7 +6,8 @@ Shape letters: B batch, F features (= the table's fields), D embedding dimension
 holds local ids of the table's field f and returns a ``KeyedTensor`` of pooled (B, D) embeddings per
 key, so a compressed table drops into ``torchrec.models.dlrm.DLRM`` (or anything else built on an
 EmbeddingBagCollection). All features are served by one call of the table: global id = field start +
-local id. Training hooks work as usual: ``embcompress.attach(model, optimizer)``.
+local id, each local id checked against its own feature's size (a ValueError naming the feature).
+Training hooks work as usual: ``embcompress.attach(model, optimizer)``.
 
 Under ``DistributedModelParallel`` TorchRec's sharders do not recognise this module, so it stays
 replicated on every rank (data parallel), which is the point of compressing it. DMP wraps it in DDP,
@@ -31,6 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ..embeddings import CompressedEmbeddingBag
 from ..embeddings.ops import field_starts
+from ..models.blocks import check_field_ids
 
 
 class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -50,6 +52,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                                             name=f"{table_name}_{name}", feature_names=[name], pooling=pooling)
                          for name, size in zip(names, table.field_sizes)]
         self.register_buffer("starts", field_starts(table.field_sizes), persistent=False)
+        self.register_buffer("sizes", torch.tensor(table.field_sizes, dtype=torch.int64), persistent=False)
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._configs
@@ -64,7 +67,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         B, F, D = kjt.stride(), len(self.feature_names), self.table.embedding_dim
         per_key = torch.tensor(kjt.length_per_key(), device=kjt.values().device)
         field = torch.repeat_interleave(torch.arange(F, device=per_key.device), per_key)  # (n,) field of each id
-        ids = kjt.values().long() + self.starts.to(per_key.device)[field]  # global ids
+        local = kjt.values().long()
+        if self.table.validate_ids:  # a local id >= its feature's size would read the next feature's rows
+            check_field_ids(local, self.sizes.to(per_key.device), field, self.feature_names)
+        ids = local + self.starts.to(per_key.device)[field]  # global ids
         offsets = kjt.offsets()[:-1].long()  # F*B bags, key-major
         weights = kjt.weights_or_none() if self._weighted else None
         pooled = self.table(ids, offsets, per_sample_weights=weights)  # (F*B, D)

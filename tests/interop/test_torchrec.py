@@ -112,3 +112,14 @@ def test_replicated_under_distributed_model_parallel(method):
         assert any(not torch.equal(before[k], after[k]) for k in before)
     finally:
         dist.destroy_process_group()
+
+
+def test_local_id_past_its_feature_is_an_error_naming_the_feature():
+    ours = CompressedEmbeddingBagCollection(embcompress.make_table("full", SIZES, D, compression=1), NAMES)
+    lengths = torch.tensor([1] * len(SIZES))
+    ok = KeyedJaggedTensor.from_lengths_sync(keys=NAMES, values=torch.tensor([6, 49, 299]), lengths=lengths)
+    ours(ok)
+    # cat_a's id 7 is global id 7, cat_b's row 0: without the per-feature check it read that row silently
+    bad = KeyedJaggedTensor.from_lengths_sync(keys=NAMES, values=torch.tensor([7, 0, 0]), lengths=lengths)
+    with pytest.raises(ValueError, match=r"field 0 \('cat_a'\): id 7 is outside its valid range \[0, 7\)"):
+        ours(bad)
