@@ -308,15 +308,40 @@ def compress_model(model: nn.Module, calibration_batches: Iterable[Any], *, rati
     return new, report
 
 
+def _plan_module(model: nn.Module, entry: Any) -> nn.Module:
+    """The module a plan entry names, checked against the entry (ValueError: the plan is for another model)."""
+    if not isinstance(entry, dict) or not {"name", "kind", "rank"} <= entry.keys():
+        raise ValueError(f"a compression plan entry must have name, kind and rank, got {entry!r}")
+    name, kind, rank = entry["name"], entry["kind"], entry["rank"]
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the compression plan names layer {name!r}, which this {type(model).__name__} "
+                         "does not have") from None
+    ranks = rank if isinstance(rank, list) else [rank]
+    if not ranks or not all(isinstance(k, int) and k >= 1 for k in ranks):
+        raise ValueError(f"the compression plan gives layer {name!r} rank {rank!r}, not positive integers")
+    if kind == "linear" and isinstance(module, nn.Linear) and not isinstance(rank, list):
+        return module
+    if kind == "embedding" and is_compressible_table(module) and (
+            not isinstance(rank, list) or len(rank) == len(module.field_sizes)):
+        return module
+    raise ValueError(f"the compression plan's {kind} layer {name!r} of rank {rank!r} does not fit this "
+                     f"{type(model).__name__}'s {type(module).__name__}")
+
+
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: list[dict[str, Any]]) -> nn.Module:
     """Give ``model`` (freshly built, uncompressed) the structure in ``plan``, in place, ready for
-    ``load_state_dict`` of a compressed checkpoint. Weights are placeholders until then."""
+    ``load_state_dict`` of a compressed checkpoint. Weights are placeholders until then.
+    ValueError when the plan does not fit the model."""
+    if not isinstance(plan, list):
+        raise ValueError(f"a compression plan is a list of layers, got {type(plan).__name__}")
     folded = set()
     for entry in plan:
+        module = _plan_module(model, entry)
         name = entry["name"]
         k = entry["rank"] if isinstance(entry["rank"], list) else int(entry["rank"])
-        module = model.get_submodule(name)
         if entry["kind"] == "linear":
             basis = torch.eye(module.out_features, k, device=module.weight.device)
             _set_submodule(model, name, factorize_linear(module, basis, torch.zeros(module.out_features,

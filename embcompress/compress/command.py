@@ -76,11 +76,48 @@ def load_run_model(run_dir: str | Path) -> tuple[Any, nn.Module, Any, Any]:
     train, test = split_dataset(ds, cfg.split, cfg.test_fraction, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds)
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    if "compression" in state:
-        apply_plan(model, state["compression"]["plan"])
-    model.load_state_dict(state["model"])
+    path = run_dir / "checkpoint.pt"
+    load_weights(model, load_checkpoint(path), f"{path} ({cfg.model} with a {cfg.method} table, "
+                                                f"as {run_dir / 'config.json'} says)")
     return cfg, model, train, test
+
+
+def _state_mismatch(model: nn.Module, state: dict[str, Any]) -> str:
+    """'' when ``state`` has exactly ``model``'s tensors and shapes, else one line saying what differs."""
+    mine = model.state_dict()
+    if not isinstance(state, dict):
+        return f"its model state is a {type(state).__name__}, not a state dict"
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [k for k in mine if k not in state]
+    unexpected = [k for k in state if k not in mine]
+    shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(v.shape)})" for k, v in mine.items()
+              if k in state and (not hasattr(state[k], "shape") or tuple(state[k].shape) != tuple(v.shape))]
+    parts = [f"{label} {names(keys)}" for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape:", shapes)) if keys]
+    return "; ".join(parts)
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Load a checkpoint's weights into a freshly built ``model``, first giving it the compressed structure
+    a ``compress-lowrank`` checkpoint records; CheckpointError (one line) when the checkpoint is of
+    another structure than the model."""
+    from ..train.checkpoint import CheckpointError
+
+    compression = state.get("compression")
+    try:
+        if compression is not None:
+            if not isinstance(compression, dict) or "plan" not in compression:
+                raise ValueError("its 'compression' entry holds no plan")
+            apply_plan(model, compression["plan"])
+        mismatch = _state_mismatch(model, state["model"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {source} does not fit the model: {e}") from e
+    if mismatch:
+        raise CheckpointError(f"checkpoint {source} does not fit the model: {mismatch}")
+    model.load_state_dict(state["model"])
 
 
 def finetune(model: nn.Module, cfg: Any, train: Any, steps: int, lr: float, batch_size: int | None = None) -> None:

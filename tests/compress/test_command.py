@@ -57,3 +57,44 @@ def test_finetune_is_reported_separately(tmp_path, capsys):
     _, model, _, test = load_run_model(out_dir)  # the saved model is the fine-tuned one
     from embcompress.train.loop import evaluate
     torch.testing.assert_close(evaluate(model, test, 512)["auc"], result["auc_after_finetune"], rtol=1e-6, atol=1e-6)
+
+
+def _run_dir(path, model, state):
+    """A run directory whose config.json describes ``model`` and whose checkpoint holds ``state``."""
+    import dataclasses
+    from embcompress.train.checkpoint import save_checkpoint, write_json
+    path.mkdir()
+    cfg = TrainConfig(data="synthetic", data_options={"rows": 300, "scale": 0.0005, "seed": 0}, model=model,
+                      model_options={"deep": [8]} if model == "deepfm" else {}, embedding_dim=4, progress=False)
+    write_json(path / "config.json", dataclasses.asdict(cfg))
+    save_checkpoint(path / "checkpoint.pt", state)
+    return path
+
+
+def _cli_error(run_dir, tmp_path, capsys):
+    code = main(["compress-lowrank", "--run", str(run_dir), "--ratio", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("embcompress: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_wrong_structure_checkpoint_is_one_line_error(tmp_path, capsys):
+    from embcompress.embeddings import make_table
+    from embcompress.models.deepfm import DeepFM
+    from embcompress.data import load_dataset
+    sizes = load_dataset("synthetic", rows=300, scale=0.0005, seed=0).field_sizes
+    deepfm = DeepFM(make_table("full", list(sizes), 4, compression=1), deep=[8])
+    # a DeepFM checkpoint under a config.json that says DLRM
+    err = _cli_error(_run_dir(tmp_path / "a", "dlrm", {"model": deepfm.state_dict()}), tmp_path, capsys)
+    assert "does not fit" in err and "missing" in err and "unexpected" in err
+    # the right model, one weight of the wrong shape
+    state = dict(deepfm.state_dict())
+    state["deep.0.0.weight"] = torch.zeros(9, state["deep.0.0.weight"].shape[1])
+    err = _cli_error(_run_dir(tmp_path / "b", "deepfm", {"model": state}), tmp_path, capsys)
+    assert "deep.0.0.weight (9," in err
+    # a compression plan naming a layer the model does not have
+    plan = [{"name": "over_arch.net.0.0", "kind": "linear", "rank": 2, "folded": False}]
+    err = _cli_error(_run_dir(tmp_path / "c", "deepfm", {"model": deepfm.state_dict(), "compression": {"plan": plan}}),
+                     tmp_path, capsys)
+    assert "over_arch.net.0.0" in err
