@@ -115,7 +115,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default="full", help=f"table type: {', '.join(methods())}")
     g.add_argument("--compression", type=float, help="compression ratio (full table bytes / table bytes); full: 1")
     g.add_argument("--budget-bytes", type=int, help="byte budget for the table instead of a ratio")
-    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable; VALUE in JSON (0.5, true, [4,4]); see: embcompress methods")
     g.add_argument("--model", default="dlrm", help="model: dlrm, dcn, deepfm")
     g.add_argument("--dim", type=int, default=16, help="embedding dimension (default 16)")
     g = p.add_argument_group("training")
@@ -130,6 +131,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--shuffle", action="store_true", help="shuffle batch order (default: time order)")
     g.add_argument("--max-steps", type=int, help="stop training after this many steps")
+    g.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="hold out the last F of the training rows (time order with --split time) and report "
+                        "val_auc / val_logloss: tune on these, not on the test rows (default 0: none)")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     g.add_argument("--checkpoint-every", type=int, default=0,
@@ -152,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--resume {args.resume} and --out {out} name different run directories")
         out = args.resume
     return TrainConfig(
-        data=args.data, data_options=data_options(args), split=args.split, method=args.method,
+        data=args.data, data_options=data_options(args), split=args.split, val_fraction=args.val_fraction,
+        method=args.method,
         compression=args.compression, budget_bytes=args.budget_bytes, method_options=parse_options(args.option),
         model=args.model, embedding_dim=args.dim, epochs=args.epochs, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -215,6 +220,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- methods
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Every method's declared options (or the named ones); --markdown writes docs/methods.md."""
+    from .embeddings import get_method
+    from .embeddings.options import describe, markdown
+    names = args.names or methods()
+    classes = [(name, get_method(name)) for name in names]
+    print(markdown(classes) if args.markdown else "\n\n".join(describe(n, c) for n, c in classes))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- data commands
 def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.format == "criteo":
@@ -264,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the table methods and the options each accepts")
+    p.add_argument("names", nargs="*", help="methods to describe (default: all)")
+    p.add_argument("--markdown", action="store_true", help="print docs/methods.md (Markdown tables)")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("preprocess", help="turn raw Criteo TSV or CSV into a memory-mapped dataset directory")
     p.add_argument("format", choices=["criteo", "csv"])

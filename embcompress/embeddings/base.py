@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .options import validate as validate_options
+
 FLOAT_BYTES = 4
 
 
@@ -176,6 +178,7 @@ class CompressedEmbeddingBag(nn.Module):
             budget = int(full / compression)
         else:
             budget = int(budget_bytes)  # type: ignore[arg-type]
+        options = validate_options(cls, options)  # unknown or out-of-range: one OptionError naming the valid ones
         lo, hi = cls.byte_range(field_sizes, embedding_dim, **options)
         # Below lo the method cannot shrink further; above hi/0.9 it cannot use the memory it is given.
         if budget < lo or hi < 0.9 * budget:

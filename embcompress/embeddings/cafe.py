@@ -44,6 +44,7 @@ from torch import Tensor
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
 from .ops import allocate_rows, bag_of_lookups, field_hash_rows, field_of, field_starts, mean_weights
+from .options import Option, hash_seed_option, mode_option, sparse_option
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
 
@@ -108,6 +109,31 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     bound by :func:`~embcompress.attach`: ``"slot"`` keeps the row's state, ``"copy"`` takes that of
     the hashed row that served the feature, ``"reset"`` the optimizer's initial state; the last two
     also drop the gradient the row's previous feature left in that step)."""
+
+    OPTIONS = (
+        Option("threshold", "float", None, "score a feature needs for a hot row (T)", low=0, low_open=True,
+               auto="the CAFE artifact's value for the nearest compression ratio"),
+        Option("hash_rate", "float", None, "share of the budget that goes to the per-field hash rows; the rest "
+               "buys hot rows and their sketch", low=0, high=1, low_open=True, high_open=True,
+               auto="the CAFE artifact's value for the nearest compression ratio"),
+        Option("decay", "float", 0.98, "factor every sketch score is multiplied by at each decay", low=0, high=1,
+               low_open=True),
+        Option("decay_mass", "float", 10.0, "decay once the score mass inserted since the last decay exceeds "
+               "decay_mass x buckets x T", low=0, low_open=True),
+        Option("pressure_decay", "bool", True, "also decay when more features reach T than hot rows are free"),
+        Option("preempt", "bool", True, "a feature waiting for a hot row takes the row of a hot feature it outscores"),
+        Option("importance", "str", "gradient", "what a lookup adds to its feature's score: its gradient norm "
+               "(normalised per field and batch) or 1", choices=("gradient", "frequency")),
+        Option("slots", "int", 4, "sketch slots per bucket", low=1),
+        Option("buckets_per_row", "float", 1.0, "sketch buckets per hot row", low=0, low_open=True),
+        Option("key_dtype", "str", "auto", "id type of the sketch; auto: int32 when every id fits, else int64 "
+               "(int64 reproduces tables built before 4-byte ids and loads their checkpoints)",
+               choices=("auto", "int32", "int64")),
+        Option("optimizer_state", "str", "slot", "what a hot row handed to a new feature starts with: the row's "
+               "optimizer state (slot), the state of the hashed row that served the feature (copy), or the "
+               "optimizer's initial state (reset)", choices=("slot", "copy", "reset")),
+        hash_seed_option(), mode_option(), sparse_option(),
+    )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",

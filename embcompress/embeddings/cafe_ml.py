@@ -39,6 +39,7 @@ from torch import Tensor
 from .base import FLOAT_BYTES, uniform_rows_
 from .cafe import CafeEmbeddingBag
 from .ops import allocate_rows, bag_of_lookups, field_of, field_starts, hash64, mean_weights
+from .options import Option
 from .registry import register
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,16 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
     """Options of ``cafe`` plus ``medium_fraction`` (0.2), ``medium_rate`` (0.3) and ``medium_source``
     ("hash": the second table's rows come out of the hash rows; "hot": out of the hot rows; "shared": the
     second row is drawn from the first table, ``second_in_first=True``)."""
+
+    OPTIONS = CafeEmbeddingBag.OPTIONS + (
+        Option("medium_fraction", "float", 0.2, "a feature that is not hot is medium (gets a second row) when its "
+               "score is at least medium_fraction x T; 0: every feature that is not hot", low=0, high=1),
+        Option("medium_rate", "float", 0.3, "share of the hash rows (medium_source=hash) or of the hot rows' bytes "
+               "(hot) that goes to the second hash table", low=0, high=1, high_open=True),
+        Option("medium_source", "str", "hash", "where the second rows come from: the hash rows' bytes, the hot "
+               "rows' bytes, or another row of the first table (shared, no extra bytes)",
+               choices=("hash", "hot", "shared")),
+    )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  second_rows_per_field: Sequence[int], num_hot_rows: int, threshold: float,

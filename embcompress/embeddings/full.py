@@ -7,12 +7,15 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
+from .options import mode_option, sparse_option
 from .registry import register
 
 
 @register("full")
 class FullEmbeddingBag(IndexedEmbeddingBag):
     """One float32 row per global id; field f's rows start at ``sum(field_sizes[:f])``."""
+
+    OPTIONS = (mode_option(), sparse_option())
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, mode: str = "sum", sparse: bool = True) -> None:
         super().__init__(field_sizes, embedding_dim, sum(int(s) for s in field_sizes), mode, sparse)

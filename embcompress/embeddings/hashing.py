@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .ops import allocate, fewest_rows, field_hash_rows, field_of, field_starts
+from .options import Option, hash_seed_option, mode_option, sparse_option
 from .registry import register
 
 _BUFFERS_PER_FIELD = 4  # field start, field size, rows, row base: int64 each
@@ -27,6 +28,13 @@ _BUFFERS_PER_FIELD = 4  # field start, field size, rows, row base: int64 each
 
 @register("hash")
 class HashEmbeddingBag(IndexedEmbeddingBag):
+    OPTIONS = (
+        Option("allocation", "str", "capped", "how the budget's rows are split among fields: capped keeps small "
+               "fields whole and takes rows from the largest first; proportional compresses every field alike",
+               choices=("capped", "proportional")),
+        hash_seed_option(), mode_option(), sparse_option(),
+    )
+
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  mode: str = "sum", seed: int = 0, sparse: bool = True) -> None:
         rows = [int(r) for r in rows_per_field]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, CompressedEmbeddingBag
 from .ops import allocate_rows, field_of, field_starts, hash_into
+from .options import Option, mode_option, sparse_option
 from .registry import register
 
 _BUFFERS_PER_FIELD = 4  # start, size, rows of A, first row of A  (int64 each)
@@ -51,6 +52,13 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
     Fields of equal rank share one parameter ``weights[g]`` (R_g, k_g) and ``projs[g]`` (F_g, k_g, D), so
     a lookup is one gather and one batched matmul per distinct rank (at most D), never a loop over ids.
     """
+
+    OPTIONS = (
+        Option("rank", "int", None, "rank k of every field (at most the embedding dim); ids are hashed onto "
+               "fewer rows of A when k x ids floats do not fit", low=1, auto="as large as the budget allows"),
+        Option("min_rank", "int", None, "lowest rank the budget may choose", low=1, auto="embedding dim / 4"),
+        mode_option(), sparse_option(),
+    )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rank: int | Sequence[int],
                  rows: Sequence[int] | None = None, mode: str = "sum", sparse: bool = True) -> None:

@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from .base import FLOAT_BYTES, CompressedEmbeddingBag, tensor_bytes
 from .ops import field_of, field_starts, hash64
 from .quant import dequantize_rows, quantize_rows, row_bytes
+from .options import Option, mode_option
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
 
@@ -111,6 +112,28 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     ``cache_fraction``, ``policy`` (lfu/lru), ``staging_rows`` (initial workspace rows), ``sketch_depth``,
     ``sketch_width`` (columns per cache row), ``sketch_reset``, ``optimizer_state`` (row/element/slot),
     ``write_back`` (keep-grid/fresh)."""
+
+    OPTIONS = (
+        Option("precision", "str", "auto", "bits of the stored rows; auto: int8 when its default cache fits the "
+               "budget, else int4", choices=("auto", "int8", "int4")),
+        Option("cache_rows", "int", None, "rows of the float32 cache", low=0,
+               auto="whatever the budget leaves after the quantised rows"),
+        Option("cache_fraction", "float", None, "cache rows as a share of all rows (instead of cache_rows)",
+               low=0, high=1, auto="whatever the budget leaves after the quantised rows"),
+        Option("policy", "str", "lfu", "which rows the cache keeps: most frequent (count-min sketch with "
+               "ageing) or most recently used", choices=("lfu", "lru")),
+        Option("sketch_depth", "int", 2, "rows of the lfu count-min sketch", low=1),
+        Option("sketch_width", "int", DEFAULT_SKETCH_WIDTH, "lfu sketch columns per cache row", low=1),
+        Option("sketch_reset", "int", 10, "halve the lfu counters when the mass added since the last halving "
+               "reaches sketch_reset x width", low=1),
+        Option("staging_rows", "int", 4096, "initial rows of the per-step workspace for uncached rows", low=1),
+        Option("optimizer_state", "str", "row", "optimizer state of uncached rows: one value per row (row-wise "
+               "Adagrad), one per element (exact, as large as the full table), or none kept (slot)",
+               choices=OPTIMIZER_STATES),
+        Option("write_back", "str", "keep-grid", "requantising an updated row keeps its scale and bias while "
+               "its values fit them (keep-grid) or picks new ones each time (fresh)", choices=WRITE_BACKS),
+        mode_option(),
+    )
 
     dedup = True  # each distinct id is staged once, and its count feeds the cache
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, CompressedEmbeddingBag
 from .ops import allocate_rows, field_of, field_starts, hash_into
+from .options import mode_option, sparse_option
 from .registry import register
 
 _BUFFERS_PER_FIELD = 6  # start, size, virtual size, remainder size, quotient base, remainder base
@@ -75,6 +76,8 @@ def plan_field(n: int, rows: int) -> tuple[int, int]:
 
 @register("qr")
 class QREmbeddingBag(CompressedEmbeddingBag):
+    OPTIONS = (mode_option(), sparse_option())
+
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, remainders: Sequence[int],
                  virtual_sizes: Sequence[int] | None = None, mode: str = "sum", sparse: bool = True) -> None:
         super().__init__(field_sizes, embedding_dim, mode)

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from .base import CompressedEmbeddingBag, uniform_rows_
 from .ops import field_of, field_starts, topk_ties_first
+from .options import Option, mode_option, sparse_option
 from .registry import register
 from .sync import gather_across_ranks
 from .tt_cores import (EMPTY, TTPlan, core_std, plan_bytes, plan_for_budget, split_index, trunc_normal_slice_,
@@ -78,6 +79,33 @@ _MAX_PENDING = 16  # training forwards recorded between optimizer steps before t
 @register("tt")
 class TTEmbeddingBag(CompressedEmbeddingBag):
     dedup = True
+    OPTIONS = (
+        Option("layout", "str", "field", "one TT per compressed field, or one TT over all compressed fields",
+               choices=("field", "shared")),
+        Option("num_cores", "int", None, "TT cores T", low=2, high=4, auto="from the largest field's size"),
+        Option("q_shape", "list[int]", None, "column modes, T factors whose product is the embedding dim",
+               low=1, auto="the dim split into T near-equal factors"),
+        Option("ranks", "list[int]", None, "the T - 1 inner TT ranks", low=1,
+               auto="as large as the budget allows, up to max_rank"),
+        Option("max_rank", "int", 64, "largest rank the budget may choose", low=1),
+        Option("cache_fraction", "float", 0.01, "share of the TT-served ids held uncompressed in the cache",
+               low=0, high=1),
+        Option("cache_max_share", "float", 0.75, "largest share of the budget the cache may take", low=0, high=1),
+        Option("tracker_per_row", "int", 2, "ids whose counts are tracked per cache row", low=0),
+        Option("decay", "float", 0.999, "factor the tracked counts are multiplied by per step", low=0, high=1,
+               low_open=True),
+        Option("refresh_every", "int", 50, "optimizer steps between cache refreshes", low=1),
+        Option("track_every", "int", 10, "optimizer steps whose counts are merged into the tracker at once",
+               low=1),
+        Option("hysteresis", "float", 2.0, "a candidate replaces a cached id only when its count is this many "
+               "times larger", low=1),
+        Option("core_scale", "float", 1.0, "per-core learning-rate multiplier (by reparametrisation)", low=0,
+               low_open=True),
+        Option("init_scale", "float", 1.0, "multiplier of the rows' initial standard deviation", low=0,
+               low_open=True),
+        Option("seed", "int", None, "seed of the core initialisation", low=0, auto="torch's global generator"),
+        mode_option(), sparse_option(),
+    )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, *, groups: Sequence[Sequence[int]],
                  p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int],

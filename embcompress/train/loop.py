@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Dataset, iterate_batches, load_dataset, num_batches, split_dataset
+from ..data import Dataset, DatasetView, iterate_batches, load_dataset, num_batches, split_dataset
 from ..embeddings import CompressedEmbeddingBag, attach, full_table_bytes, make_table
 from ..embeddings.sync import gather_across_ranks
 from ..models import get_model
@@ -56,6 +56,9 @@ class TrainConfig:
     data_options: dict[str, Any] = field(default_factory=dict)
     split: str = "time"
     test_fraction: float = 1 / 7
+    # the last val_fraction of the training rows (time order under split="time") are held out and scored
+    # as val_auc / val_logloss: choose settings on them, never on the test rows. 0: no validation rows
+    val_fraction: float = 0.0
     method: str = "full"
     compression: float | None = None  # None: 1 for ``full``; give this or budget_bytes for others
     budget_bytes: int | None = None
@@ -93,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.split not in ("time", "random"):
             raise ValueError(f"split must be 'time' or 'random', got {self.split!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name in ("epochs", "batch_size", "eval_batch_size", "embedding_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -109,7 +114,7 @@ class TrainConfig:
 
 
 # Settings a resumed run must share with the checkpoint (the rest, e.g. epochs or max_steps, may change).
-RESUME_MUST_MATCH = ("data", "data_options", "split", "test_fraction", "method", "compression", "budget_bytes",
+RESUME_MUST_MATCH = ("data", "data_options", "split", "test_fraction", "val_fraction", "method", "compression", "budget_bytes",
                      "method_options", "model", "model_options", "embedding_dim", "batch_size", "lr",
                      "warmup_steps", "optimizer", "seed", "shuffle")
 # Method options a resumed run may add to a checkpoint's settings: they rebuild what older versions built
@@ -187,6 +192,21 @@ def set_learning_rate(opts: list[torch.optim.Optimizer], cfg: TrainConfig, step:
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = lr
+
+
+def hold_out(view: DatasetView, fraction: float) -> tuple[DatasetView, DatasetView | None]:
+    """(training rows, validation rows): the last ``fraction`` of ``view`` in its order (time order for a
+    contiguous view, the seeded permutation's order for a random split). ``fraction=0``: (view, None)."""
+    n_val = int(round(view.num_rows * fraction))
+    if n_val == 0:
+        return view, None
+    n_fit = view.num_rows - n_val
+    if n_fit <= 0:
+        raise ValueError(f"val_fraction {fraction} leaves no training rows out of {view.num_rows}")
+    if view.index is not None:
+        return DatasetView(view.dataset, index=view.index[:n_fit]), DatasetView(view.dataset, index=view.index[n_fit:])
+    return (DatasetView(view.dataset, view.start, view.start + n_fit),
+            DatasetView(view.dataset, view.start + n_fit, view.stop))
 
 
 def _to(batch: Iterable[torch.Tensor], device: str) -> list[torch.Tensor]:
@@ -468,6 +488,7 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
     np.random.seed(cfg.seed)
     ds = dataset if dataset is not None else load_dataset(cfg.data, **cfg.data_options)
     train, test = split_dataset(ds, cfg.split, cfg.test_fraction, seed=cfg.seed)
+    train, val = hold_out(train, cfg.val_fraction)
     model = build_model(cfg, ds).to(ctx.device)
     table = embedding_tables(model)[0]
     opts = build_optimizers(model, cfg)
@@ -484,6 +505,9 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
     elif cfg.resume:
         log.warning("no checkpoint in %s: starting from the beginning", cfg.out)
     writer.config(cfg)
+    if writer.dir is not None:  # the run's own feature map: it loads and scores raw rows without its dataset
+        from ..data.features import copy_feature_map
+        copy_feature_map(ds, writer.dir)
     step_model = distributed.wrap_model(model, ctx)
     log.info("training %s (%s) on %d rows, testing on %d", cfg.method, table.extra_repr(), train.num_rows,
              test.num_rows)
@@ -496,6 +520,9 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
         writer.checkpoint(checkpoint_state(model, opts, cfg, pos, ctx.world_size))
     samples, seconds, step = pos.samples * ctx.world_size, pos.seconds, pos.step
 
+    if val is not None:
+        val_metrics = evaluate(model, val, cfg.eval_batch_size, ctx.device, cfg.progress and ctx.is_main, ctx)
+        writer.metric(kind="val", step=step, **val_metrics)
     metrics = evaluate(model, test, cfg.eval_batch_size, ctx.device, cfg.progress and ctx.is_main, ctx)
     writer.metric(kind="eval", step=step, **metrics)
     full = full_table_bytes(table.field_sizes, table.embedding_dim)
@@ -528,6 +555,9 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
         "embedding_dim": cfg.embedding_dim,
         "world_size": ctx.world_size,
     }
+    if val is not None:
+        summary.update(val_auc=val_metrics["auc"], val_logloss=val_metrics["logloss"], rows_val=val.num_rows,
+                       val_fraction=cfg.val_fraction)
     if getattr(test, "probs", None) is not None:
         summary["bayes_auc"] = auc(np.asarray(test.labels), np.asarray(test.probs))
     writer.summary(summary)

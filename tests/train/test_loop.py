@@ -195,3 +195,30 @@ def test_learning_rate_warms_up_linearly_then_stays(small_synthetic):
     assert {g["lr"] for o in opts for g in o.param_groups} == {0.05}
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(warmup_steps=-1).validate()
+
+
+def test_validation_rows_are_the_last_training_rows_and_are_scored(tmp_path, small_synthetic):
+    from embcompress.data import split_dataset
+    from embcompress.train.loop import hold_out
+    train, test = split_dataset(small_synthetic, "time")
+    fit, val = hold_out(train, 0.1)
+    assert (fit.start, fit.stop, val.start, val.stop) == (0, train.stop - val.num_rows, fit.stop, train.stop)
+    assert val.num_rows == round(train.num_rows * 0.1) and val.stop <= test.start  # never a test row
+    rtrain, _ = split_dataset(small_synthetic, "random", seed=3)
+    rfit, rval = hold_out(rtrain, 0.25)
+    assert np.array_equal(np.concatenate([rfit.index, rval.index]), rtrain.index)
+    assert hold_out(train, 0.0) == (train, None)
+
+    cfg = TrainConfig(method="hash", compression=10, batch_size=512, progress=False, out=str(tmp_path),
+                      val_fraction=0.1, max_steps=5)
+    s = run_training(cfg, dataset=small_synthetic)
+    assert s["rows_val"] == val.num_rows and s["rows_train"] == fit.num_rows
+    assert 0.0 < s["val_auc"] < 1.0 and s["val_logloss"] > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["val_auc"] == s["val_auc"]
+    kinds = [json.loads(l)["kind"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds[-2:] == ["val", "eval"]
+    off = run_training(TrainConfig(method="hash", compression=10, batch_size=512, progress=False, max_steps=5),
+                       dataset=small_synthetic)
+    assert "val_auc" not in off and off["rows_train"] == train.num_rows
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0).validate()
