@@ -67,19 +67,13 @@ def load_run_model(run_dir: str | Path) -> tuple[Any, nn.Module, Any, Any]:
     A run written by this command (its checkpoint has a ``compression`` entry) comes back compressed.
     """
     from ..data import load_dataset, split_dataset
-    from ..train.checkpoint import load_checkpoint
-    from ..train.loop import build_model
+    from ..serve import load_run
 
-    run_dir = Path(run_dir)
-    cfg = _config(run_dir)
+    run = load_run(run_dir)  # the model from the run directory alone; the data only for the splits
+    cfg = run.config
     ds = load_dataset(cfg.data, **cfg.data_options)
     train, test = split_dataset(ds, cfg.split, cfg.test_fraction, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, ds)
-    path = run_dir / "checkpoint.pt"
-    load_weights(model, load_checkpoint(path), f"{path} ({cfg.model} with a {cfg.method} table, "
-                                                f"as {run_dir / 'config.json'} says)")
-    return cfg, model, train, test
+    return cfg, run.model, train, test
 
 
 def _state_mismatch(model: nn.Module, state: dict[str, Any]) -> str:

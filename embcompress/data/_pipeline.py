@@ -18,19 +18,25 @@ value like any other (it is information: "missing"), with the smallest key, so w
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import logging
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from .arrays import commit_staging_dir, make_staging_dir, FORMAT_VERSION, sparse_dtype
 from .errors import DataError
+from .features import write_feature_map
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +116,10 @@ class ValueCounter:
         self.levels: list[tuple[np.ndarray, np.ndarray]] = []
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        # A chunk's keys may repeat (e.g. "0000abcd" and "0000ABCD" decode to one key): merge them here.
+        empty = (keys[:0], counts[:0].astype(np.int64))
         order = np.argsort(keys, kind="stable")
-        self.levels.append((keys[order], counts[order].astype(np.int64)))
+        self.levels.append(_merge((keys[order], counts[order].astype(np.int64)), empty))
         while len(self.levels) >= 2 and len(self.levels[-2][0]) <= 2 * len(self.levels[-1][0]):
             b = self.levels.pop()
             self.levels[-1] = _merge(self.levels[-1], b)
@@ -133,6 +141,80 @@ def lookup_ids(vocab: np.ndarray, keys: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(vocab, keys)
     pos_c = np.minimum(pos, len(vocab) - 1)
     return np.where(vocab[pos_c] == keys, pos_c + 1, OOV_ID).astype(np.int64)
+
+
+class _ArrowRaw(io.RawIOBase):
+    """A pyarrow input stream as a Python raw stream (pyarrow's compressed streams have no readline)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.stream.read(len(b))
+        memoryview(b)[: len(data)] = data
+        return len(data)
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def input_compression(path: str | os.PathLike) -> str | None:
+    """"gzip", "zstd" or None (plain text), from the file's first bytes (not its name)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def check_input_file(path: str | os.PathLike, what: str = "Input file") -> Path:
+    src = Path(path)
+    if src.is_dir():
+        raise DataError(f"{what} {src} is a directory, not a file (a preprocessed dataset directory is given "
+                        "as the directory itself, without 'criteo:' or 'csv:').")
+    if not src.is_file():
+        raise DataError(f"{what} {src} does not exist.")
+    return src
+
+
+@contextlib.contextmanager
+def open_input(path: str | os.PathLike) -> Iterator[tuple[io.BufferedIOBase, Callable[[], int]]]:
+    """Open a raw text file, plain or gzip/zstd-compressed (detected from its first bytes), for binary
+    reading; yields (stream of the uncompressed bytes, function returning the bytes read of the file
+    on disk, for progress bars)."""
+    src = check_input_file(path)
+    kind = input_compression(src)
+    raw = open(src, "rb")
+    try:
+        if kind == "gzip":
+            fh: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif kind == "zstd":
+            fh = io.BufferedReader(_ArrowRaw(pa.CompressedInputStream(raw, "zstd")), 1 << 20)
+        else:
+            fh = raw
+        yield fh, raw.tell
+    except (gzip.BadGzipFile, EOFError, zlib.error, pa.ArrowException) as exc:
+        if kind is None:
+            raise
+        raise DataError(f"{src} is not a valid {kind} file (truncated or corrupted?): {exc}.") from exc
+    finally:
+        raw.close()
+
+
+class Unread:
+    """A binary stream with ``head`` (bytes already read from it) put back in front."""
+
+    def __init__(self, head: bytes, fh) -> None:
+        self.head, self.fh = io.BytesIO(head), fh
+
+    def readinto(self, b) -> int:
+        n = self.head.readinto(b)
+        return n + (self.fh.readinto(memoryview(b)[n:]) if n < len(b) else 0)
+
+    def readline(self) -> bytes:
+        line = self.head.readline()
+        return line if line.endswith(b"\n") else line + self.fh.readline()
 
 
 def iter_byte_chunks(fh, chunk_bytes: int, first_line: int) -> Iterator[tuple[bytearray, int, int]]:
@@ -172,31 +254,37 @@ def run_two_pass(
     skip_bad_lines: bool,
     progress: bool,
     meta: dict,
+    input_format: dict,
     start_offset: int = 0,
     first_line: int = 1,
+    overwrite: bool = False,
 ) -> dict:
-    """Preprocess ``path`` into a dataset directory ``out_dir``; see the module docstring."""
-    src = Path(path)
-    if not src.is_file():
-        raise DataError(f"Input file {src} does not exist.")
+    """Preprocess ``path`` into a dataset directory ``out_dir``; see the module docstring. An existing
+    dataset at ``out_dir`` is replaced only with ``overwrite``. ``start_offset``: uncompressed bytes to
+    skip first (a header line). ``input_format`` goes into the feature map (how raw rows are read)."""
+    src = check_input_file(path)
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
+    check_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
     size = src.stat().st_size
     staging = make_staging_dir(out_dir)
     try:
-        with open(src, "rb") as fh:
-            fh.seek(start_offset)
+        with open_input(src) as (fh, position):
+            fh.read(start_offset)
             sample = fh.read(1 << 20)
             avg_line = max(len(sample) / max(sample.count(b"\n"), 1), 16.0)
             chunk_bytes = max(int(chunk_rows * avg_line), 1 << 16)
-            fh.seek(start_offset)
-            stats = _pass1(fh, src, staging, chunk_bytes, first_line, size - start_offset, parse_fast, parse_slow,
-                           num_dense, num_fields, skip_bad_lines, progress)  # fmt: skip
+            stats = _pass1(fh, position, src, staging, chunk_bytes, first_line, size, parse_fast, parse_slow,
+                           num_dense, num_fields, skip_bad_lines, progress, sample)  # fmt: skip
         if stats["rows"] == 0:
             reason = "every line was bad and skipped" if stats["bad_lines"] else "it contains no data rows"
             raise DataError(f"Cannot preprocess {src}: {reason}.")
-        field_sizes, field_stats = _pass2(staging, stats, num_fields, min_count, progress)
+        field_sizes, field_stats, vocabs = _pass2(staging, stats, num_fields, min_count, progress)
+        write_feature_map(staging, source=meta["source"], field_names=meta["field_names"], field_sizes=field_sizes,
+                          dense_names=meta["dense_names"], input_format=input_format, vocabs=vocabs,
+                          min_count=min_count)  # fmt: skip
+        del vocabs
         elapsed = time.perf_counter() - t0
         stats.update(field_sizes=field_sizes, fields=field_stats, seconds=round(elapsed, 3),
                      lines_per_s=round(stats["lines"] / elapsed, 1), mb_per_s=round(size / elapsed / 1e6, 2))  # fmt: skip
@@ -207,7 +295,7 @@ def run_two_pass(
                                   "empty is a value with the smallest key")  # fmt: skip
         for junk in ("chunks", "idx32"):
             shutil.rmtree(staging / junk, ignore_errors=True)
-        commit_staging_dir(staging, out_dir, full_meta)
+        commit_staging_dir(staging, out_dir, full_meta, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -217,8 +305,19 @@ def run_two_pass(
     return stats
 
 
-def _pass1(fh, src, staging, chunk_bytes, first_line, total_bytes, parse_fast, parse_slow, num_dense, num_fields,
-           skip_bad_lines, progress) -> dict:  # fmt: skip
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write a dataset over an existing one (or over a file) unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is a file; give a directory for the dataset.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a dataset" if (out / "meta.json").exists() else "a non-empty directory"
+        raise DataError(f"{out} already holds {what}; choose another directory or pass --overwrite "
+                        "(overwrite=True) to replace it.")
+
+
+def _pass1(fh, position, src, staging, chunk_bytes, first_line, total_bytes, parse_fast, parse_slow, num_dense,
+           num_fields, skip_bad_lines, progress, prefix) -> dict:  # fmt: skip
     (staging / "chunks").mkdir()
     labels_w = NpyAppender(staging / "labels.npy", np.float32, ())
     dense_w = NpyAppender(staging / "dense.npy", np.float32, (num_dense,))
@@ -227,7 +326,7 @@ def _pass1(fh, src, staging, chunk_bytes, first_line, total_bytes, parse_fast, p
     lines = bad_lines = chunks = slow_chunks = 0
     bad_examples: list[tuple[int, str]] = []
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="pass 1/2", disable=not progress) as bar:
-        for buf, line0, n_lines in iter_byte_chunks(fh, chunk_bytes, first_line):
+        for buf, line0, n_lines in iter_byte_chunks(Unread(prefix, fh), chunk_bytes, first_line):
             lines += n_lines
             parsed = parse_fast(buf, line0, n_lines)
             if parsed is None:
@@ -246,7 +345,7 @@ def _pass1(fh, src, staging, chunk_bytes, first_line, total_bytes, parse_fast, p
                 counts = np.bincount(parsed.row_idx[:, f], minlength=len(parsed.dict_keys[f]))
                 counters[f].add(parsed.dict_keys[f], counts)
             chunks += 1
-            bar.update(len(buf))
+            bar.update(position() - bar.n)
     for w in (labels_w, dense_w, idx_w):
         w.close()
     return {"rows": labels_w.rows, "lines": lines, "bad_lines": bad_lines, "bad_examples": bad_examples,
@@ -286,4 +385,4 @@ def _pass2(staging: Path, stats: dict, num_fields: int, min_count: int, progress
             bar.update(n)
     out.flush()
     del idx, out
-    return field_sizes, field_stats
+    return field_sizes, field_stats, vocabs

@@ -41,6 +41,7 @@ class Dataset:
     field_sizes: list[int]
     meta: dict = field(default_factory=dict)
     probs: np.ndarray | None = None
+    root: Path | None = None  # the directory it was opened from (its feature map lives there)
 
     @property
     def num_rows(self) -> int:
@@ -79,8 +80,9 @@ def make_staging_dir(out_dir: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
-def commit_staging_dir(staging: Path, out_dir: str | os.PathLike, meta: dict) -> Path:
-    """Write meta.json last, then move ``staging`` to ``out_dir`` (replacing an earlier dataset there)."""
+def commit_staging_dir(staging: Path, out_dir: str | os.PathLike, meta: dict, overwrite: bool = True) -> Path:
+    """Write meta.json last, then move ``staging`` to ``out_dir`` (replacing an earlier dataset there
+    only with ``overwrite``)."""
     out = Path(out_dir)
     umask = os.umask(0)
     os.umask(umask)
@@ -93,6 +95,9 @@ def commit_staging_dir(staging: Path, out_dir: str | os.PathLike, meta: dict) ->
         if not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").exists()):
             shutil.rmtree(staging, ignore_errors=True)
             raise DataError(f"Refusing to overwrite {out}: it exists and is not a dataset directory.")
+        if not overwrite and any(out.iterdir()):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it.")
         shutil.rmtree(out)
     os.replace(staging, out)
     return out
@@ -133,7 +138,10 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         f = root / f"{name}.npy"
         if not f.exists():
             raise DataError(f"{root} is incomplete: {f.name} is missing.")
-        arrays[name] = np.load(f, mmap_mode="r")
+        try:
+            arrays[name] = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{f} cannot be read (truncated or not a .npy array?): {exc}.") from exc
     rows, fields = meta["rows"], len(meta["field_sizes"])
     expected = {"dense": (rows, meta["num_dense"]), "sparse": (rows, fields), "labels": (rows,), "probs": (rows,)}
     for name, arr in arrays.items():
@@ -146,6 +154,7 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         field_sizes=[int(s) for s in meta["field_sizes"]],
         meta=meta,
         probs=arrays.get("probs"),
+        root=root,
     )
 
 

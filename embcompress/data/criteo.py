@@ -26,6 +26,9 @@ NUM_CATEGORICAL = 26
 NUM_COLUMNS = 1 + NUM_DENSE + NUM_CATEGORICAL
 COLUMN_NAMES = ["label"] + [f"I{i}" for i in range(1, NUM_DENSE + 1)] + [f"C{i}" for i in range(1, NUM_CATEGORICAL + 1)]
 EMPTY_KEY = -1
+INPUT_FORMAT = {"format": "criteo", "delimiter": "\t", "header": False, "columns": COLUMN_NAMES, "label": "label",
+                "labels": "0 or 1", "categorical": "8-digit hex (either case) or empty",
+                "dense": "integer or empty"}  # fmt: skip
 
 # Hex digit value of each byte, 255 for a byte that is not a hex digit.
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -112,6 +115,8 @@ def _check_line(fields: list[bytes]) -> str | None:
     for j in range(1, 1 + NUM_DENSE):
         v = fields[j]
         if v and not _INT_RE.fullmatch(v):
+            if re.fullmatch(rb"[+-]?[0-9]+", v):
+                return f"I{j} value {v[:30]!r} is too large: dense values must fit a 64-bit integer (< 10**18)"
             return f"I{j} must be an integer or empty, found {v[:20]!r}"
     for f in range(NUM_CATEGORICAL):
         v = fields[1 + NUM_DENSE + f]
@@ -152,14 +157,18 @@ def preprocess_criteo(
     chunk_rows: int = 500_000,
     skip_bad_lines: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Preprocess a raw Criteo TSV into a dataset directory (see ``arrays``), streaming in chunks of about
-    ``chunk_rows`` lines. Per field, ids are 0 = OOV (values seen fewer than ``min_count`` times), then the
-    kept values (empty first, then by hex value). A malformed line raises ``DataError`` naming the file and
-    line, or with ``skip_bad_lines`` is dropped and counted. Returns statistics (also in meta.json)."""
+    """Preprocess a raw Criteo TSV (plain, gzip or zstd) into a dataset directory (see ``arrays``) with
+    its feature map (``features``), streaming in chunks of about ``chunk_rows`` lines. Per field, ids are
+    0 = OOV (values seen fewer than ``min_count`` times), then the kept values (empty first, then by hex
+    value). A malformed line raises ``DataError`` naming the file and line, or with ``skip_bad_lines`` is
+    dropped and counted. An existing dataset at ``out_dir`` is replaced only with ``overwrite``. Returns
+    statistics (also in meta.json)."""
     meta = {"source": "criteo", "path": os.path.abspath(path),
             "options": {"min_count": min_count, "skip_bad_lines": skip_bad_lines},
             "dense_names": COLUMN_NAMES[1:14], "field_names": COLUMN_NAMES[14:]}  # fmt: skip
     return run_two_pass(path, out_dir, parse_fast=parse_chunk_fast, parse_slow=parse_chunk_slow,
                         num_dense=NUM_DENSE, num_fields=NUM_CATEGORICAL, min_count=min_count,
-                        chunk_rows=chunk_rows, skip_bad_lines=skip_bad_lines, progress=progress, meta=meta)  # fmt: skip
+                        chunk_rows=chunk_rows, skip_bad_lines=skip_bad_lines, progress=progress, meta=meta,
+                        input_format=INPUT_FORMAT, overwrite=overwrite)  # fmt: skip

@@ -2,9 +2,14 @@
 
 Columns are named by header name, or by 0-based index when ``header=False``. Categorical values are
 arbitrary strings (as bytes), numeric values are floats transformed like Criteo's dense features
-(``log(1 + max(x, 0))``, empty = 0), labels are 0/1. Ids per column follow ``_pipeline``: 0 = OOV, then the
-kept values in byte order (the empty string, when present and kept, is id 1). Quoted fields are allowed;
-quoted line breaks inside a field are not (lines are cut at every newline).
+(``log(1 + max(x, 0))``, empty = 0). Ids per column follow ``_pipeline``: 0 = OOV, then the kept values in
+byte order (the empty string, when present and kept, is id 1). Quoted fields are allowed; quoted line
+breaks inside a field are not (lines are cut at every newline). The file may be gzip- or
+zstd-compressed.
+
+Labels (:func:`label_of`): a click is ``1`` (also ``1.0``, ``+1``, ``true``), no click is ``0`` (``0.0``,
+``false``) or ``-1``; case and surrounding spaces do not matter. One file may not use both ``0`` and
+``-1``: with both, which one means "no click" is ambiguous, and it is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ._pipeline import ParsedChunk, chunk_from_keys, count_lines, run_two_pass
+from ._pipeline import ParsedChunk, chunk_from_keys, count_lines, open_input, run_two_pass
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,12 +33,48 @@ Column = str | int
 
 
 def _first_line(path: str | os.PathLike) -> tuple[bytes, int]:
-    """The first line (without its line end) and the byte offset just after it."""
-    if not os.path.isfile(path):
-        raise DataError(f"Input file {path} does not exist.")
-    with open(path, "rb") as fh:
+    """The first line (without its line end) and the (uncompressed) byte offset just after it."""
+    with open_input(path) as (fh, _):
         line = fh.readline()
     return line.rstrip(b"\r\n"), len(line)
+
+
+_TRUE, _FALSE = {"1", "true", "+1"}, {"0", "false", "-1"}
+
+
+def label_of(text: str | bytes) -> tuple[int, str] | None:
+    """(0 or 1, the spelling's class) of a label value, or None when it is no label. The class is
+    "-1" for minus one, "0" for every other "no click" spelling, "1" for a click; see the module
+    docstring for the rule."""
+    t = (text.decode("latin-1") if isinstance(text, bytes) else text).strip().lower()
+    if t in _TRUE or t in _FALSE:
+        return (1, "1") if t in _TRUE else (0, "-1" if t == "-1" else "0")
+    try:
+        x = float(t)
+    except ValueError:
+        return None
+    return {1.0: (1, "1"), 0.0: (0, "0"), -1.0: (0, "-1")}.get(x)
+
+
+class LabelRule:
+    """Maps label values to 0/1 and refuses a file that spells "no click" both as 0 and as -1."""
+
+    def __init__(self, column: str) -> None:
+        self.column, self.seen = column, set()
+
+    def __call__(self, values: list) -> np.ndarray | None:
+        """0/1 of each value; None if one is not a label."""
+        out = np.empty(len(values), dtype=np.float32)
+        for i, v in enumerate(values):
+            got = label_of(v)
+            if got is None:
+                return None
+            out[i] = got[0]
+            self.seen.add(got[1])
+        if {"0", "-1"} <= self.seen:
+            raise DataError(f"label column {self.column!r} uses both 0 and -1: which one means 'no click' is "
+                            "ambiguous; write labels as 0/1, -1/1 or false/true.")
+        return out
 
 
 def _resolve(names: list[str], col: Column, header: bool) -> str:
@@ -52,7 +93,8 @@ class _CsvParser:
         self.names, self.label, self.categorical, self.numeric = names, label, categorical, numeric
         self.delimiter = delimiter
         self.pos = {n: i for i, n in enumerate(names)}
-        types = {label: pa.int64(), **{c: pa.float64() for c in numeric},
+        self.label_rule = LabelRule(label)
+        types = {label: pa.dictionary(pa.int32(), pa.binary()), **{c: pa.float64() for c in numeric},
                  **{c: pa.dictionary(pa.int32(), pa.binary()) for c in categorical}}  # fmt: skip
         self.read_opts = dict(column_names=names, use_threads=True, block_size=1 << 22)
         self.parse_opts = pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False)
@@ -70,12 +112,15 @@ class _CsvParser:
         n = t.num_rows
         if n != (count_lines(buf) if lines is None else lines):
             return None
-        lab = t.column(self.label)
+        lab = t.column(self.label).unify_dictionaries()
         if lab.null_count:
             return None
-        labels = lab.to_numpy()
-        if n and (labels.min() < 0 or labels.max() > 1):
-            return None
+        labels = np.empty(0, dtype=np.float32)
+        if n:
+            mapped = self.label_rule(lab.chunk(0).dictionary.to_pylist())
+            if mapped is None:
+                return None
+            labels = mapped[np.concatenate([ch.indices.to_numpy() for ch in lab.chunks])]
         raw = np.empty((n, len(self.numeric)), dtype=np.float64)
         for j, c in enumerate(self.numeric):
             raw[:, j] = t.column(c).fill_null(0.0).to_numpy()
@@ -93,8 +138,9 @@ class _CsvParser:
     def _check(self, row: list[str]) -> str | None:
         if len(row) != len(self.names):
             return f"expected {len(self.names)} fields, found {len(row)}"
-        if row[self.pos[self.label]] not in ("0", "1"):
-            return f"label {self.label!r} must be 0 or 1, found {row[self.pos[self.label]][:20]!r}"
+        if label_of(row[self.pos[self.label]]) is None:
+            return (f"label {self.label!r} must be 0/1, -1/1, 0.0/1.0 or false/true, found "
+                    f"{row[self.pos[self.label]][:20]!r}")
         for c in self.numeric:
             v = row[self.pos[c]]
             if not v:
@@ -118,7 +164,7 @@ class _CsvParser:
             if reason is not None:
                 bad.append((first_line + i, reason))
                 continue
-            labels.append(int(row[self.pos[self.label]]))
+            labels.append(self.label_rule([row[self.pos[self.label]]])[0])
             raw.append([float(row[self.pos[c]] or 0.0) for c in self.numeric])
             cats.append([row[self.pos[c]].encode("latin-1") for c in self.categorical])
         n = len(labels)
@@ -145,8 +191,10 @@ def preprocess_csv(
     skip_bad_lines: bool = False,
     progress: bool = True,
     chunk_rows: int = 500_000,
+    overwrite: bool = False,
 ) -> dict:
-    """Preprocess a delimited text file into a dataset directory; see the module docstring."""
+    """Preprocess a delimited text file into a dataset directory with its feature map; see the module
+    docstring. An existing dataset at ``out_dir`` is replaced only with ``overwrite``."""
     first, after_first = _first_line(path)
     split = next(_csv.reader([first.decode("utf-8", errors="replace")], delimiter=delimiter), [])
     names = split if header else [f"column_{i}" for i in range(len(split))]
@@ -163,7 +211,11 @@ def preprocess_csv(
     meta = {"source": "csv", "path": os.path.abspath(path), "dense_names": num_n, "field_names": cat_n,
             "options": {"label": label_n, "delimiter": delimiter, "header": header, "min_count": min_count,
                         "skip_bad_lines": skip_bad_lines}}  # fmt: skip
+    input_format = {"format": "csv", "delimiter": delimiter, "header": header, "columns": names, "label": label_n,
+                    "categorical": cat_n, "numeric": num_n,
+                    "labels": "1/0, 1/-1, 1.0/0.0 or true/false (not both 0 and -1)"}  # fmt: skip
     return run_two_pass(path, out_dir, parse_fast=parser.fast, parse_slow=parser.slow, num_dense=len(num_n),
                         num_fields=len(cat_n), min_count=min_count, chunk_rows=chunk_rows,
-                        skip_bad_lines=skip_bad_lines, progress=progress, meta=meta,
-                        start_offset=after_first if header else 0, first_line=2 if header else 1)  # fmt: skip
+                        skip_bad_lines=skip_bad_lines, progress=progress, meta=meta, input_format=input_format,
+                        start_offset=after_first if header else 0, first_line=2 if header else 1,
+                        overwrite=overwrite)  # fmt: skip
