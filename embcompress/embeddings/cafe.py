@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
@@ -421,3 +421,53 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", hash_rows={self.num_hash_rows}, hot_rows={self.num_hot_rows}, "
                 f"importance={self.importance}")
+
+    def inference_form(self) -> "CafeInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return CafeInference(self)
+
+
+class CafeInference(nn.Module):
+    """``cafe`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F), column f of field f,
+    -> rows (B, F, D). The sketch is frozen into a dense lookup: the ids it holds, sorted, with the weight
+    row of each hot one, so serving is a ``searchsorted`` beside the hashed row; no sketch update, no hooks."""
+
+    def __init__(self, table: "CafeEmbeddingBag") -> None:
+        super().__init__()
+        self.seed = table.seed
+        for name in ("starts", "sizes", "rows", "row_base"):
+            self.register_buffer(name, getattr(table, name).detach().clone())
+        self.register_buffer("weight", table.weight.detach().clone())
+        self.register_buffer("columns", torch.arange(len(table.field_sizes)))
+        keys, rows, _ = self.held(table)
+        self.register_buffer("keys", keys)  # (K,) sorted ids the sketch holds
+        self.register_buffer("hot_rows", rows)  # (K,) weight row of each, -1 while it is not hot
+
+    @staticmethod
+    def held(table: "CafeEmbeddingBag") -> tuple[Tensor, Tensor, Tensor]:
+        """(ids the sketch holds, sorted; the weight row of each hot one, else -1; their scores). With
+        none, one entry of id -1, which no id matches (ids are >= 0), so the search needs no branch."""
+        sketch = table.sketch
+        keys, hot, scores = sketch.keys.reshape(-1).long(), sketch.hot_row.reshape(-1).long(), sketch.scores.reshape(-1)
+        held = torch.nonzero(keys >= 0).squeeze(1)
+        if not len(held):
+            return torch.full((1,), -1), torch.full((1,), -1), torch.zeros(1)
+        order = held[torch.argsort(keys[held])]
+        rows = torch.where(hot[order] >= 0, hot[order] + table.num_hash_rows, -1)
+        return keys[order].clone(), rows, scores[order].clone()
+
+    def find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(whether the sketch holds each id, its position in ``keys``)."""
+        pos = torch.searchsorted(self.keys, ids).clamp_(max=self.keys.numel() - 1)
+        return self.keys[pos] == ids, pos
+
+    def hot_row(self, ids: Tensor, found: Tensor, pos: Tensor) -> Tensor:
+        """Row of ``weight`` serving each id, as :meth:`CafeEmbeddingBag.row_index`."""
+        hashed = field_hash_rows(ids, self.columns.expand_as(ids), self.starts, self.sizes, self.rows,
+                                 self.row_base, self.seed)
+        hot = torch.where(found, self.hot_rows[pos], -1)
+        return torch.where(hot >= 0, hot, hashed)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        found, pos = self.find(ids)
+        return F.embedding(self.hot_row(ids, found, pos), self.weight)

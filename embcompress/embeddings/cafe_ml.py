@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import FLOAT_BYTES, uniform_rows_
-from .cafe import CafeEmbeddingBag
+from .cafe import CafeEmbeddingBag, CafeInference
 from .ops import allocate_rows, bag_of_lookups, field_of, field_starts, hash64, mean_weights
 from .options import Option
 from .registry import register
@@ -187,3 +187,35 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
         log.info("cafe-ml: %d + %d hash rows, %d hot rows, T=%g, %d bytes", sum(rows), sum(rows2), hot_rows,
                  table.sketch.threshold, table.memory_bytes())
         return table
+
+    def inference_form(self) -> "CafeMLInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return CafeMLInference(self)
+
+
+class CafeMLInference(CafeInference):
+    """``cafe-ml`` frozen for serving (see :mod:`embcompress.export`): ``cafe``'s frozen lookup, where each
+    held id also keeps whether it is medium (its frozen score >= ``medium_fraction`` · T; an id the
+    sketch does not hold scores 0). A medium id that is not hot adds its second row."""
+
+    def __init__(self, table: "CafeMLEmbeddingBag") -> None:
+        super().__init__(table)
+        self.second_seed = table.seed + _SECOND_SEED_OFFSET
+        self.second_in_first = table.second_in_first
+        for name in ("rows2", "row2_base", "has_second"):
+            self.register_buffer(name, getattr(table, name).detach().clone())
+        threshold = table.medium_fraction * table.sketch.threshold
+        self.absent_medium = bool(0.0 >= threshold)
+        self.register_buffer("medium", (self.held(table)[2] >= threshold) & (self.keys >= 0))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        found, pos = self.find(ids)
+        row = self.hot_row(ids, found, pos)
+        hot = torch.where(found, self.hot_rows[pos], -1) >= 0
+        medium = torch.where(found, self.medium[pos], self.absent_medium) & ~hot & self.has_second
+        h = hash64(ids - self.starts, self.second_seed)
+        if self.second_in_first:
+            second = self.row_base + h % self.rows
+        else:
+            second = self.row2_base + h % self.rows2.clamp(min=1)
+        return F.embedding(row, self.weight) + torch.where(medium.unsqueeze(-1), F.embedding(second, self.weight), 0.0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .options import mode_option, sparse_option
@@ -33,3 +34,18 @@ class FullEmbeddingBag(IndexedEmbeddingBag):
     def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
                           **options: Any) -> "FullEmbeddingBag":
         return cls(field_sizes, embedding_dim, **options)
+
+    def inference_form(self) -> "FullInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return FullInference(self)
+
+
+class FullInference(nn.Module):
+    """``full`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F) -> rows (B, F, D)."""
+
+    def __init__(self, table: "FullEmbeddingBag") -> None:
+        super().__init__()
+        self.register_buffer("weight", table.weight.detach().clone())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .ops import allocate, fewest_rows, field_hash_rows, field_of, field_starts
@@ -70,3 +71,25 @@ class HashEmbeddingBag(IndexedEmbeddingBag):
         rule = opts.pop("allocation", "capped")
         total = (budget_bytes - cls._overhead(field_sizes)) // (embedding_dim * FLOAT_BYTES)
         return cls(field_sizes, embedding_dim, allocate(field_sizes, total, rule), **opts)
+
+    def inference_form(self) -> "HashInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return HashInference(self)
+
+
+class HashInference(nn.Module):
+    """``hash`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F), column f of field f,
+    -> rows (B, F, D); the same per-field hash as :meth:`HashEmbeddingBag.row_index`."""
+
+    def __init__(self, table: "HashEmbeddingBag") -> None:
+        super().__init__()
+        self.seed = table.seed
+        for name in ("starts", "sizes", "rows", "row_base"):
+            self.register_buffer(name, getattr(table, name).detach().clone())
+        self.register_buffer("weight", table.weight.detach().clone())
+        self.register_buffer("columns", torch.arange(len(table.field_sizes)))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        field = self.columns.expand_as(ids)
+        return F.embedding(field_hash_rows(ids, field, self.starts, self.sizes, self.rows, self.row_base,
+                                           self.seed), self.weight)

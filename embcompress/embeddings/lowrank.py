@@ -265,3 +265,41 @@ class LowRankEmbeddingBag(CompressedEmbeddingBag):
             b.copy_(v.T)
         table.bias.zero_()
         return table
+
+    def inference_form(self) -> "LowRankInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return LowRankInference(self)
+
+
+class LowRankInference(nn.Module):
+    """``lowrank`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F), column f of field
+    f, -> ``A[row] @ B_f + c_f`` (B, F, D), one gather and one batched matmul per group of equal rank, as
+    :meth:`LowRankEmbeddingBag.lookup` computes field-major input."""
+
+    def __init__(self, table: "LowRankEmbeddingBag") -> None:
+        super().__init__()
+        self.hashed = table.hashes_ids()
+        for name in ("starts", "sizes", "rows", "row_base"):
+            self.register_buffer(name, getattr(table, name).detach().clone())
+        self.register_buffer("bias", table.bias.detach().clone())  # (F, D)
+        cols = [torch.tensor(fields, dtype=torch.int64) for fields in table.group_fields]
+        for g, c in enumerate(cols):
+            self.register_buffer(f"cols{g}", c)
+            self.register_buffer(f"weight{g}", table.weights[g].detach().clone())
+            self.register_buffer(f"proj{g}", table.projs[g].detach().clone())
+        self.groups = len(cols)
+        # position in the concatenation of the groups' columns -> field order
+        self.register_buffer("order", torch.argsort(torch.cat(cols)))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        local = (ids - self.starts).t()  # (F, B) field-major local ids
+        parts = []
+        for g in range(self.groups):
+            cols = getattr(self, f"cols{g}")
+            sub = local.index_select(0, cols)  # (F_g, B)
+            if self.hashed:
+                sub = hash_into(sub, self.rows.index_select(0, cols)[:, None], self.sizes.index_select(0, cols)[:, None])
+            low = F.embedding(sub + self.row_base.index_select(0, cols)[:, None], getattr(self, f"weight{g}"))
+            parts.append(torch.baddbmm(self.bias.index_select(0, cols)[:, None, :], low, getattr(self, f"proj{g}")))
+        out = parts[0] if self.groups == 1 else torch.cat(parts).index_select(0, self.order)  # (F, B, D)
+        return out.transpose(0, 1)

@@ -132,3 +132,25 @@ class QREmbeddingBag(CompressedEmbeddingBag):
         shares = allocate_rows([n + 1 for n in sizes], total, [2] * len(sizes))
         plans = [plan_field(n, r) for n, r in zip(sizes, shares)]
         return cls(field_sizes, embedding_dim, [m for _, m in plans], [v for v, _ in plans], **options)
+
+    def inference_form(self) -> "QRInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return QRInference(self)
+
+
+class QRInference(nn.Module):
+    """``qr`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F), column f of field f,
+    -> ``Q[i // m_f] * R[i % m_f]`` (B, F, D) as :meth:`QREmbeddingBag.lookup`."""
+
+    def __init__(self, table: "QREmbeddingBag") -> None:
+        super().__init__()
+        for name in ("starts", "sizes", "virtual", "remainder", "q_base", "r_base"):
+            self.register_buffer(name, getattr(table, name).detach().clone())
+        self.register_buffer("weight_q", table.weight_q.detach().clone())
+        self.register_buffer("weight_r", table.weight_r.detach().clone())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        local = hash_into(ids - self.starts, self.virtual, self.sizes)  # per column = per field: broadcasts
+        m = self.remainder
+        return F.embedding(self.q_base + local // m, self.weight_q) * F.embedding(self.r_base + local % m,
+                                                                                  self.weight_r)

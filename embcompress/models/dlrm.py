@@ -70,6 +70,7 @@ class DLRM(nn.Module):
                  bottom: Sequence[int] = (512, 256, 64), top: Sequence[int] = (512, 256)) -> None:
         super().__init__()
         dim = embedding.embedding_dim
+        self.num_dense = int(num_dense)
         self.sparse_arch = SparseArch(embedding)
         self.dense_arch = DenseArch(num_dense, bottom, dim) if num_dense > 0 else None
         num_vectors = self.sparse_arch.num_fields + (1 if self.dense_arch is not None else 0)
