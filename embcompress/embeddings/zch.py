@@ -312,6 +312,39 @@ class ZchEmbeddingBag(IndexedEmbeddingBag):
         return (super().extra_repr() + f", hash_rows={self.num_hash_rows}, slots={self.num_slots}, "
                 f"policy={self.eviction_policy}, miss={self.miss}")
 
+    def inference_form(self) -> "ZchInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return ZchInference(self)
+
+
+class ZchInference(torch.nn.Module):
+    """``zch`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F), column f of field f,
+    -> rows (B, F, D). TorchRec's id -> slot map is frozen into its sorted ids and slots and searched as
+    its ``remap`` does (``searchsorted``, match, else the miss slot), without TorchRec in the graph: an id
+    with a slot reads its slot's row, any other its hashed row (``miss="hash"``) or the miss row."""
+
+    def __init__(self, table: "ZchEmbeddingBag") -> None:
+        super().__init__()
+        self.miss, self.seed = table.miss, table.seed
+        self.miss_slot, self.num_hash_rows = table.miss_slot, table.num_hash_rows
+        if table.miss == "hash":
+            for name in ("starts", "sizes", "rows", "row_base"):
+                self.register_buffer(name, getattr(table, name).detach().clone())
+            self.register_buffer("columns", torch.arange(len(table.field_sizes)))
+        self.register_buffer("keys", table.mch._mch_sorted_raw_ids.detach().clone())
+        self.register_buffer("slots", table.mch._mch_remapped_ids_mapping.detach().long().clone())
+        self.register_buffer("weight", table.weight.detach().clone())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pos = torch.searchsorted(self.keys[:-1], ids)
+        hit = self.keys[pos] == ids
+        slot = torch.where(hit, self.slots[pos], self.miss_slot)
+        if self.miss == "row":
+            return F.embedding(slot, self.weight)
+        hashed = field_hash_rows(ids, self.columns.expand_as(ids), self.starts, self.sizes, self.rows,
+                                 self.row_base, self.seed)
+        return F.embedding(torch.where(hit, slot + self.num_hash_rows, hashed), self.weight)
+
 
 if importlib.util.find_spec("torchrec") is not None:  # without TorchRec the method is not offered
     register("zch")(ZchEmbeddingBag)

@@ -18,10 +18,13 @@ from embcompress.models import DLRM, get_model
 from embcompress.models.blocks import FIELD_RANGE_MESSAGE
 
 SIZES, DIM, DENSE = [300, 7, 120, 40], 8, 3
-#: ratio (and options) per method: tiny tables that still compress and hold hot/cached rows
-BUILD = {"full": (1, {}), "mpcache": (1.5, {"precision": "int8"}), "mpcache-int4": (2, {"precision": "int4"}),
-         "cafe-ml-shared": (4, {"medium_source": "shared", "medium_fraction": 0.0})}
-VARIANTS = [*ec.methods(), "mpcache-int4", "cafe-ml-shared"]
+#: variant -> (method, ratio, options): tiny tables that still compress and hold hot or cached rows;
+#: a method not listed is built at 4x with its defaults
+BUILD = {"full": ("full", 1, {}), "mpcache": ("mpcache", 1.5, {"precision": "int8"}),
+         "mpcache-int4": ("mpcache", 2, {"precision": "int4"}),
+         "cafe-ml-shared": ("cafe-ml", 4, {"medium_source": "shared", "medium_fraction": 0.0}),
+         "zch-row": ("zch", 4, {"miss": "row"})}
+VARIANTS = [*ec.methods(), "mpcache-int4", "cafe-ml-shared", *(["zch-row"] if "zch" in ec.methods() else [])]
 _TRAINED: dict[str, torch.nn.Module] = {}
 
 
@@ -35,8 +38,7 @@ def _batch(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def trained(variant: str) -> torch.nn.Module:
     """A tiny DLRM of ``variant`` after 60 training steps (hot rows, caches and sketches filled), in eval mode."""
     if variant not in _TRAINED:
-        method = variant.split("-int4")[0].replace("-shared", "")
-        ratio, opts = BUILD.get(variant, (4, {}))
+        method, ratio, opts = BUILD.get(variant, (variant, 4, {}))
         torch.manual_seed(0)
         table = ec.make_table(method, SIZES, DIM, compression=ratio, **opts)
         model = DLRM(table, num_dense=DENSE, bottom=(8,), top=(8,))
