@@ -3,12 +3,12 @@
     PYTHONPATH=. .venv/bin/python benchmarks/tt.py [--rows 300000 --scale 0.01 --dim 16 --threads 1]
 
 Prints one JSON object (machine, git commit, settings, results). Everything runs in one process on one
-dataset, so the ratios (``speed_vs_full``, lookup rows/s with vs without cache) compare runs made on the
-same machine under the same load.
+dataset; ratios come from contenders measured in the same process (``--threads 1`` for CPU figures).
 
-- ``lookup``: forward + backward (+ the cache bookkeeping hook) of the table alone, on the ids of the
-  training batches (B x F lookups per step), in rows/s: tt@100x without cache, tt@100x with a warmed
-  cache, and ``full`` for reference. The cache is warmed by ``--warm-steps`` training steps first.
+- ``lookup``: forward + backward + SGD step + hooks of the table alone on the training batches' ids (B x F
+  lookups per step), ``full``, tt@100x and tt@100x without cache taking turns step by step in one process,
+  each step timed in thread CPU time; ``vs_full`` is the ratio of rows/s. ``--warm-steps`` untimed steps
+  first (the cache fills from the same stream).
 - ``train``: DLRM via ``embcompress.train.loop.run_training``: full; tt@100x; tt@100x without cache;
   tt@100x with one shared TT (``layout=shared``); tt@1000x; hash@1000x. Test AUC, samples/s, bytes.
   ``--extra '{"label": ["tt", 100, {"core_scale": 0.3}]}' --configs full,label`` adds ablations.
@@ -36,34 +36,38 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def lookup_speed(table: ec.CompressedEmbeddingBag, batches: list[torch.Tensor], warm: int, device: str) -> dict:
-    """Rows/s of forward + backward + SGD step + table hooks, after ``warm`` untimed steps."""
-    table.to(device).train()
-    opt = torch.optim.SGD(table.parameters(), lr=0.05)
-    ec.attach(table, opt)
+def interleaved_lookup(tables: dict[str, ec.CompressedEmbeddingBag], batches: list[torch.Tensor], warm: int,
+                       device: str) -> dict[str, Any]:
+    """Rows/s of forward + backward + SGD step + table hooks per table, the tables taking turns step by step.
 
-    def step(ids: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        table(ids).pow(2).sum().backward()
-        opt.step()
-
-    for i in range(warm):
-        step(batches[i % len(batches)])
-    sync(device)
-    start = time.perf_counter()
+    Every table trains on the same batches; each step is timed in thread CPU time (on CUDA: wall time), so
+    the ratios compare the tables under the same load. The first ``warm`` steps are not timed.
+    """
+    opts = {}
+    for label, table in tables.items():
+        table.to(device).train()
+        opts[label] = torch.optim.SGD(table.parameters(), lr=0.05)
+        ec.attach(table, opts[label])
+    clock = time.perf_counter if device == "cuda" else time.thread_time
+    spent = dict.fromkeys(tables, 0.0)
     rows = 0
-    for ids in batches:
-        step(ids)
-        rows += ids.numel()
-    sync(device)
-    seconds = time.perf_counter() - start
-    out = {"rows_per_s": rows / seconds, "steps": len(batches), "rows": rows, "bytes": table.memory_bytes(),
-           "compression": table.compression_ratio()}
-    if getattr(table, "cache_keys", None) is not None and table.cache_keys.numel():
-        ids = torch.cat(batches).reshape(-1)
-        hit, _ = table._cache_find(ids)
-        out.update(cache_rows=table.cache_keys.numel(), cache_hit_rate=hit.float().mean().item(),
-                   cache_stats=dict(zip(["refreshes", "admissions", "evictions"], table.stats.tolist())))
+    for i, ids in enumerate(batches):
+        for label, table in tables.items():
+            start = clock()
+            opts[label].zero_grad(set_to_none=True)
+            table(ids).pow(2).sum().backward()
+            opts[label].step()
+            sync(device)
+            if i >= warm:
+                spent[label] += clock() - start
+        rows += ids.numel() if i >= warm else 0
+    out: dict[str, Any] = {}
+    for label, table in tables.items():
+        out[label] = {"rows_per_s": rows / spent[label], "cpu_seconds": spent[label], "bytes": table.memory_bytes(),
+                      "compression": table.compression_ratio()}
+        if getattr(table, "cache_keys", None) is not None and table.cache_keys.numel():
+            hit, _ = table._cache_find(torch.cat(batches[warm:]).reshape(-1))
+            out[label].update(cache_rows=table.cache_keys.numel(), cache_hit_rate=hit.float().mean().item())
     return out
 
 
@@ -85,9 +89,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--lookup-steps", type=int, default=200)
-    ap.add_argument("--lookup-batch", type=int, default=512, help="samples per lookup step (x fields ids)")
-    ap.add_argument("--warm-steps", type=int, default=300)
+    ap.add_argument("--lookup-steps", type=int, default=300, help="timed steps per batch size")
+    ap.add_argument("--lookup-batch", default="128,512,2048", help="samples per lookup step (x fields ids)")
+    ap.add_argument("--warm-steps", type=int, default=200, help="untimed steps first (the cache fills)")
     ap.add_argument("--parts", default="lookup,train", help="comma list of: lookup, train")
     ap.add_argument("--configs", default="full,tt100,tt100-nocache,tt100-shared,tt1000,hash1000")
     ap.add_argument("--extra", default="{}",
@@ -106,25 +110,21 @@ def main() -> None:
 
     if "lookup" in parts:
         starts = field_starts(sizes)
-        sparse = torch.as_tensor(ds.sparse[: (args.lookup_steps + args.warm_steps) * args.lookup_batch]).long()
-        glob = (sparse + starts).to(args.device)  # (rows, F) global ids, as DLRM passes them
-        b = args.lookup_batch
-        batches = [glob[i * b:(i + 1) * b].reshape(-1, 1) for i in range(args.warm_steps + args.lookup_steps)]
-        warm, timed = batches[: args.warm_steps], batches[args.warm_steps:]
         look: dict[str, Any] = {}
-        for label, method, kw in (("full", "full", {"compression": 1}),
-                                  ("tt100-nocache", "tt", {"compression": 100, "cache_fraction": 0.0}),
-                                  ("tt100-cache", "tt", {"compression": 100})):
-            torch.manual_seed(args.seed)
-            table = ec.make_table(method, sizes, args.dim, **kw)
-            for ids in warm:  # the cache fills from the same id stream training would see
-                table.train()
-                if method == "tt":
-                    table(ids)
-                    table.after_optimizer_step()
-            look[label] = lookup_speed(table, timed, 10, args.device)
-        look["cache_speedup"] = look["tt100-cache"]["rows_per_s"] / look["tt100-nocache"]["rows_per_s"]
-        look["tt_vs_full"] = look["tt100-cache"]["rows_per_s"] / look["full"]["rows_per_s"]
+        for b in [int(x) for x in args.lookup_batch.split(",")]:
+            n = min(args.lookup_steps + args.warm_steps, ds.num_rows // b)
+            glob = (torch.as_tensor(ds.sparse[: n * b]).long() + starts).to(args.device)  # DLRM's global ids
+            batches = [glob[i * b:(i + 1) * b].reshape(-1, 1) for i in range(n)]
+            tables = {}
+            for label, method, kw in (("full", "full", {"compression": 1}),
+                                      ("tt100-nocache", "tt", {"compression": 100, "cache_fraction": 0.0}),
+                                      ("tt100", "tt", {"compression": 100})):
+                torch.manual_seed(args.seed)
+                tables[label] = ec.make_table(method, sizes, args.dim, **kw)
+            res = interleaved_lookup(tables, batches, min(args.warm_steps, n // 2), args.device)
+            for label in ("tt100", "tt100-nocache"):
+                res[label]["vs_full"] = res[label]["rows_per_s"] / res["full"]["rows_per_s"]
+            look[f"batch{b}"] = res
         results["lookup"] = look
 
     if "train" in parts:

@@ -1,6 +1,6 @@
 """Tensor-train helpers for the ``tt`` table: shapes, mixed-radix indices, the core chain, init, planning.
 
-Notation (TT-Rec, DESIGN.md §4): a table of N rows and D columns is viewed as a tensor with row modes
+Notation (TT-Rec): a table of N rows and D columns is viewed as a tensor with row modes
 p_1..p_T (N <= prod p) and column modes q_1..q_T (D = prod q). Core t has shape (p_t, r_{t-1}, q_t, r_t)
 with r_0 = r_T = 1. Row i is split into mixed-radix digits (i_1..i_T), i_1 most significant; the row is
 the chain product G_1[i_1] G_2[i_2] ... G_T[i_T], a (q_1..q_T)-tensor flattened to D (q_1 most significant).
@@ -24,8 +24,6 @@ INDEX_BYTES = 8
 COUNT_BYTES = 4
 #: unused cache / tracker slot; larger than any valid id, so it sorts last and never matches
 EMPTY = (1 << 63) - 1
-#: per-id product size (Q * r_in * q * r_out) up to which :func:`_contract` multiplies by one broadcast
-BROADCAST_MAX = 1024
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -100,95 +98,57 @@ def join_index(digits: Tensor, radix: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def _contract(a: Tensor, g: Tensor) -> Tensor:
-    """Batch-last chain step: a (Q, r, n), g (r, K, n) -> (Q, K, n) = sum_r a[Q, r] g[r, K] for every id n.
-
-    The id axis is last and contiguous, so every elementwise op runs along it vectorised; CPU ``bmm`` on
-    the (n, Q, r) x (n, r, K) layout instead pays a call per id (5-7x slower at TT-Rec's small ranks).
-    One broadcast product when its (Q, r, K) intermediate is small, else a multiply-add per r (no big buffer).
-    """
-    q, r, n = a.shape
-    k = g.shape[1]
-    if q * r * k <= BROADCAST_MAX:
-        return (a.unsqueeze(2) * g.unsqueeze(0)).sum(1)
-    out = a[:, 0].unsqueeze(1) * g[0].unsqueeze(0)
-    for i in range(1, r):  # r <= max rank: a short loop over the rank, never over ids
-        out.addcmul_(a[:, i].unsqueeze(1), g[i].unsqueeze(0))
-    return out
-
-
-def _contract_grads(a: Tensor, g: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`_contract` for grad (Q, K, n): (d a (Q, r, n), d g (r, K, n))."""
-    q, r, n = a.shape
-    k = g.shape[1]
-    if q * r * k <= BROADCAST_MAX:
-        da = (grad.unsqueeze(1) * g.unsqueeze(0)).sum(2)
-        dg = (a.unsqueeze(2) * grad.unsqueeze(1)).sum(0)
-        return da, dg
-    da = torch.empty_like(a)
-    for i in range(r):
-        da[:, i] = (grad * g[i].unsqueeze(0)).sum(1)
-    dg = a[0].unsqueeze(1) * grad[0].unsqueeze(0)
-    for j in range(1, q):
-        dg.addcmul_(a[j].unsqueeze(1), grad[j].unsqueeze(0))
-    return da, dg
-
-
 class _TTRows(torch.autograd.Function):
-    """Chain product of gathered core slices with hand-written gradients (see :func:`tt_rows`).
+    """Chain product of gathered core slices as batched matrix products, one per core (see :func:`tt_rows`).
 
-    Forward keeps every partial product (Q_t, r_t, n), a few floats per id and core, so backward needs no
-    recomputation: per core one contraction for the slice gradient, one for the running gradient, and one
-    ``index_add_`` into the (small, dense) core gradient.
+    Each id's slice of core t is gathered as a contiguous (r_{t-1}, q_t r_t) matrix and the running
+    (Q, r_{t-1}) product is multiplied by it with one ``bmm`` over all ids. Forward keeps every partial
+    product, so backward needs no recomputation: per core two ``bmm`` (slice gradient, running gradient)
+    and one ``index_add_`` into the (small, dense) core gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, core_rows: Tensor, *cores: Tensor) -> Tensor:
         n = core_rows.shape[0]
-        slices = []
-        for t, core in enumerate(cores):  # (r_in * q * r_out, n): the id axis last
-            flat = core.reshape(core.shape[0], -1)
-            slices.append(flat.index_select(0, core_rows[:, t]).t().contiguous())
-        c0 = cores[0]
-        acc = slices[0].reshape(c0.shape[2], c0.shape[3], n)  # (q_1, r_1, n)
+        slices = [c.reshape(c.shape[0], -1).index_select(0, core_rows[:, t]) for t, c in enumerate(cores)]
+        acc = slices[0].view(n, cores[0].shape[2], cores[0].shape[3])  # (n, q_1, r_1)
         partial = [acc]
         for t in range(1, len(cores)):
             _, r_in, q, r_out = cores[t].shape
-            acc = _contract(acc, slices[t].reshape(r_in, q * r_out, n)).reshape(-1, r_out, n)
+            acc = torch.bmm(acc, slices[t].view(n, r_in, q * r_out)).view(n, -1, r_out)  # (n, Q q, r_out)
             partial.append(acc)
-        ctx.save_for_backward(core_rows, *slices, *partial[:-1])
+        ctx.save_for_backward(core_rows, *slices[1:], *partial[:-1])
         ctx.shapes = [c.shape for c in cores]
-        return acc.reshape(-1, n).t().contiguous()  # r_T = 1: (n, D); pooling wants it contiguous
+        return acc.view(n, -1)  # r_T = 1: (n, D)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         shapes = ctx.shapes
         nc = len(shapes)
-        core_rows, slices, partial = ctx.saved_tensors[0], ctx.saved_tensors[1:1 + nc], ctx.saved_tensors[1 + nc:]
+        core_rows, slices, partial = ctx.saved_tensors[0], ctx.saved_tensors[1:nc], ctx.saved_tensors[nc:]
         n = core_rows.shape[0]
-        grad = grad_out.t().contiguous()  # (D, n)
+        grad = grad_out.contiguous()
         grads: list[Tensor | None] = [None] * nc
         for t in range(nc - 1, -1, -1):
             p, r_in, q, r_out = shapes[t]
             if t == 0:
-                dslice = grad.reshape(q * r_out, n)
+                dslice = grad.reshape(n, q * r_out)
             else:
-                a = partial[t - 1]  # (Q, r_in, n)
-                g_t = slices[t].reshape(r_in, q * r_out, n)
-                da, dg = _contract_grads(a, g_t, grad.reshape(a.shape[0], q * r_out, n))
-                dslice, grad = dg.reshape(-1, n), da
+                a = partial[t - 1]  # (n, Q, r_in)
+                g = grad.reshape(n, a.shape[1], q * r_out)
+                dslice = torch.bmm(a.transpose(1, 2), g).reshape(n, -1)  # (n, r_in q r_out)
+                grad = torch.bmm(g, slices[t - 1].view(n, r_in, q * r_out).transpose(1, 2))  # (n, Q, r_in)
             if ctx.needs_input_grad[t + 1]:
-                g = torch.zeros(p, r_in * q * r_out, dtype=grad_out.dtype, device=grad_out.device)
-                grads[t] = g.index_add_(0, core_rows[:, t], dslice.t().contiguous()).reshape(shapes[t])
+                g_core = torch.zeros(p, r_in * q * r_out, dtype=grad_out.dtype, device=grad_out.device)
+                grads[t] = g_core.index_add_(0, core_rows[:, t], dslice).view(shapes[t])
         return (None, *grads)
 
 
 def tt_rows(cores: Sequence[Tensor], core_rows: Tensor) -> Tensor:
     """Chain product of the selected core slices: cores[t] (P_t, r_{t-1}, q_t, r_t), core_rows (n, T) -> (n, D).
 
-    A custom autograd Function (:class:`_TTRows`): one gather per core, the products batch-last, and the
-    core gradients by hand (an ``index_add_`` each); checked by gradcheck and against autograd through a
-    dense reconstruction (tests/embeddings/test_tt.py).
+    A custom autograd Function (:class:`_TTRows`): one gather and one ``bmm`` per core, and the core
+    gradients by hand (two ``bmm`` and an ``index_add_`` each).
     """
     if core_rows.shape[0] == 0:
         return cores[0].new_zeros(0, math.prod(c.shape[2] for c in cores))
@@ -293,11 +253,29 @@ def _layout_groups(field_sizes: Sequence[int], tt_fields: list[int], layout: str
     raise ValueError(f"layout must be 'field' or 'shared', got {layout!r}")
 
 
-def plan_for_budget(field_sizes: Sequence[int], dim: int, budget: int | None, *, layout: str = "field",
-                    num_cores: int | None = None, q_shape: Sequence[int] | None = None,
-                    ranks: Sequence[int] | None = None, max_rank: int = 64, cache_fraction: float = 0.01,
-                    cache_max_share: float = 0.75, tracker_per_row: int = 2) -> TTPlan:
+def plan_for_budget(field_sizes: Sequence[int], dim: int, budget: int | None, *, layout: str = "auto",
+                    **options: Any) -> TTPlan:
     """The largest ``tt`` table within ``budget`` bytes (``None``: the smallest one, for ``byte_range``).
+
+    ``layout="auto"``: one TT per field where that fits, else one shared TT (its row modes are paid once, not
+    per field, so it reaches ratios a TT per field cannot on tables of many small fields).
+    """
+    if layout != "auto":
+        return _plan_layout(field_sizes, dim, budget, layout, **options)
+    if budget is None:
+        plans = [_plan_layout(field_sizes, dim, None, lay, **options) for lay in ("field", "shared")]
+        return min(plans, key=TTPlan.nbytes)
+    try:
+        return _plan_layout(field_sizes, dim, budget, "field", **options)
+    except ValueError:
+        return _plan_layout(field_sizes, dim, budget, "shared", **options)
+
+
+def _plan_layout(field_sizes: Sequence[int], dim: int, budget: int | None, layout: str, *,
+                 num_cores: int | None = None, q_shape: Sequence[int] | None = None,
+                 ranks: Sequence[int] | None = None, max_rank: int = 64, cache_fraction: float = 0.01,
+                 cache_max_share: float = 0.75, tracker_per_row: int = 2) -> TTPlan:
+    """:func:`plan_for_budget` for one layout:
 
     1. Uniform rank r from ``max_rank`` down: a field is TT-compressed at rank r only if its TT is smaller
        than its raw rows (small fields stay exact); the cache gets ``cache_fraction`` of the TT rows, at

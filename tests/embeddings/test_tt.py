@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import embcompress as ec
-from embcompress.embeddings import tt_cores
 from embcompress.embeddings.tt import TTEmbeddingBag
 from embcompress.embeddings.tt_cores import (
     EMPTY, core_std, factor_dim, join_index, plan_for_budget, reconstruct, split_index, suggest_p, tt_rows,
@@ -120,15 +119,14 @@ def test_one_id_per_bag_fast_path_equals_embedding_bag():
     assert table(ids[:0, None]).shape == (0, DIM)
 
 
-@pytest.mark.parametrize("broadcast_max", [0, 10**6])
-def test_tt_rows_gradcheck_both_contraction_paths(monkeypatch, broadcast_max):
-    """The custom backward, on the broadcast path and on the multiply-add loop used for large ranks."""
-    monkeypatch.setattr(tt_cores, "BROADCAST_MAX", broadcast_max)
+@pytest.mark.parametrize("ranks", [(3, 4), (9, 1), (1, 7)])
+def test_tt_rows_gradcheck(ranks):
+    """The hand-written backward of the batched chain product (duplicate core rows included)."""
     gen = torch.Generator().manual_seed(1)
-    cores = [torch.randn(4, 1, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True),
-             torch.randn(3, 3, 2, 4, generator=gen, dtype=torch.float64, requires_grad=True),
-             torch.randn(5, 4, 3, 1, generator=gen, dtype=torch.float64, requires_grad=True)]
-    rows = torch.tensor([[1, 2, 3], [3, 0, 4], [1, 2, 0], [0, 1, 1]])
+    r = [1, *ranks, 1]
+    shapes = [(4, r[0], 2, r[1]), (3, r[1], 2, r[2]), (5, r[2], 3, r[3])]
+    cores = [torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes]
+    rows = torch.tensor([[1, 2, 3], [3, 0, 4], [1, 2, 0], [0, 1, 1], [1, 2, 3]])
     assert torch.autograd.gradcheck(lambda *c: tt_rows(list(c), rows), tuple(cores), fast_mode=True)
 
 
@@ -205,6 +203,19 @@ def test_memory_within_budget_and_plan_is_exact(layout, ratio):
     assert table.cache_keys.numel() > 0 and len(table.groups) >= 1
     # a raw field is one no larger than its TT would be; the largest fields are compressed
     assert int(table.field_group[2]) >= 0 and int(table.field_group[5]) < 0
+
+
+def test_auto_layout_is_per_field_where_it_fits_else_shared():
+    small = [85, 312, 701, 896, 37, 9, 1564, 53, 4, 1093, 1245, 719, 1104, 23, 1066, 796, 10, 703, 255, 5, 744,
+             8, 13, 784, 35, 585]  # the Criteo sample's fields at min-count 2: per-field TTs cannot reach 100x
+    budget = ec.full_table_bytes(small, 16) / 100
+    with pytest.raises(ec.BudgetError, match="reachable ratios"):
+        ec.make_table("tt", small, 16, compression=100, layout="field")
+    table = ec.make_table("tt", small, 16, compression=100)
+    assert len(table.groups) == 1 and 0.9 * budget <= table.memory_bytes() <= budget
+    big = [n // 20 + 1 for n in (1460, 583, 10131227, 2202608, 305, 24, 12517, 93145, 8351593, 286181)]
+    budget = int(ec.full_table_bytes(big, 16) / 100)
+    assert plan_for_budget(big, 16, budget) == plan_for_budget(big, 16, budget, layout="field")
 
 
 def test_explicit_options_and_unreachable_ratio():
