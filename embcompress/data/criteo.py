@@ -41,7 +41,7 @@ _POW16 = (16 ** np.arange(7, -1, -1)).astype(np.int64)
 _INT_RE = re.compile(rb"[+-]?[0-9]{1,18}")
 _HEX_RE = re.compile(rb"[0-9a-fA-F]{8}")
 
-_READ_OPTS = dict(column_names=COLUMN_NAMES, use_threads=True, block_size=1 << 22)
+_READ_OPTS = dict(use_threads=True, block_size=1 << 22)
 _PARSE_OPTS = pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, ignore_empty_lines=False)
 _CONVERT_OPTS = pacsv.ConvertOptions(
     column_types={"label": pa.int64(), **{f"I{i}": pa.int64() for i in range(1, 14)},
@@ -73,30 +73,37 @@ def decode_hex8(arr: pa.Array) -> np.ndarray | None:
     return keys
 
 
-def parse_chunk_fast(buf: bytes, first_line: int = 1, lines: int | None = None) -> ParsedChunk | None:
-    """Vectorised parse of whole lines; None when anything is off (the caller then re-scans slowly)."""
+def parse_chunk_fast(buf: bytes, first_line: int = 1, lines: int | None = None,
+                     has_label: bool = True) -> ParsedChunk | None:
+    """Vectorised parse of whole lines; None when anything is off (the caller then re-scans slowly).
+    ``has_label=False``: lines without the label column (39 fields); labels come back NaN."""
+    names = COLUMN_NAMES if has_label else COLUMN_NAMES[1:]
     try:
-        table = pacsv.read_csv(pa.BufferReader(pa.py_buffer(buf)), read_options=pacsv.ReadOptions(**_READ_OPTS),
+        table = pacsv.read_csv(pa.BufferReader(pa.py_buffer(buf)),
+                               read_options=pacsv.ReadOptions(column_names=names, **_READ_OPTS),
                                parse_options=_PARSE_OPTS, convert_options=_CONVERT_OPTS)  # fmt: skip
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     n = table.num_rows
     if n != (count_lines(buf) if lines is None else lines):  # e.g. a stray CR that arrow took for a line end
         return None
-    label = table.column("label")
-    if label.null_count:
-        return None
-    labels = label.to_numpy()
-    if n and (labels.min() < 0 or labels.max() > 1):
-        return None
+    if has_label:
+        label = table.column("label")
+        if label.null_count:
+            return None
+        labels = label.to_numpy()
+        if n and (labels.min() < 0 or labels.max() > 1):
+            return None
+    else:
+        labels = np.full(n, np.nan, dtype=np.float32)
     raw = np.empty((n, NUM_DENSE), dtype=np.int64)
     for j in range(NUM_DENSE):
-        raw[:, j] = table.column(1 + j).fill_null(0).to_numpy()
+        raw[:, j] = table.column(f"I{j + 1}").fill_null(0).to_numpy()
     row_idx = np.empty((n, NUM_CATEGORICAL), dtype=np.int32)
     dicts = []
     for f in range(NUM_CATEGORICAL):
         # Each parsed block has its own dictionary; unify them so the chunk has one per field.
-        enc = table.column(1 + NUM_DENSE + f).unify_dictionaries()
+        enc = table.column(f"C{f + 1}").unify_dictionaries()
         dictionary = enc.chunk(0).dictionary if enc.num_chunks else pa.array([], pa.binary())
         keys = decode_hex8(dictionary)
         if keys is None:
@@ -106,11 +113,12 @@ def parse_chunk_fast(buf: bytes, first_line: int = 1, lines: int | None = None) 
     return ParsedChunk(labels.astype(np.float32), dense_transform(raw), dicts, row_idx)
 
 
-def _check_line(fields: list[bytes]) -> str | None:
-    """Why a split line is malformed, or None."""
+def _check_line(fields: list[bytes], has_label: bool = True) -> str | None:
+    """Why a split line is malformed, or None (``fields`` has a label in front; without one, a dummy)."""
     if len(fields) != NUM_COLUMNS:
-        return f"expected {NUM_COLUMNS} tab-separated fields, found {len(fields)}"
-    if fields[0] not in (b"0", b"1"):
+        given = len(fields) - (0 if has_label else 1)
+        return f"expected {NUM_COLUMNS - (0 if has_label else 1)} tab-separated fields, found {given}"
+    if has_label and fields[0] not in (b"0", b"1"):
         return f"label must be 0 or 1, found {fields[0][:20]!r}"
     for j in range(1, 1 + NUM_DENSE):
         v = fields[j]
@@ -125,7 +133,7 @@ def _check_line(fields: list[bytes]) -> str | None:
     return None
 
 
-def parse_chunk_slow(buf: bytes, first_line: int = 1) -> ParsedChunk:
+def parse_chunk_slow(buf: bytes, first_line: int = 1, has_label: bool = True) -> ParsedChunk:
     """Line-by-line parse that records (line number, reason) for every malformed line and keeps the rest."""
     lines = buf.split(b"\n")
     if buf.endswith(b"\n"):
@@ -134,12 +142,12 @@ def parse_chunk_slow(buf: bytes, first_line: int = 1) -> ParsedChunk:
     for i, line in enumerate(lines):
         if line.endswith(b"\r"):
             line = line[:-1]
-        fields = line.split(b"\t")
-        reason = _check_line(fields)
+        fields = line.split(b"\t") if has_label else [b""] + line.split(b"\t")
+        reason = _check_line(fields, has_label)
         if reason is not None:
             bad.append((first_line + i, reason))
             continue
-        labels.append(int(fields[0]))
+        labels.append(int(fields[0]) if has_label else np.nan)
         dense.append([int(v) if v else 0 for v in fields[1 : 1 + NUM_DENSE]])
         cats.append([int(v, 16) if v else EMPTY_KEY for v in fields[1 + NUM_DENSE :]])
     n = len(labels)

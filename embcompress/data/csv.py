@@ -88,18 +88,23 @@ def _resolve(names: list[str], col: Column, header: bool) -> str:
     return col
 
 
-class _CsvParser:
-    def __init__(self, names: list[str], label: str, categorical: list[str], numeric: list[str], delimiter: str):
+class CsvParser:
+    """Parses chunks of whole lines of a delimited file with columns ``names``; ``label=None`` for rows
+    without labels (labels come back NaN)."""
+
+    def __init__(self, names: list[str], label: str | None, categorical: list[str], numeric: list[str],
+                 delimiter: str):
         self.names, self.label, self.categorical, self.numeric = names, label, categorical, numeric
         self.delimiter = delimiter
         self.pos = {n: i for i, n in enumerate(names)}
-        self.label_rule = LabelRule(label)
-        types = {label: pa.dictionary(pa.int32(), pa.binary()), **{c: pa.float64() for c in numeric},
+        self.label_rule = LabelRule(label or "")
+        types = {**({label: pa.dictionary(pa.int32(), pa.binary())} if label is not None else {}),
+                 **{c: pa.float64() for c in numeric},
                  **{c: pa.dictionary(pa.int32(), pa.binary()) for c in categorical}}  # fmt: skip
         self.read_opts = dict(column_names=names, use_threads=True, block_size=1 << 22)
         self.parse_opts = pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False)
         self.convert_opts = pacsv.ConvertOptions(
-            column_types=types, include_columns=[label, *numeric, *categorical],
+            column_types=types, include_columns=[*types],
             null_values=[""], strings_can_be_null=False, quoted_strings_can_be_null=False, check_utf8=False,
         )  # fmt: skip
 
@@ -112,6 +117,8 @@ class _CsvParser:
         n = t.num_rows
         if n != (count_lines(buf) if lines is None else lines):
             return None
+        if self.label is None:
+            return self._chunk(t, n, np.full(n, np.nan, dtype=np.float32))
         lab = t.column(self.label).unify_dictionaries()
         if lab.null_count:
             return None
@@ -121,6 +128,9 @@ class _CsvParser:
             if mapped is None:
                 return None
             labels = mapped[np.concatenate([ch.indices.to_numpy() for ch in lab.chunks])]
+        return self._chunk(t, n, labels)
+
+    def _chunk(self, t: pa.Table, n: int, labels: np.ndarray) -> ParsedChunk | None:
         raw = np.empty((n, len(self.numeric)), dtype=np.float64)
         for j, c in enumerate(self.numeric):
             raw[:, j] = t.column(c).fill_null(0.0).to_numpy()
@@ -138,7 +148,7 @@ class _CsvParser:
     def _check(self, row: list[str]) -> str | None:
         if len(row) != len(self.names):
             return f"expected {len(self.names)} fields, found {len(row)}"
-        if label_of(row[self.pos[self.label]]) is None:
+        if self.label is not None and label_of(row[self.pos[self.label]]) is None:
             return (f"label {self.label!r} must be 0/1, -1/1, 0.0/1.0 or false/true, found "
                     f"{row[self.pos[self.label]][:20]!r}")
         for c in self.numeric:
@@ -164,7 +174,7 @@ class _CsvParser:
             if reason is not None:
                 bad.append((first_line + i, reason))
                 continue
-            labels.append(self.label_rule([row[self.pos[self.label]]])[0])
+            labels.append(self.label_rule([row[self.pos[self.label]]])[0] if self.label is not None else np.nan)
             raw.append([float(row[self.pos[c]] or 0.0) for c in self.numeric])
             cats.append([row[self.pos[c]].encode("latin-1") for c in self.categorical])
         n = len(labels)
@@ -207,7 +217,7 @@ def preprocess_csv(
         raise DataError("A column is named more than once among label, categorical and numeric.")
     if not cat_n:
         raise DataError("At least one categorical column is needed.")
-    parser = _CsvParser(names, label_n, cat_n, num_n, delimiter)
+    parser = CsvParser(names, label_n, cat_n, num_n, delimiter)
     meta = {"source": "csv", "path": os.path.abspath(path), "dense_names": num_n, "field_names": cat_n,
             "options": {"label": label_n, "delimiter": delimiter, "header": header, "min_count": min_count,
                         "skip_bad_lines": skip_bad_lines}}  # fmt: skip
