@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from .base import FLOAT_BYTES, CompressedEmbeddingBag, tensor_bytes
 from .ops import field_of, field_starts, hash64
-from .quant import dequantize_rows, quantize_rows, row_bytes
+from .quant import dequantize_rows, quantize_rows, row_bytes, unpack_int4
 from .options import Option, mode_option
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
@@ -534,6 +534,10 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         return (f"{super().extra_repr()}, precision={self.precision}, cache_rows={self.num_cache_rows}, "
                 f"policy={self.policy}")
 
+    def inference_form(self) -> "MPCacheInference":
+        """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
+        return MPCacheInference(self)
+
 
 def _cache_rows(n: int, bits: int, cache_rows: int | None, cache_fraction: float | None) -> int:
     if cache_rows is not None:
@@ -575,3 +579,37 @@ def _locate(sorted_ids: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
 
 def _isin_sorted(ids: Tensor, sorted_query: Tensor) -> Tensor:
     return _locate(sorted_query, ids)[1]
+
+
+class MPCacheInference(nn.Module):
+    """``mpcache`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F) -> rows (B, F, D).
+
+    Rows stay in low precision: each lookup gathers its codes, scale and bias and decodes only those
+    (``q * scale + bias``; INT4 codes unpacked from their nibbles), as :meth:`MPCacheEmbeddingBag.dequantized`.
+    The cache is frozen into its held ids, sorted, and their float rows: a hit reads its float row."""
+
+    def __init__(self, table: "MPCacheEmbeddingBag") -> None:
+        super().__init__()
+        self.bits, self.dim = table.bits, table.embedding_dim
+        width = self.dim if self.bits == 8 else (self.dim + 1) // 2
+        codes = table.codes.detach()
+        self.register_buffer("codes", codes[:, :width].clone())  # (N, width) uint8
+        sb = codes[:, width:].contiguous().view(torch.float32 if self.bits == 8 else torch.float16)  # (N, 2)
+        self.register_buffer("scale", sb[:, 0].clone())
+        self.register_buffer("bias", sb[:, 1].clone())
+        held = torch.nonzero(table.cache_ids < table.num_embeddings).squeeze(1)  # empty entries hold id N
+        ids = table.cache_ids[held]
+        rows = table.cache_weight.detach()[table.cache_slots[held]]
+        if not len(held):  # one entry that no id matches, so the search needs no branch
+            ids, rows = torch.full((1,), -1), rows.new_zeros(1, self.dim)
+        self.register_buffer("cache_ids", ids.clone())
+        self.register_buffer("cache_rows", rows.clone())
+
+    def forward(self, ids: Tensor) -> Tensor:
+        codes = self.codes[ids]  # (B, F, width) uint8: only the looked-up rows are decoded
+        if self.bits == 4:
+            codes = unpack_int4(codes.reshape(-1, codes.shape[-1]), self.dim).view(*ids.shape, self.dim)
+        rows = codes.float() * self.scale[ids].float().unsqueeze(-1) + self.bias[ids].float().unsqueeze(-1)
+        pos = torch.searchsorted(self.cache_ids, ids).clamp_(max=self.cache_ids.numel() - 1)
+        hit = self.cache_ids[pos] == ids
+        return torch.where(hit.unsqueeze(-1), self.cache_rows[pos], rows)
