@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 def extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands that live with their subpackage (compress-lowrank, sweep, ...)."""
     found = []
-    for module in ("embcompress.compress.command", "embcompress.sweep", "embcompress.serve.command"):
+    for module in ("embcompress.compress.command", "embcompress.sweep", "embcompress.serve.command",
+                   "embcompress.export"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

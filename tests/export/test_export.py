@@ -201,3 +201,6 @@ def test_export_command_writes_a_checked_artifact(tmp_path, capsys):
     args = parser.parse_args(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.pt2")])
     with pytest.raises(FileNotFoundError, match="is not a run directory"):
         args.func(args)
+    capsys.readouterr()
+    assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.pt2")]) == 2  # registered in the CLI
+    assert capsys.readouterr().err.startswith("embcompress: error:")
