@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -176,8 +177,17 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         self.cache_weight = nn.Parameter(torch.zeros(c + max(int(staging_rows), 1), d))
         self._pending: list[tuple[Tensor, Tensor, Tensor, int]] = []  # (ids, counts, missed ids, staging start)
         self._staged = 0
-        self._index_version = 0  # bumped whenever cache_ids changes (see _find)
+        self._index_version = 0  # bumped whenever cache_ids changes (see _cached)
         self._find_memo: tuple | None = None
+        # A cached row's stored row holds its cache slot and the sign bit of its scale is set (a stored
+        # scale is otherwise >= +0), so an id finds its slot with a gather instead of a search. INT8: the
+        # slot replaces the bias, which moves into the first code bytes (unused while the row is cached),
+        # so scale and slot form one 8-byte word; INT4 (2-byte bias): the slot takes the first code bytes.
+        code_bytes = d if self.bits == 8 else (d + 1) // 2
+        self._slot_bytes = min(4, code_bytes)
+        self._slot_at = d + 4 if self.bits == 8 else 0
+        self._marker_byte = code_bytes + (3 if self.bits == 8 else 1)  # high byte of the scale
+        self._marked = 0 < c <= 256 ** self._slot_bytes and (self.bits == 4 or d >= 4)
 
     # ------------------------------------------------------------------ construction
     def _init_codes(self) -> None:
@@ -195,32 +205,65 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         return self.cache_ids.numel()
 
     # ------------------------------------------------------------------ lookup
-    def _find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(position in the sorted cache index, hit mask) of each id.
+    def _cached(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(hit mask, cache slot or 0) of each id.
 
-        A training step searches the same ids twice (forward, then :meth:`update_state`) with no cache
-        change in between, so the last answer is kept and reused for the same tensor while the index's
-        version (bumped by every change of the index) is unchanged."""
+        A training step asks for the same ids twice (forward, then :meth:`update_state`) with no cache
+        change in between, so the last answer is kept for the same tensor while the index's version
+        (bumped by every change of the cache) is unchanged."""
         memo = self._find_memo
         if memo is not None and memo[0] is ids and memo[1] == self._index_version:
             return memo[2], memo[3]
-        if self.num_cache_rows == 0:
-            pos, hit = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        if self._marked and self.bits == 8 and self.embedding_dim % 8 == 0 and sys.byteorder == "little":
+            word = self.codes.view(torch.int64)[:, self.embedding_dim // 8].index_select(0, ids)  # scale, slot
+            hit = (word & 0x80000000) != 0
+            slot = torch.where(hit, word >> 32, 0)
+        elif self._marked:
+            flat, at = self.codes.view(-1), ids * self.codes.shape[1]
+            hit = flat.index_select(0, at + self._marker_byte) >= 0x80
+            at = at + self._slot_at
+            stored = flat.index_select(0, (at[:, None] + torch.arange(self._slot_bytes, device=ids.device)).view(-1))
+            stored = F.pad(stored.view(-1, self._slot_bytes), (0, 4 - self._slot_bytes))
+            slot = torch.where(hit, stored.view(torch.int32).squeeze(1).long(), 0)
+        elif self.num_cache_rows == 0:
+            hit, slot = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids)
         else:
-            pos = torch.searchsorted(self.cache_ids, ids).clamp_(max=self.num_cache_rows - 1)
-            hit = self.cache_ids[pos] == ids
-        self._find_memo = (ids, self._index_version, pos, hit)
-        return pos, hit
+            hit, pos = _isin_sorted(ids, self.cache_ids, positions=True)
+            slot = torch.where(hit, self.cache_slots.index_select(0, pos), 0)
+        self._find_memo = (ids, self._index_version, hit, slot)
+        return hit, slot
+
+    def _mark(self, ids: Tensor, slots: Tensor) -> None:
+        """Store each cached id's slot in its row and set its marker (see ``__init__``)."""
+        if not self._marked or not len(ids):
+            return
+        rows = self.codes.index_select(0, ids)
+        at, k = self._slot_at, self._slot_bytes
+        if at:
+            rows[:, :k] = rows[:, at:at + k]  # keep what the slot overwrites
+        rows[:, at:at + k] = slots.to(torch.int32)[:, None].view(torch.uint8)[:, :k]
+        rows[:, self._marker_byte] |= 0x80
+        self.codes.index_copy_(0, ids, rows)
+
+    def _unmarked(self, rows: Tensor) -> Tensor:
+        """Stored rows (a copy) with the markers undone: a cached row's scale and bias as before caching."""
+        if self._marked:
+            marked = rows[:, self._marker_byte] >= 0x80
+            at, k = self._slot_at, self._slot_bytes
+            if at and marked.any():
+                rows[marked, at:at + k] = rows[marked, :k]
+            rows[:, self._marker_byte] &= 0x7F
+        return rows
 
     def dequantized(self, ids: Tensor) -> Tensor:
-        """Rows as stored in low precision (ignoring the cache): (n,) -> (n, D)."""
-        return dequantize_rows(self.codes[ids], self.bits, self.embedding_dim)
+        """Rows of uncached ids as stored in low precision: (n,) -> (n, D). (A cached row's stored
+        row holds its slot, not its value.)"""
+        return dequantize_rows(self.codes.index_select(0, ids), self.bits, self.embedding_dim)
 
     def _rows(self, ids: Tensor, counts: Tensor | None) -> Tensor:
         """Rows of unique ids; in training with grad, records the step for :meth:`after_optimizer_step`."""
-        pos, hit = self._find(ids)
+        hit, slots = self._cached(ids)
         c = self.num_cache_rows
-        slots = self.cache_slots[pos] if c else pos
         if counts is not None and self.training and torch.is_grad_enabled():
             miss = ~hit
             missed = ids[miss]
@@ -261,6 +304,38 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
 
     def lookup(self, ids: Tensor) -> Tensor:
         return self._rows(ids, None)
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        """Outside training on the CPU, bags are pooled by PyTorch's quantized ``embedding_bag`` over
+        the stored rows (cached rows weighted 0) plus an ``embedding_bag`` over the cache (the others
+        weighted 0): no sort, no search."""
+        if (self.training and torch.is_grad_enabled()) or not self._marked or self.codes.device.type != "cpu":
+            return super().forward(input, offsets, per_sample_weights)
+        op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if self.bits == 8
+              else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+        if (input.dim() == 2 and input.shape[1] == 1 and offsets is None and per_sample_weights is None
+                and input.dtype == torch.int64):  # one id per bag, as the models look up: no pooling
+            ids = input.view(-1)
+            if self.validate_ids:
+                self.check_ids(ids)
+            hit, slots = self._cached(ids)
+            out = F.embedding(slots, self.cache_weight.detach())  # cache rows, then the misses' rows
+            miss = torch.nonzero(~hit).squeeze(1)
+            rows = op(self.codes, ids.index_select(0, miss), torch.arange(len(miss)))[:, :self.embedding_dim]
+            return out.index_copy_(0, miss, rows)
+        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
+        if self.validate_ids:
+            self.check_ids(ids)
+        hit, slots = self._cached(ids)
+        cache_w = hit.float() if psw is None else torch.where(hit, psw.float(), 0.0)
+        codes_w = (~hit).float() if psw is None else torch.where(hit, 0.0, psw.float())
+        out = F.embedding_bag(slots, self.cache_weight.detach(), offsets, mode="sum", per_sample_weights=cache_w)
+        out.add_(op(self.codes, ids, offsets, per_sample_weights=codes_w)[:, :self.embedding_dim])
+        if self.mode == "mean":
+            ends = torch.cat([offsets[1:], offsets.new_tensor([len(ids)])])
+            out.div_((ends - offsets).clamp(min=1)[:, None])
+        return out
 
     def lookup_unique(self, unique: Tensor, counts: Tensor) -> Tensor:
         if self.training and torch.is_grad_enabled() and distributed_world() > 1:
@@ -358,14 +433,14 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         cache_state, inits = self._slot_state(self.cache_weight)
         stores.update({k: self._store(k, init) for k, init in inits.items() if k not in stores})
         n, c = self.num_embeddings, self.num_cache_rows
-        pos, hit = self._find(ids)
+        hit, _ = self._cached(ids)
         # one add for the step counter, hit lookups and lookups (each tensor op costs ~10 us on a CPU)
         self.stats[:3] += torch.stack([counts.new_ones(()), (counts * hit).sum(), counts.sum()])
         step = self.stats[0].clone()
         new_ids, new_keys = ids[~hit], None
         if c:
             if self.policy == "lru":
-                self.cache_keys[pos[hit]] = step
+                self.cache_keys[torch.searchsorted(self.cache_ids, ids[hit])] = step
                 new_keys = step.expand(len(new_ids))
             else:
                 self._sketch_add(ids, counts)
@@ -401,7 +476,7 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             self._replace(freed, admitted, new_keys[_locate(new_ids, admitted)[0]])
         back = torch.cat(back_ids)
         if len(back):
-            previous = self.codes.index_select(0, back) if self.write_back == "keep-grid" else None
+            previous = self._unmarked(self.codes.index_select(0, back)) if self.write_back == "keep-grid" else None
             self.codes[back] = quantize_rows(torch.cat(back_rows), self.bits, stochastic=True, previous=previous)
             stays_out = back_ids[-1]
             for key, (_, v) in states.items():
@@ -439,6 +514,7 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
                                (self.cache_keys, k_keys, keys)):
             buf[at_k] = kept
             buf[at_a] = new
+        self._mark(admitted, slots)
 
     def _hashes(self, ids: Tensor) -> Tensor:
         """Sketch column of each id in each row: (depth, n). Rows 2j and 2j+1 take the low 31 and the
@@ -493,6 +569,8 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
                 self.register_buffer(name[len(prefix):], torch.empty_like(value, device=self.codes.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        cached = self.cache_ids < self.num_embeddings
+        self._mark(self.cache_ids[cached], self.cache_slots[cached])  # rows saved without their markers
 
     def memory_bytes(self) -> int:
         """Codes, scales, biases, cache, cache index, sketch and counters; not the optimizer-state store."""
@@ -574,11 +652,13 @@ def _locate(sorted_ids: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
     if len(sorted_ids) == 0:
         return torch.zeros_like(query), torch.zeros_like(query, dtype=torch.bool)
     at = torch.searchsorted(sorted_ids, query).clamp_(max=len(sorted_ids) - 1)
-    return at, sorted_ids[at] == query
+    return at, sorted_ids.index_select(0, at) == query
 
 
-def _isin_sorted(ids: Tensor, sorted_query: Tensor) -> Tensor:
-    return _locate(sorted_query, ids)[1]
+def _isin_sorted(ids: Tensor, sorted_query: Tensor, positions: bool = False) -> Any:
+    """Mask of ``ids`` found in ``sorted_query``; with ``positions``, (mask, index in it)."""
+    at, found = _locate(sorted_query, ids)
+    return (found, at) if positions else found
 
 
 class MPCacheInference(nn.Module):

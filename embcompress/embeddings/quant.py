@@ -129,7 +129,7 @@ def scale_bias_of(rows: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor]:
     """Stored (scale, bias) of fused rows, as float32 (n,) each."""
     width = dim if bits == 8 else (dim + 1) // 2
     dtype = torch.float32 if bits == 8 else torch.float16
-    sb = rows[:, width:].contiguous().view(dtype).float()  # (n, 2)
+    sb = rows[:, width:].clone(memory_format=torch.contiguous_format).view(dtype).float()  # (n, 2), aligned
     return sb[:, 0], sb[:, 1]
 
 

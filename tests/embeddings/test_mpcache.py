@@ -390,3 +390,84 @@ def test_with_every_row_cached_training_equals_full(mode):
             opt.step()
     mp.eval()
     torch.testing.assert_close(mp(torch.arange(n)[:, None]), full(torch.arange(n)[:, None]), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- cached rows found through their stored row
+def _trained(precision, dim, cache_rows, policy="lfu"):
+    """A table after steps with admissions and evictions every step."""
+    torch.manual_seed(0)
+    table = MPCacheEmbeddingBag([300, 500], dim, precision=precision, cache_rows=cache_rows, policy=policy)
+    opt = torch.optim.SGD(table.parameters(), lr=0.1)
+    ec.attach(table, opt)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(12):
+        ids = (torch.rand(64, generator=g) ** 3 * 800).long()
+        opt.zero_grad()
+        table(ids[:, None]).pow(2).sum().backward()
+        opt.step()
+    return table
+
+
+def _reference_rows(table):
+    """Every id's row from the sorted cache index and the stored rows (markers undone)."""
+    n = table.num_embeddings
+    rows = dequantize_rows(table._unmarked(table.codes.clone()), table.bits, table.embedding_dim)
+    cached = table.cache_ids < n
+    rows[table.cache_ids[cached]] = table.cache_weight.detach()[table.cache_slots[cached]]
+    return rows
+
+
+@pytest.mark.parametrize("precision,dim", [("int8", 16), ("int8", 6), ("int4", 7), ("int4", 4)])
+def test_eval_lookup_matches_cache_and_stored_rows(precision, dim):
+    """The eval path (slot read from the stored row, PyTorch's quantized embedding_bag for the rest)
+    returns what the sorted cache index and the dequantised rows say, for one-id bags, pooled bags with
+    weights, and mean pooling."""
+    table = _trained(precision, dim, cache_rows=40)
+    assert table._marked and int((table.cache_ids < 800).sum()) == 40
+    ref = _reference_rows(table)
+    table.eval()
+    ids = torch.arange(800)
+    torch.testing.assert_close(table(ids[:, None]), ref)
+    flat = torch.randint(0, 800, (50,), generator=torch.Generator().manual_seed(3))
+    offsets = torch.tensor([0, 3, 3, 20, 49])
+    w = torch.rand(50, generator=torch.Generator().manual_seed(4))
+    expected = torch.nn.functional.embedding_bag(flat, ref, offsets, mode="sum", per_sample_weights=w)
+    torch.testing.assert_close(table(flat, offsets, w), expected)
+    table.mode = "mean"
+    torch.testing.assert_close(table(flat, offsets), torch.nn.functional.embedding_bag(flat, ref, offsets, mode="mean"))
+    # the hit mask and slots agree with the sorted index for every id
+    hit, slot = table._cached(ids)
+    cached = table.cache_ids < 800
+    assert torch.equal(hit.nonzero().squeeze(1), table.cache_ids[cached])
+    assert torch.equal(slot[hit], table.cache_slots[cached])
+
+
+@pytest.mark.parametrize("precision,dim", [("int8", 16), ("int4", 7)])
+def test_marking_keeps_scale_and_bias_for_the_write_back(precision, dim):
+    """A cached row's stored scale and bias come back unchanged when the marker is undone, so an evicted
+    row is written back on the grid it had before it was cached."""
+    table = MPCacheEmbeddingBag([100], dim, precision=precision, cache_rows=10)
+    before = table.codes.clone()
+    ids = torch.tensor([3, 50, 99])
+    table._mark(ids, torch.tensor([7, 0, 9]))
+    assert not torch.equal(table.codes, before)
+    width = dim if precision == "int8" else (dim + 1) // 2
+    restored = table._unmarked(table.codes.clone())
+    assert torch.equal(restored[:, width:], before[:, width:])
+    others = torch.ones(100, dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(restored[others], before[others])
+
+
+def test_checkpoint_without_markers_loads_and_looks_up_alike():
+    table = _trained("int8", 16, cache_rows=40)
+    table.eval()
+    out = table(torch.arange(800)[:, None])
+    for unmark in (False, True):  # this version's state, and stored rows saved without markers
+        state = table.state_dict()
+        if unmark:
+            state["codes"] = table._unmarked(state["codes"].clone())
+        fresh = MPCacheEmbeddingBag([300, 500], 16, precision="int8", cache_rows=40)
+        fresh.load_state_dict(state)
+        fresh.eval()
+        torch.testing.assert_close(fresh(torch.arange(800)[:, None]), out)
