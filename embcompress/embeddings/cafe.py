@@ -1,33 +1,22 @@
 """``cafe``: CAFE (SIGMOD 2024). Hot features get their own row; the rest share per-field hashed rows.
 
-One :class:`~embcompress.embeddings.hotsketch.HotSketch` over the global id space (one sketch for all
-fields: the CAFE ablation found per-field sketches far worse) decides which features are hot. The single
-parameter ``weight`` holds, in order, the per-field hash rows (``hash``'s layout: small fields whole, large
-fields hashed by ``hash64``) and the shared hot rows; a lookup is one ``embedding_bag`` over it with
-sparse gradients, so the only extra cost over ``hash`` is the sketch query.
+One :class:`~embcompress.embeddings.hotsketch.HotSketch` over the global id space decides which features
+are hot (one sketch for all fields: the CAFE paper found per-field sketches worse). ``weight`` holds the
+per-field hash rows (``hash``'s layout) and then the hot rows; a lookup is one ``embedding_bag`` over it,
+so the only extra cost over ``hash`` is the sketch query.
 
-Training (DESIGN.md §4): forward only queries the sketch. In train mode it records, for every lookup of a
-hashed field, the norm of that lookup's embedding gradient (a hook on the output: the gradient of a bag
-times the lookup's weight). ``before_optimizer_step`` (registered by ``embcompress.attach(model, opt)``,
-the one extra line in an ordinary loop) normalises the norms per field per batch to mean 1
-(``s_i = ||g_i|| * B_f / sum_j ||g_j||``), inserts them into the sketch (``importance="frequency"``
-inserts 1 per lookup), and migrates: a promoted feature's hot row becomes a copy of the hashed row that
-served it; a demoted feature goes back to its hashed row (its hot row returns to the free list). All of
-this happens before ``optimizer.step()``. Eval-mode forwards record nothing and change nothing.
-The forward keeps the sketch slots it located for its lookups and the update reuses them (the sketch
-has not changed in between), so the hash and slot search run once per step. Under data parallelism the
-(ids, scores) of all ranks are gathered first (:func:`~embcompress.embeddings.sync.gather_across_ranks`)
-so every rank applies the same update.
+Training: forward only queries the sketch; train-mode forwards record each hashed-field lookup and the
+norm of its embedding gradient (a hook on the output). ``before_optimizer_step`` (``embcompress.attach``)
+normalises the norms per field and batch to mean 1 (``importance="frequency"``: 1 per lookup), inserts
+them into the sketch and migrates rows: a promoted feature's hot row starts as the hashed row that served
+it, a demoted one goes back to its hashed row. Under data parallelism the (ids, scores) of all ranks are
+gathered first, in rank order, so every rank applies the same update. Eval forwards change nothing.
 
-Budget: ``memory_bytes`` is the bytes of the state dict. A hot row costs 4·D bytes for its weights plus
-its share of the sketch: ``buckets_per_row`` buckets of ``slots`` slots of 12 bytes (int32 id, float32
-score, int32 row: the paper's 48 bytes per bucket) and 1 byte of free-row mask, i.e. 4·D + 49 with the
-defaults. The sketch stores int64 ids (16-byte slots, 4·D + 65) only when the table has more than 2^31
-ids, or with ``key_dtype="int64"``: the layout of every cafe figure measured before 4-byte ids became the
-default, which reproduces them and loads their checkpoints (at 1,000× on Criteo Kaggle's ids the 4-byte
-ids buy 14% more hot rows).
-``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch. ``threshold`` and
-``hash_rate`` default to the CAFE artifact's values for the nearest compression ratio.
+Budget: ``memory_bytes`` is the state dict. A hot row costs 4·D bytes plus its share of the sketch,
+``buckets_per_row`` buckets of ``slots`` slots of 12 bytes (int32 id, float32 score, int32 row) and a
+byte of free-row mask: 4·D + 49 with the defaults (int64 ids, 16-byte slots, above 2^31 ids or with
+``key_dtype="int64"``). ``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch;
+``threshold`` and ``hash_rate`` default to the CAFE artifact's values for the nearest compression ratio.
 """
 
 from __future__ import annotations
@@ -50,7 +39,7 @@ from .sync import distributed_world, gather_across_ranks
 
 log = logging.getLogger(__name__)
 
-# CAFE artifact defaults by compression ratio CR = 1 / ratio (DESIGN.md §4).
+# The CAFE artifact's defaults by compression ratio CR = 1 / ratio.
 REFERENCE_CR = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
 REFERENCE_THRESHOLD = (10, 10, 20, 30, 50, 100, 200, 500, 500, 500, 500, 500)
 REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1)

@@ -16,13 +16,6 @@ whole in the first); with ``medium_source="hot"`` the first table is cafe's and 
 the first table is cafe's, and a medium feature's second row is another row of its own field's table,
 chosen by the independent hash (no bytes move, so the table costs what cafe's does).
 
-None of the layouts beat cafe at Criteo Kaggle's size (10M rows, ``--skew criteo-sample``): at 10,000×
-"hash" / "shared" / "hot" gave 0.7132 / 0.7140 / 0.7150 against cafe's 0.7159, and ``medium_fraction=0``
-0.7133, so tier flips are not the cost. A smaller second table (``medium_rate`` 0.1, 0.05) comes within
-noise of cafe (0.7154, 0.7158) by becoming cafe, and is worse at 1,000×. "hash" did match cafe at 1,000×
-on the 1M-row sweep (0.7120 against 0.7109). The default stays "hash", the reference's layout (README,
-"CAFE against hashing at Criteo Kaggle's size").
-
 A promoted feature's hot row starts as the sum of its two hashed rows: a feature reaching T has almost
 always passed through the medium tier.
 """
