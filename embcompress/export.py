@@ -202,23 +202,10 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _load_run(run_dir: str) -> nn.Module:
-    run = Path(run_dir)
-    if not (run / "config.json").is_file() or not (run / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (it needs config.json and checkpoint.pt)")
-    import embcompress
-
-    loader = getattr(embcompress, "load_model", None)
-    if loader is not None:
-        return loader(run)
-    from .compress.command import load_run_model
-
-    return load_run_model(run)[1]
-
-
 def cmd_export(args: Any) -> int:
-    model = _load_run(args.run)
-    model.eval()
+    from .serve.model import load_model
+
+    model = load_model(args.run)  # eval mode, on the CPU
     table = model_table(model)
     save(model, args.out, run=str(Path(args.run).resolve()))
     print(f"wrote {args.out}: {table.name} {type(model).__name__}, inputs dense float32 (B, {num_dense_of(model)}) "

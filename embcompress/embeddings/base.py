@@ -269,7 +269,15 @@ class CompressedEmbeddingBag(nn.Module):
         return input.long(), offsets.long(), per_sample_weights
 
     def check_ids(self, ids: Tensor) -> None:
-        """ValueError naming the table, an offending id and the valid range; never a silent wrap."""
+        """ValueError naming the table, an offending id and the valid range; never a silent wrap.
+
+        While ``torch.export`` or ``torch.compile`` traces the table the check becomes a
+        ``torch._assert_async`` in the graph (a RuntimeError on the CPU, a device-side assert on CUDA), so
+        tracing never stops on reading the ids back."""
+        if torch.compiler.is_compiling():
+            torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
+                                f"{self._label()}: an id is outside the valid range [0, {self.num_embeddings})")
+            return
         if ids.numel() == 0:
             return
         lo, hi = torch.aminmax(ids)

@@ -199,8 +199,19 @@ def test_export_command_writes_a_checked_artifact(tmp_path, capsys):
     assert meta["method"] == "cafe" and len(meta["field_sizes"]) == 4
     json.dumps(meta)
     args = parser.parse_args(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.pt2")])
-    with pytest.raises(FileNotFoundError, match="is not a run directory"):
+    with pytest.raises(ValueError, match=str(tmp_path)):
         args.func(args)
     capsys.readouterr()
     assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.pt2")]) == 2  # registered in the CLI
     assert capsys.readouterr().err.startswith("embcompress: error:")
+
+
+def test_the_training_tables_range_check_does_not_stop_export(one_thread):
+    """check_ids reads the ids back in eager mode; traced, it becomes an assert inside the graph."""
+    table = ec.make_table("hash", SIZES, DIM, compression=4)
+    program = torch.export.export(table, (torch.zeros(5, 1, dtype=torch.int64),),
+                                  dynamic_shapes=({0: torch.export.Dim("n", min=1)},))
+    ids = torch.tensor([[0], [466], [3]])
+    torch.testing.assert_close(program.module()(ids), table(ids))
+    with pytest.raises(RuntimeError, match="outside the valid range"):
+        program.module()(torch.tensor([[467]]))
