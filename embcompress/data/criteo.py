@@ -124,7 +124,7 @@ def _check_line(fields: list[bytes], has_label: bool = True) -> str | None:
         v = fields[j]
         if v and not _INT_RE.fullmatch(v):
             if re.fullmatch(rb"[+-]?[0-9]+", v):
-                return f"I{j} value {v[:30]!r} is too large: dense values must fit a 64-bit integer (< 10**18)"
+                return f"I{j} value {v[:30]!r} is too large: dense values may have at most 18 digits"
             return f"I{j} must be an integer or empty, found {v[:20]!r}"
     for f in range(NUM_CATEGORICAL):
         v = fields[1 + NUM_DENSE + f]

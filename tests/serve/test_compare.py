@@ -20,7 +20,7 @@ def runs(tmp_path_factory, criteo_dir):
                                      warmup_steps=5, out=str(root / method), progress=False))
         out.append((root / method, s))
     # a sweep with one trained cell and one a method cannot reach
-    assert main(["sweep", "--data", str(criteo_dir), "--methods", "hash,qr", "--compression", "4,100000", "--out",
+    assert main(["sweep", "--data", str(criteo_dir), "--methods", "hash", "--compression", "4,100000", "--out",
                  str(root / "sweep"), "--batch-size", "64", "--warmup-steps", "5", "--no-progress"]) == 0
     return root, out
 
@@ -32,7 +32,7 @@ def test_rows_follow_the_summaries(runs):
         assert row["method"] == s["method"] and row["auc"] == s["test_auc"] and row["bytes"] == s["embedding_bytes"]
         assert row["ratio"] == s["compression_actual"] and row["status"] == "done"
     cells = rows[2:]
-    assert {r["method"] for r in cells} == {"hash", "qr"} and len(cells) == 4
+    assert {r["method"] for r in cells} == {"hash"} and len(cells) == 2
     assert "skipped" in {r["status"] for r in cells} and "done" in {r["status"] for r in cells}
     cell_files = sorted((root / "sweep" / "cells").glob("*.json"))
     recorded = {json.loads(p.read_text())["key"]: json.loads(p.read_text()) for p in cell_files}
