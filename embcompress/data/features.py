@@ -139,12 +139,22 @@ def copy_feature_map(dataset: Any, run_dir: str | os.PathLike) -> None:
     fmap = feature_map_of(dataset)
     if [int(s) for s in fmap["field_sizes"]] != [int(s) for s in dataset.field_sizes]:
         raise DataError(f"the feature map of {root} does not match its arrays' field sizes.")
-    run.mkdir(parents=True, exist_ok=True)
+    _write_copy(fmap, root, run)
+
+
+def copy_run_features(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the feature map of a run (or dataset) directory ``src`` into ``dst``, e.g. a run derived from
+    another one, so that ``dst`` loads and scores raw rows on its own."""
+    _write_copy(read_feature_map(src), src, Path(dst))
+
+
+def _write_copy(fmap: dict[str, Any], src: str | os.PathLike | None, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
     if fmap.get("vocabulary"):
-        staging = run / f".{VOCAB_DIR}.tmp"
+        staging = dst / f".{VOCAB_DIR}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(root) / VOCAB_DIR, staging)
-        shutil.rmtree(run / VOCAB_DIR, ignore_errors=True)
-        os.replace(staging, run / VOCAB_DIR)
-    (run / f".{FEATURES_FILE}.tmp").write_text(json.dumps(fmap, indent=1) + "\n")
-    os.replace(run / f".{FEATURES_FILE}.tmp", run / FEATURES_FILE)
+        shutil.copytree(Path(src) / VOCAB_DIR, staging)
+        shutil.rmtree(dst / VOCAB_DIR, ignore_errors=True)
+        os.replace(staging, dst / VOCAB_DIR)
+    (dst / f".{FEATURES_FILE}.tmp").write_text(json.dumps(fmap, indent=1) + "\n")
+    os.replace(dst / f".{FEATURES_FILE}.tmp", dst / FEATURES_FILE)
