@@ -28,9 +28,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
+from .hashing import HashInference
 from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
 from .ops import allocate_rows, bag_of_lookups, field_hash_rows, field_of, field_starts, mean_weights
 from .options import Option, hash_seed_option, mode_option, sparse_option
@@ -416,18 +417,13 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         return CafeInference(self)
 
 
-class CafeInference(nn.Module):
+class CafeInference(HashInference):
     """``cafe`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F), column f of field f,
     -> rows (B, F, D). The sketch is frozen into a dense lookup: the ids it holds, sorted, with the weight
     row of each hot one, so serving is a ``searchsorted`` beside the hashed row; no sketch update, no hooks."""
 
     def __init__(self, table: "CafeEmbeddingBag") -> None:
-        super().__init__()
-        self.seed = table.seed
-        for name in ("starts", "sizes", "rows", "row_base"):
-            self.register_buffer(name, getattr(table, name).detach().clone())
-        self.register_buffer("weight", table.weight.detach().clone())
-        self.register_buffer("columns", torch.arange(len(table.field_sizes)))
+        super().__init__(table)  # the hashed rows: hash's layout
         keys, rows, _ = self.held(table)
         self.register_buffer("keys", keys)  # (K,) sorted ids the sketch holds
         self.register_buffer("hot_rows", rows)  # (K,) weight row of each, -1 while it is not hot
@@ -452,10 +448,8 @@ class CafeInference(nn.Module):
 
     def hot_row(self, ids: Tensor, found: Tensor, pos: Tensor) -> Tensor:
         """Row of ``weight`` serving each id, as :meth:`CafeEmbeddingBag.row_index`."""
-        hashed = field_hash_rows(ids, self.columns.expand_as(ids), self.starts, self.sizes, self.rows,
-                                 self.row_base, self.seed)
         hot = torch.where(found, self.hot_rows[pos], -1)
-        return torch.where(hot >= 0, hot, hashed)
+        return torch.where(hot >= 0, hot, self.hashed_row(ids))
 
     def forward(self, ids: Tensor) -> Tensor:
         found, pos = self.find(ids)

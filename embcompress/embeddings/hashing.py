@@ -79,7 +79,8 @@ class HashEmbeddingBag(IndexedEmbeddingBag):
 
 class HashInference(nn.Module):
     """``hash`` frozen for serving (see :mod:`embcompress.export`): global ids (B, F), column f of field f,
-    -> rows (B, F, D); the same per-field hash as :meth:`HashEmbeddingBag.row_index`."""
+    -> rows (B, F, D); the same per-field hash as :meth:`HashEmbeddingBag.row_index`. Also the hashed
+    rows of the tables that fall back to ``hash``'s layout (``cafe``'s inference form)."""
 
     def __init__(self, table: "HashEmbeddingBag") -> None:
         super().__init__()
@@ -89,7 +90,10 @@ class HashInference(nn.Module):
         self.register_buffer("weight", table.weight.detach().clone())
         self.register_buffer("columns", torch.arange(len(table.field_sizes)))
 
+    def hashed_row(self, ids: Tensor) -> Tensor:
+        """Row of ``weight`` that the per-field hash gives each id."""
+        return field_hash_rows(ids, self.columns.expand_as(ids), self.starts, self.sizes, self.rows,
+                               self.row_base, self.seed)
+
     def forward(self, ids: Tensor) -> Tensor:
-        field = self.columns.expand_as(ids)
-        return F.embedding(field_hash_rows(ids, field, self.starts, self.sizes, self.rows, self.row_base,
-                                           self.seed), self.weight)
+        return F.embedding(self.hashed_row(ids), self.weight)
