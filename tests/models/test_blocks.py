@@ -42,3 +42,18 @@ def test_check_with_a_field_per_id_names_the_feature():
     check_field_ids(torch.tensor([2, 4, 0]), sizes, torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match=r"field 0 \('a'\): id 3 is outside its valid range \[0, 3\)"):
         check_field_ids(torch.tensor([1, 3, 0]), sizes, torch.tensor([1, 0, 1]), names=["a", "b"])
+
+
+def test_train_on_a_dataset_with_an_id_past_its_field_is_one_error_line(tmp_path, capsys):
+    """The same through ``train``: a dataset directory holding an id >= its field's size."""
+    from embcompress.cli import main
+    from embcompress.data import make_synthetic, save_dataset
+
+    ds = make_synthetic(rows=2000, fields=3, scale=0.0005, seed=0)
+    ds.sparse[100, 0] = ds.field_sizes[0]  # one id past field 0: global id = field 1's first row
+    save_dataset(ds, tmp_path / "ds")
+    code = main(["train", "--data", str(tmp_path / "ds"), "--method", "full", "--batch-size", "256",
+                 "--no-progress", "--threads", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("embcompress: error:") and "Traceback" not in err
+    assert f"field 0: id {ds.field_sizes[0]} is outside its valid range [0, {ds.field_sizes[0]})" in err
