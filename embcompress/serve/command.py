@@ -21,7 +21,8 @@ def add_parser(subparsers: Any) -> None:
         if name == "predict":
             p.add_argument("--out", required=True, help="output file: .csv or .parquet (one 'probability' column)")
         p.add_argument("--batch-size", type=int, default=4096)
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
