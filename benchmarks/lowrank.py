@@ -1,20 +1,18 @@
-"""Low-rank benchmark: AFM post-training compression of a trained DeepFM / DCN-v2, and the ``lowrank`` table.
+"""AFM benchmark: a trained run compressed with ``compress_model``; AUC and inference speed against the original.
 
-Prints one JSON object (machine, git commit, settings, results):
-* AFM at ``--ratio`` (default 3x, whole model: embeddings + MLP): test AUC before/after and CPU inference
-  samples/s at batch ``--infer-batch`` (4096) before/after, timed interleaved in one run;
-* the ``lowrank`` table trained from scratch at ``--table-ratios`` (10x, 100x), beside ``hash`` at the
-  same ratios and the uncompressed model's AUC.
+Prints JSON lines (machine, commit, load average with each figure):
+* ``auc``: test AUC of the original and the compressed model, parameters before/after, the ranks;
+* ``speed``: samples/s at each ``--batch-sizes`` of the original and of the compressed model, eager (the
+  trained modules, and the serving form :func:`embcompress.compress.serving_model`) and exported
+  (``torch.export``: the original through ``embcompress.export``, the serving form directly), all timed
+  interleaved in this one process (median of ``--rounds`` rounds), at ``--threads`` torch threads.
 
-Timing uses ``--threads`` torch threads (default 1): on a small shared machine two threads contend with
-other processes and make the ratio noisy.
+The run is one of ``embcompress train --out RUN`` (``--run``); without it, the CLI's defaults are trained
+first into a temporary directory (``--model`` dlrm or deepfm, 200k synthetic rows: about a minute)::
 
-Defaults: DeepFM (deep 400,400,400, D=16) on 1M synthetic rows (scale 0.002: 67.5k ids), Adagrad lr 0.05
-(the project's defaults), batch 256, one epoch; AFM calibrated on 50 batches of 1024 training rows, as
-``compress-lowrank`` does, so both pick the same ranks for the same run.
-
-    PYTHONPATH=. .venv/bin/python benchmarks/lowrank.py                   # ~20 min on 2 busy cores
-    PYTHONPATH=. .venv/bin/python benchmarks/lowrank.py --table-ratios ''  # AFM only: ~2-5 min
+    embcompress train --model dlrm --out runs/dlrm --no-progress
+    PYTHONPATH=. .venv/bin/python benchmarks/lowrank.py --run runs/dlrm --threads 1
+    PYTHONPATH=. .venv/bin/python benchmarks/lowrank.py --model deepfm --threads 2
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,94 +30,91 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embcompress.compress import compress_model, count_parameters  # noqa: E402
-from embcompress.compress.speed import inference_samples_per_s  # noqa: E402
-from embcompress.data import iterate_batches, load_dataset, split_dataset  # noqa: E402
-from embcompress.train.checkpoint import load_checkpoint  # noqa: E402
-from embcompress.train.loop import TrainConfig, build_model, evaluate, run_training  # noqa: E402
-from common import commit, machine  # type: ignore[import-not-found]  # noqa: E402
+from embcompress.compress.afm import MLP_VARIANCE  # noqa: E402
+from embcompress.compress.command import load_run_model  # noqa: E402
+from embcompress.compress.serving import serving_model  # noqa: E402
+from embcompress.compress.speed import speed_by_batch_size  # noqa: E402
+from embcompress.data import iterate_batches  # noqa: E402
+from embcompress.train.loop import TrainConfig, evaluate, run_training  # noqa: E402
+from common import emit, log  # type: ignore[import-not-found]  # noqa: E402
 
 
-def config(args: argparse.Namespace, method: str, ratio: float | None, out: str | None) -> TrainConfig:
-    model_options = {"deep": args.deep} if args.model == "deepfm" else {"deep": args.deep, "cross_layers": 3}
-    return TrainConfig(data="synthetic", data_options={"rows": args.rows, "scale": args.scale, "seed": args.seed},
-                       method=method, compression=ratio, model=args.model, model_options=model_options,
-                       embedding_dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       optimizer=args.optimizer, seed=args.seed, out=out, progress=False)
+def exported(model: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor], via_project: bool):
+    """The module of a ``torch.export`` program with a dynamic batch, or the reason it failed."""
+    try:
+        if via_project:
+            from embcompress.export import export_model
+            program = export_model(model)
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            with torch.no_grad():
+                program = torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
+        return program.module()
+    except Exception as e:  # reported, not fatal: the eager figures still stand
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="deepfm", choices=["deepfm", "dcn"])
-    p.add_argument("--deep", default="400,400,400", help="deep network widths")
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--scale", type=float, default=0.002, help="synthetic cardinalities = Kaggle's times this")
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--optimizer", default="adagrad")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run", help="run directory of `embcompress train --out` (default: train the CLI's defaults)")
+    p.add_argument("--model", default="dlrm", choices=["dlrm", "deepfm", "dcn"], help="without --run")
     p.add_argument("--ratio", type=float, default=3.0, help="AFM whole-model size reduction")
+    p.add_argument("--mlp-variance", type=float, default=MLP_VARIANCE, help="0: the linear layers compete freely")
     p.add_argument("--calibration-batches", type=int, default=50, help="of 1024 rows (as compress-lowrank)")
-    p.add_argument("--allocation", default="per-parameter", choices=["per-parameter", "variance"])
-    p.add_argument("--infer-batch", type=int, default=4096)
-    p.add_argument("--infer-batches", type=int, default=4)
+    p.add_argument("--batch-sizes", default="1,64,4096")
+    p.add_argument("--timing-rows", type=int, default=8192)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--table-ratios", default="10,100", help="ratios for the lowrank/hash tables ('' to skip)")
+    p.add_argument("--no-export", action="store_true")
     args = p.parse_args()
-    args.deep = [int(x) for x in args.deep.split(",")]
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    started = time.time()
 
-    # 1. train the uncompressed model, keep its run directory
-    ds = load_dataset("synthetic", rows=args.rows, scale=args.scale, seed=args.seed)
-    run_dir = tempfile.mkdtemp(prefix="lowrank_bench_")
-    cfg = config(args, "full", None, run_dir)
-    base = run_training(cfg, dataset=ds)
-    model = build_model(cfg, ds)
-    model.load_state_dict(load_checkpoint(Path(run_dir) / "checkpoint.pt")["model"])
-    train, test = split_dataset(ds, cfg.split, cfg.test_fraction, seed=cfg.seed)
-
-    # 2. AFM compression, AUC and speed before/after
-    calibration = iterate_batches(train, 1024, shuffle=True, seed=args.seed)
+    run = args.run
+    if run is None:
+        run = tempfile.mkdtemp(prefix="lowrank_bench_")
+        log(f"training the CLI's defaults ({args.model}) into {run}")
+        run_training(TrainConfig(model=args.model, out=run, progress=False))
+    cfg, model, train, test = load_run_model(run)
+    calibration = iterate_batches(train, 1024, shuffle=True, seed=cfg.seed)
     small, report = compress_model(model, calibration, ratio=args.ratio, max_batches=args.calibration_batches,
-                                   allocation=args.allocation)
-    before = evaluate(model, test, args.infer_batch)
-    after = evaluate(small, test, args.infer_batch)
-    timing = [(b.dense, b.sparse) for _, b in zip(range(args.infer_batches), iterate_batches(test, args.infer_batch))]
-    load_before_timing = os.getloadavg()
-    speed_before, speed_after = inference_samples_per_s([model, small], timing, rounds=args.rounds)
-    load_after_timing = os.getloadavg()
-    afm = {
-        "params_before": count_parameters(model), "params_after": count_parameters(small),
-        "params_ratio": report.ratio, "auc_before": before["auc"], "auc_after": after["auc"],
-        "auc_change_relative": (after["auc"] - before["auc"]) / before["auc"],
-        "logloss_before": before["logloss"], "logloss_after": after["logloss"],
-        "infer_samples_per_s_before": speed_before, "infer_samples_per_s_after": speed_after,
-        "infer_speedup": speed_after / speed_before,
-        "load_average_before_timing": load_before_timing, "load_average_after_timing": load_after_timing,
-        "layers": [{"name": l.name, "width": l.width, "rank": l.rank, "explained_variance": round(l.explained_variance, 4),
-                    "params_before": l.params_before, "params_after": l.params_after} for l in report.layers],
-    }
+                                   mlp_variance=args.mlp_variance or None)
+    before, after = evaluate(model, test, 4096)["auc"], evaluate(small, test, 4096)["auc"]
+    emit({"benchmark": "lowrank", "figure": "auc", "run": str(run), "model": cfg.model, "data": cfg.data,
+          "data_options": cfg.data_options, "ratio_target": args.ratio, "mlp_variance": args.mlp_variance,
+          "params_before": count_parameters(model), "params_after": count_parameters(small),
+          "params_ratio": report.ratio, "auc_before": before, "auc_after": after,
+          "auc_change_relative": (after - before) / before,
+          "ranks": {l.name: l.rank for l in report.layers if l.factorized}})
 
-    # 3. tables trained from scratch
-    tables = []
-    for r in [float(x) for x in args.table_ratios.split(",") if x]:
-        for method in ("lowrank", "hash"):
-            s = run_training(config(args, method, r, None), dataset=ds)
-            tables.append({k: s[k] for k in ("method", "compression_target", "compression_actual", "test_auc",
-                                             "test_logloss", "train_samples_per_s")})
-
-    print(json.dumps({
-        "benchmark": "lowrank", "machine": machine(), **commit(),
-        "settings": {k: v for k, v in vars(args).items()},
-        "data": {"rows_train": base["rows_train"], "rows_test": base["rows_test"], "ids": sum(ds.field_sizes),
-                 "bayes_auc": base.get("bayes_auc")},
-        "uncompressed": {k: base[k] for k in ("test_auc", "test_logloss", "train_samples_per_s", "train_seconds")},
-        "afm": afm, "tables": tables, "seconds": time.time() - started,
-    }))
+    served = serving_model(small)
+    rows, taken = [], 0
+    for b in iterate_batches(test, 4096):
+        if taken >= args.timing_rows:
+            break
+        rows.append((b.dense, b.sparse))
+        taken += len(b.dense)
+    models = {"original": model.eval(), "compressed": small.eval(), "served": served}
+    failed = {}
+    if not args.no_export:
+        example = (rows[0][0][:4], rows[0][1][:4])
+        for name, m, project in (("original_exported", model, True), ("served_exported", served, False)):
+            module = exported(m, example, project)
+            if isinstance(module, str):
+                failed[name] = module
+            else:
+                models[name] = module
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x]
+    for b in sizes:
+        load = os.getloadavg()
+        speed = speed_by_batch_size(models, rows, [b], rounds=args.rounds).get(b)
+        if speed is None:
+            continue
+        emit({"benchmark": "lowrank", "figure": "speed", "model": cfg.model, "batch": b, "threads": args.threads,
+              "samples_per_s": speed, "speedup_vs_original": {k: v / speed["original"] for k, v in speed.items()},
+              **({"speedup_exported": speed["served_exported"] / speed["original_exported"]}
+                 if "served_exported" in speed and "original_exported" in speed else {}),
+              "export_failed": failed, "load_average_before": load, "load_average_after": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -35,12 +35,15 @@ from torch import Tensor, nn
 
 from ..models.blocks import SparseArch
 from .layers import (
-    FactorizedLinear, factorize_linear, factorize_table, fold_into, is_compressible_table, linear_params,
-    table_params, table_rows, field_rank_params,
+    FactorizedLinear, factorised_is_cheaper, factorize_linear, factorize_table, fold_into, is_compressible_table,
+    linear_params, table_params, table_rows, field_rank_params,
 )
 from .stats import StreamingMoments, explained_fraction, principal_components, rank_for_variance
 
 log = logging.getLogger(__name__)
+
+#: Default ``mlp_variance``: the fraction of a linear layer's output variance its rank keeps under ``ratio``.
+MLP_VARIANCE = 0.99
 
 
 @dataclass
@@ -161,14 +164,17 @@ def _units(targets: list[_Target],
 
 
 def _ranks_for_ratio(targets: list[_Target], spectra: dict[str, tuple[Tensor, Tensor]], fixed: int,
-                     ratio: float, per_parameter: bool = False) -> dict[str, int | list[int]]:
+                     ratio: float, per_parameter: bool = False,
+                     caps: dict[str, int] | None = None) -> dict[str, int | list[int]]:
     """Ranks (one per linear layer, one per field of a table) meeting a whole-model size target.
 
     Every unit (:func:`_units`) starts at rank 1; one rank at a time goes to the unit whose next
     eigenvalue is the largest fraction of its layer's output variance (``per_parameter``: that
     fraction divided by the rank's parameter cost), while the model stays within ``1/ratio`` of its
-    size. Ranks that carry no variance (a 3-id field beyond rank 2) are never bought.
+    size. Ranks that carry no variance (a 3-id field beyond rank 2) are never bought, nor ranks of a layer
+    beyond its ``caps`` entry.
     """
+    caps = caps or {}
     goal = (fixed + sum(t.params() for t in targets)) / ratio
     units = _units(targets, spectra)
     ranks = [1] * len(units)
@@ -183,7 +189,7 @@ def _ranks_for_ratio(targets: list[_Target], spectra: dict[str, tuple[Tensor, Te
     def push(i: int) -> None:
         name, _, frac, cost = units[i]
         k = ranks[i]
-        if k >= width[name] or frac[k] <= 1e-12:
+        if k >= min(width[name], caps.get(name, width[name])) or frac[k] <= 1e-12:
             return
         gain = frac[k] / (cost[k] - cost[k - 1]) if per_parameter else frac[k]
         heapq.heappush(heap, (-gain, i))
@@ -209,6 +215,37 @@ def _ranks_for_ratio(targets: list[_Target], spectra: dict[str, tuple[Tensor, Te
         else:
             out.setdefault(name, []).append(k)
     return out
+
+
+def _cheaper(t: _Target, k: int) -> bool:
+    """Whether linear layer ``t`` at rank k is cheaper to compute as two products than as one."""
+    return factorised_is_cheaper(t.module.in_features, k, t.module.out_features)
+
+
+def _ratio_ranks(targets: list[_Target], spectra: dict[str, tuple[Tensor, Tensor]], params: int, ratio: float,
+                 per_parameter: bool, mlp_variance: float | None) -> dict[str, int | list[int]]:
+    """Ranks for a whole-model ``ratio``: linear layers capped by ``mlp_variance`` (or left whole), the
+    rest of the budget allocated by :func:`_ranks_for_ratio`."""
+    whole, caps = [], {}
+    for t in targets:
+        if t.kind == "linear" and mlp_variance is not None:
+            k = rank_for_variance(spectra[t.name][0], mlp_variance)
+            if _cheaper(t, k):
+                caps[t.name] = k
+            else:
+                whole.append(t)
+    chosen = [t for t in targets if t not in whole]
+    fixed = params - sum(t.params() for t in chosen)
+    try:
+        ranks = _ranks_for_ratio(chosen, spectra, fixed, ratio, per_parameter, caps)
+    except ValueError:
+        if not whole and not caps:
+            raise
+        log.warning("AFM: %gx needs the linear layers below %g of their variance; allocating them freely",
+                    ratio, mlp_variance)
+        return _ratio_ranks(targets, spectra, params, ratio, per_parameter, None)
+    ranks.update({t.name: t.width for t in whole})
+    return ranks
 
 
 def _clamp(k: int | list[int], width: int) -> int | list[int]:
@@ -241,8 +278,8 @@ def _fold_all(model: nn.Module, report: dict[str, LayerReport] | None = None,
 def compress_model(model: nn.Module, calibration_batches: Iterable[Any], *, ratio: float | None = None,
                    variance: float | None = None, ranks: dict[str, int] | None = None,
                    compress_embeddings: bool = True, fold: bool = True,
-                   max_batches: int | None = None,
-                   allocation: str = "per-parameter") -> tuple[nn.Module, CompressionReport]:
+                   max_batches: int | None = None, allocation: str = "per-parameter",
+                   mlp_variance: float | None = MLP_VARIANCE) -> tuple[nn.Module, CompressionReport]:
     """AFM-compress a copy of ``model``; returns (compressed model, report). ``model`` is not changed.
 
     Give exactly one of ``ratio`` (whole-model parameter reduction, e.g. 3.0), ``variance`` (fraction
@@ -250,6 +287,10 @@ def compress_model(model: nn.Module, calibration_batches: Iterable[Any], *, rati
     report; the named layers are factorised even at full width, which is how the tests check exactness).
     ``allocation`` (with ``ratio``): "per-parameter" (default) buys the ranks that keep the most variance
     per parameter; "variance" evens out the fraction of variance each layer and field discards.
+    ``mlp_variance`` (with ``ratio``): a linear layer gets at most the rank keeping that fraction of its
+    output variance, and stays whole where that rank would not make it cheaper to compute
+    (:func:`~embcompress.compress.layers.factorised_is_cheaper`); the parameters it leaves go to the
+    embeddings. None: linear layers compete for the budget like embedding fields.
     """
     if allocation not in ("variance", "per-parameter"):
         raise ValueError(f"allocation must be 'variance' or 'per-parameter', got {allocation!r}")
@@ -274,8 +315,7 @@ def compress_model(model: nn.Module, calibration_batches: Iterable[Any], *, rati
     if ranks is not None:
         ranks = {name: _clamp(k, width[name]) for name, k in ranks.items()}
     elif ratio is not None:
-        fixed = params_before - sum(t.params() for t in targets)
-        ranks = _ranks_for_ratio(targets, spectra, fixed, ratio, per_parameter=allocation == "per-parameter")
+        ranks = _ratio_ranks(targets, spectra, params_before, ratio, allocation == "per-parameter", mlp_variance)
     else:
         ranks = {}
         for t in targets:
@@ -284,7 +324,10 @@ def compress_model(model: nn.Module, calibration_batches: Iterable[Any], *, rati
                 k = [rank_for_variance(v, variance) for v in vals]
             else:
                 k = rank_for_variance(vals, variance)
-            ranks[t.name] = k if t.params(k) < t.params() else t.width
+            if t.kind == "embedding":
+                ranks[t.name] = k if t.params(k) < t.params() else t.width
+            else:
+                ranks[t.name] = k if _cheaper(t, k) else t.width
 
     layers: dict[str, LayerReport] = {}
     for t in targets:

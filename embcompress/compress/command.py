@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .afm import apply_plan, compress_model
+from .afm import MLP_VARIANCE, apply_plan, compress_model
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="directory for the compressed run")
     p.add_argument("--calibration-batches", type=int, default=50)
     p.add_argument("--calibration-batch-size", type=int, default=1024)
-    p.add_argument("--eval-batch-size", type=int, default=4096, help="batch size of evaluation and timing")
-    p.add_argument("--timing-batches", type=int, default=5, help="test batches timed for samples/s")
+    p.add_argument("--eval-batch-size", type=int, default=4096, help="batch size of the AUC evaluation")
+    p.add_argument("--timing-batch-sizes", default="1,64,4096",
+                   help="batch sizes the inference speed is measured at (comma-separated; '' skips timing)")
+    p.add_argument("--timing-rows", type=int, default=8192, help="test rows the timing cuts its batches from")
+    p.add_argument("--timing-batches", type=int, help=argparse.SUPPRESS)  # older spelling: rows = N x eval batch
+    p.add_argument("--mlp-variance", type=float, default=MLP_VARIANCE,
+                   help="with --ratio: a linear layer keeps at most the rank holding this fraction of its "
+                        "output variance, and stays whole where that rank would not compute faster; 0: "
+                        "linear layers compete for the budget like embedding fields")
     p.add_argument("--allocation", default="per-parameter", choices=["per-parameter", "variance"],
                    help="with --ratio: ranks keeping the most variance per parameter (default), or evening "
                         "out the variance fraction each layer/field discards")
@@ -142,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import iterate_batches
     from ..train.checkpoint import save_checkpoint, write_json
     from ..train.loop import evaluate
-    from .speed import inference_samples_per_s
+    from .serving import serving_model
+    from .speed import speed_by_batch_size
 
     cfg, model, train, test = load_run_model(args.run)
     model.to(cfg.device)
@@ -150,15 +158,24 @@ def run(args: argparse.Namespace) -> int:
     calibration = iterate_batches(train, args.calibration_batch_size, shuffle=True, seed=cfg.seed)
     new, report = compress_model(model, calibration, ratio=args.ratio, variance=args.variance,
                                  compress_embeddings=not args.keep_embeddings,
-                                 max_batches=args.calibration_batches, allocation=args.allocation)
+                                 max_batches=args.calibration_batches, allocation=args.allocation,
+                                 mlp_variance=args.mlp_variance or None)
     after = evaluate(new, test, args.eval_batch_size, cfg.device)
     tuned = None
     if args.finetune_steps > 0:
         finetune(new, cfg, train, args.finetune_steps, args.finetune_lr or cfg.lr / 10)
         tuned = evaluate(new, test, args.eval_batch_size, cfg.device)
-    timing = [(b.dense.to(cfg.device), b.sparse.to(cfg.device)) for _, b in
-              zip(range(args.timing_batches), iterate_batches(test, args.eval_batch_size))]
-    speed_before, speed_after = inference_samples_per_s([model, new], timing)
+    served = serving_model(new)
+    if args.timing_batches is not None:
+        args.timing_rows = args.timing_batches * args.eval_batch_size
+    sizes = [int(x) for x in args.timing_batch_sizes.split(",") if x.strip()]
+    rows, taken = [], 0
+    for b in iterate_batches(test, 4096):
+        if taken >= args.timing_rows:
+            break
+        rows.append((b.dense[:args.timing_rows - taken].to(cfg.device), b.sparse[:args.timing_rows - taken].to(cfg.device)))
+        taken += len(rows[-1][0])
+    speed = speed_by_batch_size({"original": model, "compressed": new, "served": served}, rows, sizes)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,12 +201,14 @@ def run(args: argparse.Namespace) -> int:
         "logloss_after": after["logloss"],
         "finetune_steps": args.finetune_steps,
         "auc_after_finetune": tuned["auc"] if tuned else None,
-        "infer_samples_per_s_before": speed_before,
-        "infer_samples_per_s_after": speed_after,
-        "infer_speedup": speed_after / speed_before,
+        # samples/s at each batch size: the original, the compressed model as trained modules, and its
+        # serving form (embcompress.compress.serving_model), measured interleaved
+        "infer_samples_per_s": speed,
+        "infer_speedup": {b: v["served"] / v["original"] for b, v in speed.items()},
         "eval_batch_size": args.eval_batch_size,
         "calibration_samples": report.calibration_samples,
         "allocation": args.allocation,
+        "mlp_variance": args.mlp_variance or None,
         "torch_threads": torch.get_num_threads(),
     }
     write_json(out / "summary.json", summary)
@@ -198,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"params {report.params_before:,} -> {report.params_after:,} ({report.ratio:.2f}x)  "
               f"AUC {before['auc']:.4f} -> {after['auc']:.4f}"
-              + (f" ({tuned['auc']:.4f} after {args.finetune_steps} fine-tune steps)" if tuned else "") + "  "
-              f"infer {speed_before:,.0f} -> {speed_after:,.0f} samples/s ({speed_after / speed_before:.2f}x)")
+              + (f" ({tuned['auc']:.4f} after {args.finetune_steps} fine-tune steps)" if tuned else ""))
+        for b, v in speed.items():
+            print(f"batch {b:>5}: original {v['original']:,.0f}  served {v['served']:,.0f} samples/s "
+                  f"({v['served'] / v['original']:.2f}x; the compressed modules as trained "
+                  f"{v['compressed'] / v['original']:.2f}x), {torch.get_num_threads()} torch thread(s)")
     return 0

@@ -40,6 +40,16 @@ class FactorizedLinear(nn.Sequential):
         return self.second.out_features if "second" in self._modules else self.first.out_features
 
 
+#: A rank-k factorisation (two products, k·(in + out) multiply-adds per row) is served as two products only
+#: when that is at most this fraction of one product's in·out: docs/lowrank.md has the timings behind it.
+FACTORISED_MAX_COST = 0.8
+
+
+def factorised_is_cheaper(in_features: int, rank: int, out_features: int) -> bool:
+    """Whether ``Linear(in, k)`` then ``Linear(k, out)`` should beat one ``Linear(in, out)`` on the CPU."""
+    return rank * (in_features + out_features) <= FACTORISED_MAX_COST * in_features * out_features
+
+
 def linear_params(in_features: int, out_features: int, rank: int | None = None) -> int:
     """Parameters of a linear layer (with bias), or of its rank-``rank`` factorisation."""
     if rank is None:
