@@ -1,28 +1,115 @@
-"""The ``embcompress`` command: train, demo, preprocess, synth (and more, registered by subpackages).
+"""The ``embcompress`` command: train, demo, preprocess, synth, methods (and more, registered by subpackages).
 
-Errors a user can fix (bad input, unknown names, unreachable ratios, missing files, a diverged loss)
-print one line ``embcompress: error: ...`` to stderr and exit with status 2.
+Errors a user can fix (bad input, unknown names, out-of-range values, unreachable ratios, missing or
+unreadable files, a diverged loss) print one line ``embcompress: error: ...`` to stderr and exit with
+status 2. Anything else is a bug and shows its traceback; ``-v`` also shows the traceback behind a user error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Sequence
+import traceback
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
 from .embeddings import BudgetError, methods
-from .train.checkpoint import CheckpointError
+from .train.checkpoint import CheckpointError, json_dumps
+from .train.distributed import RankStopped
 from .train.loop import OPTIMIZERS, TrainConfig, TrainingDiverged, run_training
 
 log = logging.getLogger("embcompress")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, BudgetError, TrainingDiverged, CheckpointError)
+#: exception types whose message a user can act on: raised by a check of embcompress (any OSError: a
+#: path of the user's), they print one line; raised elsewhere they are bugs and keep their traceback
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, BudgetError,
+               TrainingDiverged, CheckpointError, RankStopped)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors and every option's default in its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"embcompress: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless it says its default already or has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings and not isinstance(action, argparse._VersionAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------- value types
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            name: str = "") -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) in [low, high] (``low_open``: above low)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return value
+
+    parse.__name__ = name or kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, name="positive integer")
+nonnegative_int = _number(int, 0, name="non-negative integer")
+positive_float = _number(float, 0, low_open=True, name="positive number")
+fraction = _number(float, 0, 1, name="fraction")
+
+
+def device_arg(text: str) -> str:
+    """--device: cpu, cuda or cuda:N, checked against this machine (no CUDA: a clear error, not a traceback)."""
+    from .train.loop import check_device
+    try:
+        check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def method_arg(text: str) -> str:
+    """--method: a registered table type (the error lists them)."""
+    from .embeddings import get_method
+    try:
+        get_method(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def out_path(text: str) -> str:
+    """--out of a command that writes a directory: refuse an existing file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file; give a directory")
+    return text
 
 
 def parse_value(text: str) -> Any:
@@ -51,23 +138,29 @@ def split_list(text: str | None) -> list[str] | None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
-                   help="synthetic (default) | criteo:PATH (raw TSV) | csv:PATH | a preprocessed directory")
-    g.add_argument("--rows", type=int, help="synthetic: number of rows")
-    g.add_argument("--fields", type=int, help="synthetic: number of categorical fields (<= 26)")
-    g.add_argument("--scale", type=float, help="synthetic: Criteo Kaggle cardinalities times this")
+                   help="synthetic | criteo:PATH (raw TSV) | csv:PATH | a preprocessed directory")
+    g.add_argument("--rows", type=positive_int, help="synthetic: number of rows (default 200000)")
+    g.add_argument("--fields", type=_number(int, 1, 26, name="field count"),
+                   help="synthetic: number of categorical fields, 1..26 (default 26)")
+    g.add_argument("--scale", type=positive_float,
+                   help="synthetic: Criteo Kaggle cardinalities times this (default 0.01)")
     g.add_argument("--skew", type=skew_arg,
-                   help="synthetic: Zipf exponent of the ids, or criteo-sample (per-field exponents fitted to the real sample)")
-    g.add_argument("--drift", type=float, help="synthetic: popularity drift over time, 0..1")
+                   help="synthetic: Zipf exponent of the ids, or criteo-sample (per-field exponents fitted to "
+                        "the real sample) (default 1.1)")
+    g.add_argument("--drift", type=fraction, help="synthetic: popularity drift over time, 0..1 (default 0)")
     g.add_argument("--data-seed", type=int, help="synthetic: generator seed (default: --seed)")
-    g.add_argument("--label", help="csv: label column")
+    g.add_argument("--label", help="csv: label column (required for csv:)")
     g.add_argument("--categorical", help="csv: comma-separated categorical columns")
     g.add_argument("--numeric", help="csv: comma-separated numeric columns")
     g.add_argument("--delimiter", help="csv: field delimiter (default ',')")
-    g.add_argument("--min-count", type=int, help="values seen fewer times map to the field's OOV id")
-    g.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
-    g.add_argument("--cache-dir", help="where criteo:/csv: data is preprocessed to (default: a temporary directory)")
+    g.add_argument("--min-count", type=positive_int,
+                   help="criteo:/csv: values seen fewer times map to the field's OOV id (default 1: keep all)")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="criteo:/csv: skip and count malformed lines instead of stopping at the first")
+    g.add_argument("--cache-dir", help="where criteo:/csv: data is preprocessed to (default: "
+                                       "$XDG_CACHE_HOME/embcompress, else ~/.cache/embcompress)")
     g.add_argument("--split", choices=["time", "random"], default="time",
-                   help="time: last 1/7 of the rows is the test set (default); random: a seeded random 1/7")
+                   help="time: the last 1/7 of the rows is the test set; random: a seeded random 1/7")
 
 
 def skew_arg(text: str) -> float | str:
@@ -110,43 +203,58 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- train
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from .models import MODELS
     add_data_args(p)
     g = p.add_argument_group("table and model")
-    g.add_argument("--method", default="full", help=f"table type: {', '.join(methods())}")
-    g.add_argument("--compression", type=float, help="compression ratio (full table bytes / table bytes); full: 1")
-    g.add_argument("--budget-bytes", type=int, help="byte budget for the table instead of a ratio")
+    g.add_argument("--method", default="full", type=method_arg, metavar="METHOD",
+                   help=f"table type: {', '.join(sorted(methods()))} (options: embcompress methods)")
+    g.add_argument("--compression", type=positive_float,
+                   help="compression ratio, full table bytes / table bytes (default: 1 for full; other methods "
+                        "need this or --budget-bytes)")
+    g.add_argument("--budget-bytes", type=positive_int, help="byte budget for the table instead of a ratio")
     g.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable; VALUE in JSON (0.5, true, [4,4]); see: embcompress methods")
-    g.add_argument("--model", default="dlrm", help="model: dlrm, dcn, deepfm")
-    g.add_argument("--dim", type=int, default=16, help="embedding dimension (default 16)")
+    g.add_argument("--model", default="dlrm", choices=sorted(MODELS), help="model")
+    g.add_argument("--dim", type=positive_int, default=16, help="embedding dimension")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--eval-batch-size", type=int, default=4096)
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=300,
-                   help="steps over which the learning rate ramps up linearly (default 300; 0: none)")
+    g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training rows")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (per rank)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=4096, help="evaluation batch size")
+    g.add_argument("--lr", type=positive_float, default=0.05, help="learning rate")
+    g.add_argument("--warmup-steps", type=nonnegative_int, default=300,
+                   help="steps over which the learning rate ramps up linearly, at most a tenth of the run's "
+                        "steps (0: none)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
-                   help="adagrad (default), sgd (the DLRM reference, with --lr 0.1) or adam (SparseAdam for tables)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--shuffle", action="store_true", help="shuffle batch order (default: time order)")
-    g.add_argument("--max-steps", type=int, help="stop training after this many steps")
-    g.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="sgd (the DLRM reference, with --lr 0.1), adagrad, or adam (SparseAdam for the tables)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model, the batch order and the random split")
+    g.add_argument("--shuffle", action="store_true", help="shuffle the batch order (default: time order)")
+    g.add_argument("--max-steps", type=positive_int, help="stop training after this many steps (default: no limit)")
+    g.add_argument("--val-fraction", type=_number(float, 0, 0.99, name="fraction"), default=0.0, metavar="F",
                    help="hold out the last F of the training rows (time order with --split time) and report "
-                        "val_auc / val_logloss: tune on these, not on the test rows (default 0: none)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    g.add_argument("--checkpoint-every", type=int, default=0,
-                   help="steps between checkpoints (0: at the end of each epoch)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
-                   help="keep the last K checkpoints (checkpoint-STEP.pt; checkpoint.pt links the newest)")
+                        "val_auc / val_logloss: tune on these, not on the test rows (0: none)")
+    g.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda,cuda:N}",
+                   help="where to train")
+    g.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    g.add_argument("--dist-timeout", type=positive_float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before the run stops and says "
+                        "which ranks did not answer")
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out", type=out_path,
+                   help="run directory: config.json, metrics.jsonl, summary.json, checkpoints (default: none "
+                        "written); must be new or empty unless --resume or --overwrite")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                    help="continue from the newest intact checkpoint in --out (or DIR); starts afresh if none")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run files in a non-empty --out (other files stay)")
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
+                   help="steps between checkpoints (0: at the end of each epoch)")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=2, metavar="K",
+                   help="keep the last K checkpoints (checkpoint-STEP.pt; checkpoint.pt links the newest)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only (with a fixed thread count a resumed run is exact)")
-    g.add_argument("--out", help="run directory (config.json, metrics.jsonl, summary.json, checkpoints)")
     g.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (training, evaluation, preprocessing)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -165,13 +273,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         shuffle=args.shuffle, max_steps=args.max_steps, device=args.device, out=out,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume is not None, deterministic=args.deterministic,
+        overwrite=args.overwrite, dist_timeout=args.dist_timeout,
     )
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    val = f"  val AUC {s['val_auc']:.4f}" if "val_auc" in s else ""
+    used = s.get("warmup_steps_used", s.get("warmup_steps"))
+    warm = f"  warm-up {used} of {s['warmup_steps']} steps" if used != s.get("warmup_steps") else ""
     return (f"{s['method']:>8} {s['compression_actual']:>10.1f}x  AUC {s['test_auc']:.4f}  "
-            f"logloss {s['test_logloss']:.4f}  table {s['embedding_bytes'] / 2**20:.2f} MiB  "
-            f"train {s['train_samples_per_s']:,.0f}/s  eval {s['eval_samples_per_s']:,.0f}/s")
+            f"logloss {s['test_logloss']:.4f}{val}  table {s['embedding_bytes'] / 2**20:.2f} MiB  "
+            f"train {s['train_samples_per_s']:,.0f}/s  eval {s['eval_samples_per_s']:,.0f}/s{warm}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -180,43 +292,101 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if args.json:
-        print(json.dumps(summary))
+        print(json_dumps(summary))
     else:
         print(format_summary(summary))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- demo
-DEMO_METHODS = ("full", "hash", "qr", "cafe", "cafe-ml", "tt", "lowrank")
+DEMO_METHODS = ("full", "hash", "qr", "cafe", "cafe-ml", "zch", "tt", "lowrank")
+#: the demo table's one-line idea of each method (others: the first words of their module's docstring)
+DEMO_IDEAS = {
+    "full": "one row per id: the baseline",
+    "hash": "ids of a field share rows by a hash",
+    "qr": "row = quotient row x remainder row",
+    "cafe": "hot ids get own rows, the rest hash",
+    "cafe-ml": "cafe + a second hash row for warm ids",
+    "tt": "rows from small tensor-train cores",
+    "lowrank": "rows in a low-rank subspace per field",
+    "mpcache": "int8/int4 rows + a float cache",
+}
+NEXT_STEPS = """\
+What to try next:
+  embcompress demo --compression 1000                  the same at a 10x smaller budget
+  embcompress train --method cafe --compression 100 --val-fraction 0.1 --out runs/cafe
+                                                       one run, with a run directory and validation rows
+  embcompress methods cafe                             a method's options (--option KEY=VALUE)
+  embcompress train --data criteo:train.txt --method hash --compression 1000
+                                                       your own Criteo-format data (or csv:FILE --label ...)
+  docs/cli.md explains every command and its errors; docs/methods.md every option."""
+
+
+def demo_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Plain-text comparison: one line per method, AUC and training speed relative to ``full``."""
+    from .embeddings import get_method
+    from .embeddings.options import first_line
+    full = next((r for r in rows if r.get("method") == "full" and "test_auc" in r), None)
+    head = ("method", "idea", "ratio", "table", "test AUC", "vs full", "train speed")
+    lines = []
+    for r in rows:
+        idea = DEMO_IDEAS.get(r["method"]) or first_line(get_method(r["method"]))[:38]
+        if "test_auc" not in r:
+            lines.append((r["method"], idea, "", "", "", "", r.get("note", "")))
+            continue
+        vs = (f"{r['test_auc'] - full['test_auc']:+.4f}" if full and r is not full
+              and math.isfinite(r["test_auc"] + full["test_auc"]) else "")
+        speed = f"{r['train_samples_per_s'] / full['train_samples_per_s']:.2f}x full" if full else \
+            f"{r['train_samples_per_s']:,.0f}/s"
+        lines.append((r["method"], idea, f"{r['compression_actual']:,.0f}x", _size(r["embedding_bytes"]),
+                      f"{r['test_auc']:.4f}", vs, speed if r is not full else f"{r['train_samples_per_s']:,.0f}/s"))
+    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(x) for x in lines)])
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Short DLRM trainings of several table types at one ratio on synthetic data, then a comparison."""
     from .data import load_dataset
-    from .report import markdown_table
+    from .embeddings import get_method
 
+    chosen = split_list(args.methods) or list(DEMO_METHODS)
+    for method in chosen:
+        get_method(method)  # an unknown name: the error lists the known ones, before any training
     opts = {"rows": args.rows, "seed": args.seed}
     dataset = load_dataset("synthetic", **opts)
+    print(f"Training DLRM with {len(chosen)} embedding tables on {args.rows:,} synthetic rows (one epoch each; "
+          f"the last 1/7 of the rows is the test set)...", flush=True)
     rows = []
-    chosen = [m for m in (split_list(args.methods) or DEMO_METHODS) if m in methods() or m == "full"]
     for method in chosen:
         cfg = TrainConfig(data="synthetic", data_options=opts, method=method,
                           compression=None if method == "full" else args.compression, batch_size=args.batch_size,
                           lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
-                          out=f"{args.out}/{method}" if args.out else None,
+                          out=f"{args.out}/{method}" if args.out else None, overwrite=args.overwrite,
                           progress=not args.no_progress)
         try:
             s = run_training(cfg, dataset=dataset)
         except BudgetError as e:
-            log.warning("skipping %s: %s", method, e)
-            rows.append({"method": method, "note": f"skipped: {e}"})
+            log.info("skipping %s: %s", method, e)
+            rows.append({"method": method, "note": f"cannot reach {args.compression:g}x here"})
             continue
-        print(format_summary(s), flush=True)
+        print(f"  {format_summary(s)}", flush=True)
         rows.append(s)
     bayes = next((r.get("bayes_auc") for r in rows if "bayes_auc" in r), math.nan)
-    print(f"\nDLRM on {args.rows:,} synthetic rows (time split 6/7 : 1/7), one epoch, batch {args.batch_size}, "
-          f"target ratio {args.compression:g}x; Bayes-optimal test AUC {bayes:.4f}\n")
-    print(markdown_table(rows))
+    print(f"\nTarget ratio {args.compression:g}x (full: 1x). Higher test AUC is better; the best any model can "
+          f"reach on this data (Bayes-optimal) is {bayes:.4f}.\n")
+    print(demo_table(rows))
+    print()
+    print(NEXT_STEPS)
     return 0
 
 
@@ -225,7 +395,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     """Every method's declared options (or the named ones); --markdown writes docs/methods.md."""
     from .embeddings import get_method
     from .embeddings.options import describe, markdown
-    names = args.names or methods()
+    names = args.names or sorted(methods())
     classes = [(name, get_method(name)) for name in names]
     print(markdown(classes) if args.markdown else "\n\n".join(describe(n, c) for n, c in classes))
     return 0
@@ -235,7 +405,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.format == "criteo":
         from .data.criteo import preprocess_criteo
-        stats = preprocess_criteo(args.path, args.out, min_count=args.min_count or 1,
+        stats = preprocess_criteo(args.path, args.out, min_count=args.min_count,
                                   skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress)
     else:
         from .data.csv import preprocess_csv
@@ -243,9 +413,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             raise ValueError("csv preprocessing needs --label")
         stats = preprocess_csv(args.path, args.out, label=args.label, categorical=split_list(args.categorical) or [],
                                numeric=split_list(args.numeric) or [], delimiter=args.delimiter or ",",
-                               min_count=args.min_count or 1, skip_bad_lines=args.skip_bad_lines,
+                               min_count=args.min_count, skip_bad_lines=args.skip_bad_lines,
                                progress=not args.no_progress)
-    print(json.dumps(stats, default=str))
+    print(json_dumps(stats))
     return 0
 
 
@@ -257,28 +427,43 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def file_out(text: str) -> str:
+    """--out of a command that writes one file: refuse an existing directory."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    return text
+
+
+def version_text() -> str:
+    from . import __version__
+    return f"embcompress {__version__} (torch {torch.__version__})"
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embcompress", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="embcompress", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level, and show the traceback behind an error")
+    parser.add_argument("--version", action="version", version=version_text(), help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train and evaluate one model")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="compare several table types at one ratio on synthetic data")
-    p.add_argument("--rows", type=int, default=300_000)
-    p.add_argument("--compression", type=float, default=100.0)
-    p.add_argument("--methods", help=f"comma-separated (default: {','.join(DEMO_METHODS)}, those available)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write each run under this directory")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rows", type=positive_int, default=300_000, help="synthetic rows (6/7 train, 1/7 test)")
+    p.add_argument("--compression", type=positive_float, default=100.0, help="target compression ratio")
+    p.add_argument("--methods", help=f"comma-separated table types (default: {','.join(DEMO_METHODS)})")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="training batch size")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (Adagrad)")
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=300, help="learning-rate warm-up steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the models")
+    p.add_argument("--out", type=out_path, help="write each run under OUT/METHOD (default: nothing written)")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs an earlier demo left under --out")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda,cuda:N}", help="where to train")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("methods", help="list the table methods and the options each accepts")
@@ -287,30 +472,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("preprocess", help="turn raw Criteo TSV or CSV into a memory-mapped dataset directory")
-    p.add_argument("format", choices=["criteo", "csv"])
-    p.add_argument("path")
-    p.add_argument("--out", required=True)
-    p.add_argument("--min-count", type=int)
-    p.add_argument("--skip-bad-lines", action="store_true")
-    p.add_argument("--label")
-    p.add_argument("--categorical")
-    p.add_argument("--numeric")
-    p.add_argument("--delimiter")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("format", choices=["criteo", "csv"], help="input format")
+    p.add_argument("path", help="input file")
+    p.add_argument("--out", type=out_path, required=True, help="dataset directory to write")
+    p.add_argument("--min-count", type=positive_int, default=1,
+                   help="values seen fewer times map to the field's OOV id")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
+    p.add_argument("--label", help="csv: label column")
+    p.add_argument("--categorical", help="csv: comma-separated categorical columns")
+    p.add_argument("--numeric", help="csv: comma-separated numeric columns")
+    p.add_argument("--delimiter", help="csv: field delimiter (default ',')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("synth", help="write synthetic Criteo-format TSV")
-    p.add_argument("--rows", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--fields", type=int)
-    p.add_argument("--scale", type=float)
-    p.add_argument("--skew", type=skew_arg, help="Zipf exponent, or criteo-sample")
-    p.add_argument("--drift", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=positive_int, required=True, help="rows to write")
+    p.add_argument("--out", type=file_out, required=True, help="TSV file to write")
+    p.add_argument("--fields", type=_number(int, 1, 26, name="field count"),
+                   help="categorical fields, 1..26 (default 26)")
+    p.add_argument("--scale", type=positive_float, help="Criteo Kaggle cardinalities times this (default 0.01)")
+    p.add_argument("--skew", type=skew_arg, help="Zipf exponent, or criteo-sample (default 1.1)")
+    p.add_argument("--drift", type=fraction, help="popularity drift over time, 0..1 (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.set_defaults(func=cmd_synth)
 
     for register in extra_commands():
         register(sub)
+    for p in sub.choices.values():  # -v after the command name too (SUPPRESS keeps a -v given before it)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log at INFO level, and show the traceback behind an error")
     return parser
 
 
@@ -329,9 +519,25 @@ def extra_commands() -> list[Callable[[Any], None]]:
     return found
 
 
+def raised_by_embcompress(e: BaseException) -> bool:
+    """Whether a ``raise`` statement of this package raised ``e`` (a check with a message for the user),
+    rather than a call into torch, numpy or the standard library (where a ValueError is a bug of ours)."""
+    tb = e.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = tb.tb_frame.f_code.co_filename
+    return (_PACKAGE_DIR in Path(path).resolve().parents
+            and linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "threads", None):
@@ -339,7 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
-        print(f"embcompress: error: {e}", file=sys.stderr)
+        if not (isinstance(e, OSError) or raised_by_embcompress(e)):  # OSError: about the user's own paths
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"embcompress: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("embcompress: interrupted", file=sys.stderr)

@@ -58,3 +58,52 @@ def test_skew_takes_a_number_or_a_preset(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--method", "full", "--skew", "steep"])
     assert "criteo-sample" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from embcompress import __version__
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"embcompress {__version__} (torch ")
+
+
+def _option_actions(parser):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name in ("train", "demo", "methods", "preprocess", "synth"):
+                    yield from ((f"{name} {a.option_strings or a.dest}", a) for a in sub._actions)
+        else:
+            yield f"embcompress {action.option_strings}", action
+
+
+def test_every_option_has_help_and_shows_its_default():
+    from embcompress.cli import build_parser
+    parser = build_parser()
+    for where, action in _option_actions(parser):
+        assert action.help, f"{where} has no help text"
+    text = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for shown in ("(default: dlrm)", "(default: adagrad)", "(default: 0.05)", "(default: 300)", "(default: cpu)",
+                  "{dcn,deepfm,dlrm}", "{sgd,adagrad,adam}", "{cpu,cuda,cuda:N}", "(default: 1800.0)"):
+        assert shown in " ".join(text.split()), shown
+
+
+def test_methods_lists_every_option(capsys):
+    assert main(["methods", "cafe"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cafe: CAFE") and "hash_rate (float, in (0, 1), default auto" in out
+    assert main(["methods", "nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_demo_prints_a_readable_table_and_what_to_try_next(capsys):
+    assert main(["demo", "--rows", "3000", "--methods", "full,hash", "--compression", "10", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("method  "):out.index("What to try next:")].strip().splitlines()
+    assert table[0].split() == ["method", "idea", "ratio", "table", "test", "AUC", "vs", "full", "train", "speed"]
+    assert table[2].startswith("full ") and table[3].startswith("hash ") and "x full" in table[3]
+    assert "embcompress methods cafe" in out and "Bayes-optimal" in out
+
+
+def test_the_result_line_says_when_the_warm_up_was_capped(capsys):
+    assert main(["train", "--rows", "3000", "--fields", "4", "--scale", "0.001", "--no-progress"]) == 0
+    assert "warm-up 2 of 300 steps" in capsys.readouterr().out  # 2572 training rows: 21 steps of 128

@@ -295,6 +295,10 @@ class CompressedEmbeddingBag(nn.Module):
         )
 
 
+#: each table's step hooks from its latest attach() (outside the module, so copies and checkpoints skip them)
+_STEP_HOOKS: "weakref.WeakKeyDictionary[CompressedEmbeddingBag, list[Any]]" = weakref.WeakKeyDictionary()
+
+
 def attach(model: nn.Module, *optimizers: torch.optim.Optimizer) -> list[Any]:
     """Register every table's step hooks on the optimizer(s); returns the hook handles.
 
@@ -302,18 +306,24 @@ def attach(model: nn.Module, *optimizers: torch.optim.Optimizer) -> list[Any]:
     ``embcompress.attach(model, optimizer)`` once, then ``loss.backward(); optimizer.step()`` as usual.
     With several optimizers (e.g. SparseAdam for tables and Adam for the MLPs) pass them in the order
     they are stepped: ``before_optimizer_step`` runs before the first one, ``after_optimizer_step``
-    after the last one.
+    after the last one. Idempotent: attaching again replaces the table's earlier hooks (a second call
+    never makes a step run them twice).
     """
     if not optimizers:
         raise ValueError("attach() needs at least one optimizer")
     tables = [m for m in model.modules() if isinstance(m, CompressedEmbeddingBag)]
     handles = []
     for table in tables:
+        for old in _STEP_HOOKS.pop(table, ()):
+            old.remove()
         table.bind_optimizers(optimizers)
+        mine = []
         if type(table).before_optimizer_step is not CompressedEmbeddingBag.before_optimizer_step:
-            handles.append(optimizers[0].register_step_pre_hook(lambda *_, t=table: t.before_optimizer_step()))
+            mine.append(optimizers[0].register_step_pre_hook(lambda *_, t=table: t.before_optimizer_step()))
         if type(table).after_optimizer_step is not CompressedEmbeddingBag.after_optimizer_step:
-            handles.append(optimizers[-1].register_step_post_hook(lambda *_, t=table: t.after_optimizer_step()))
+            mine.append(optimizers[-1].register_step_post_hook(lambda *_, t=table: t.after_optimizer_step()))
+        _STEP_HOOKS[table] = mine
+        handles += mine
     return handles
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -75,8 +76,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so ``json.dumps`` writes valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.floating):
+        return json_safe(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def json_dumps(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes NaN and infinities as null (valid JSON) and anything else unknown as str."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(path, (json_dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -106,6 +127,9 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None, size: in
                               f"the manifest says {size}")
     if sha256 is not None and file_digest(path) != sha256:
         raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 differs from the manifest's")
+    kind = _file_kind(path)
+    if kind != "torch":
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint: {kind}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncation, zip errors, refused globals (a crafted file)
@@ -113,6 +137,22 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None, size: in
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not an embcompress checkpoint (no model state)")
     return state
+
+
+def _file_kind(path: Path) -> str:
+    """"torch" for a file in torch.save's formats (a zip archive, or the legacy pickle that starts with
+    torch's magic number), else what the file is, in words."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:  # a pickle protocol 2-5 header
+        # torch's legacy format is a pickled magic number (a long) first; anything else is a plain pickle
+        return "torch" if head[2:3] == b"\x8a" else ("a plain pickle file (written with pickle.dump, not "
+                                                   "torch.save): only torch.save checkpoints are loaded")
+    if not head:
+        return "the file is empty"
+    return "its bytes are neither a torch.save file (zip) nor a pickle"
 
 
 def _reason(e: Exception) -> str:

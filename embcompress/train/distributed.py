@@ -31,7 +31,11 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,6 +54,8 @@ class DistContext:
     world_size: int = 1
     device: str = "cpu"
     owns_group: bool = False  # this module initialised the process group, so it tears it down
+    store: Any = None  # the process group's key-value store: each rank's last step, to name a rank that stopped
+    timeout: float = 1800.0  # seconds a collective waits for the other ranks
 
     @property
     def enabled(self) -> bool:
@@ -60,15 +66,20 @@ class DistContext:
         return self.rank == 0
 
 
-def setup(device: str = "cpu") -> DistContext:
+class RankStopped(RuntimeError):
+    """A collective failed because another rank stopped answering (hung past the timeout, or crashed)."""
+
+
+def setup(device: str = "cpu", timeout: float = 1800.0) -> DistContext:
     """Join the process group: an existing one, or one described by torchrun's environment variables
-    (WORLD_SIZE > 1). Without either, a single-process context."""
+    (WORLD_SIZE > 1), whose collectives wait ``timeout`` seconds for the other ranks. Without either,
+    a single-process context."""
     owns = False
     if not (dist.is_available() and dist.is_initialized()):
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return DistContext(device=device)
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         owns = True
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith("cuda") and world > 1 and ":" not in device:
@@ -78,7 +89,63 @@ def setup(device: str = "cpu") -> DistContext:
     if world > 1 and dist.get_backend() == "nccl" and not device.startswith("cuda"):
         raise ValueError("the process group uses NCCL, which needs --device cuda; use gloo for CPU training")
     log.info("rank %d of %d on %s (%s)", rank, world, device, dist.get_backend())
-    return DistContext(rank=rank, world_size=world, device=device, owns_group=owns)
+    try:
+        store = dist.distributed_c10d._get_default_store() if world > 1 else None
+    except (RuntimeError, AttributeError):  # a group without a default store: ranks go unnamed
+        store = None
+    ctx = DistContext(rank=rank, world_size=world, device=device, owns_group=owns, store=store, timeout=timeout)
+    heartbeat(ctx, 0)
+    return ctx
+
+
+def heartbeat(ctx: DistContext, step: int) -> None:
+    """Record that this rank has started optimizer step ``step`` (read back by :func:`rank_stopped`)."""
+    if ctx.enabled and ctx.store is not None:
+        ctx.store.set(f"embcompress/step/{ctx.rank}", str(step))
+
+
+_COMM_ERROR = re.compile(r"timed? ?out|timeout|connection (closed|reset|refused)|broken pipe|peer", re.I)
+
+
+def rank_stopped(ctx: DistContext, error: BaseException) -> RankStopped | None:
+    """A :class:`RankStopped` naming the ranks that stopped when ``error`` is a failed collective (a timeout
+    or a lost connection); None for any other error.
+
+    Every rank whose collective fails says so in the store and waits a few seconds for the others to say so
+    too: a rank that does not is the one that hung or crashed.
+    """
+    dist_error = getattr(dist, "DistError", ())
+    if not ctx.enabled or not (isinstance(error, dist_error) or _COMM_ERROR.search(str(error))):
+        return None
+    cause = _first_line(error)
+    try:
+        store = ctx.store
+        store.set_timeout(timedelta(seconds=5))
+        store.set(f"embcompress/failed/{ctx.rank}", "1")
+        others = [r for r in range(ctx.world_size) if r != ctx.rank]
+        deadline = time.monotonic() + min(max(ctx.timeout, 2.0), 10.0)
+        while time.monotonic() < deadline and not store.check([f"embcompress/failed/{r}" for r in others]):
+            time.sleep(0.1)
+        silent = [r for r in others if not store.check([f"embcompress/failed/{r}"])]
+        steps = ", ".join(f"rank {r}: {int(store.get(f'embcompress/step/{r}'))}" for r in range(ctx.world_size))
+    except Exception:  # the store lives in rank 0's process: unreachable when rank 0 is gone
+        who = "rank 0 (which holds the process group's store)" if ctx.rank != 0 else "another rank"
+        return RankStopped(f"rank {ctx.rank}: {who} stopped answering within --dist-timeout {ctx.timeout:g} s: "
+                           f"{cause}")
+    who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent)) if silent else "a rank"
+    return RankStopped(f"rank {ctx.rank}: {who} stopped answering within --dist-timeout {ctx.timeout:g} s "
+                       f"(hung or crashed; last step started: {steps}): {cause}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if ctx.enabled:
+        dist.barrier()
 
 
 def teardown(ctx: DistContext) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,13 +36,16 @@ from ..embeddings.sync import gather_across_ranks
 from ..models import get_model
 from . import distributed
 from .checkpoint import CheckpointError, find_resume_checkpoint, rng_state, save_run_checkpoint, set_rng_state
-from .checkpoint import atomic_write_bytes, write_json
+from .checkpoint import atomic_write_bytes, json_dumps, write_json
 from .distributed import DistContext
 from .metrics import auc, logloss
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
+WARMUP_MAX_SHARE = 0.1  # chosen on validation rows: benchmarks/warmup_cap.py, docs/cli.md "Defaults"
+# the files a run writes into its directory (besides checkpoint-STEP.pt): what --overwrite removes
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints.json", "checkpoint.pt")
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,15 +73,14 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 128
     eval_batch_size: int = 4096
-    # Adagrad, not the DLRM reference's SGD lr 0.1: with SGD one epoch over fewer than millions of rows
-    # barely moves the embeddings (README, "Defaults"); Adagrad 0.05 reaches the logistic-regression
-    # reference AUC on the real Criteo sample.
+    # Adagrad rather than the DLRM reference's SGD: one SGD epoch over fewer than millions of rows barely
+    # moves the embeddings (docs/cli.md, "Defaults")
     lr: float = 0.05
-    # The learning rate ramps up linearly over the first steps (the DLRM reference's
-    # --lr-num-warmup-steps). Without it, Adagrad's first steps move every MLP weight by about lr and the
-    # logits overshoot (training loss ~16 over the first 200 steps); test AUC then varied by 0.009
-    # between seeds, against 0.0004 with 300 warm-up steps (README, "Defaults").
+    # linear learning-rate ramp (the DLRM reference's --lr-num-warmup-steps): without it Adagrad's first
+    # steps overshoot the logits and test AUC varies much more between seeds (docs/cli.md, "Defaults")
     warmup_steps: int = 300
+    # the ramp lasts at most this share of the run's steps, so a short run still trains at ``lr``
+    warmup_max_share: float = WARMUP_MAX_SHARE
     optimizer: str = "adagrad"
     seed: int = 0
     shuffle: bool = False  # time order by default: CAFE adapts to it, as in its paper
@@ -90,6 +93,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last K checkpoints stay in the run directory
     resume: bool = False  # continue from the newest intact checkpoint in ``out`` (start afresh if none)
     deterministic: bool = False  # torch.use_deterministic_algorithms; with fixed threads, exact resumes
+    overwrite: bool = False  # replace the run files in a non-empty ``out`` (otherwise refused unless resuming)
+    dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective (torch's default)
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -105,12 +110,53 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.warmup_max_share > 0:
+            raise ValueError(f"warmup_max_share must be positive, got {self.warmup_max_share}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {self.log_every}")
+        check_device(self.device)
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.resume and not self.out:
             raise ValueError("resuming needs the run directory (--out DIR or --resume DIR)")
+
+
+def check_device(device: str) -> None:
+    """ValueError unless ``device`` is ``cpu``, or ``cuda`` / ``cuda:N`` on a machine where torch sees it."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch finds no CUDA device on this machine "
+                             f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} "
+                             "CUDA); use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def prepare_run_dir(cfg: TrainConfig, clear: bool = True) -> None:
+    """Refuse to mix two runs in one directory: ``out`` must be new or empty unless the run resumes from
+    it, or ``overwrite`` removes the files of the run it holds (other files stay; ``clear=False`` only
+    checks, for the ranks that do not write)."""
+    if not cfg.out:
+        return
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run directory {out} is a file; give --out a directory (new or empty)")
+    if cfg.resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"run directory {out} is not empty; pass --resume to continue the run in it, "
+                         "--overwrite to replace it, or a new --out")
+    for path in out.iterdir() if clear else ():
+        name = path.name[1:] if path.name.startswith(".") else path.name  # "." : a crashed write's temporary
+        if name.startswith(RUN_FILES) or re.match(r"checkpoint-\d+\.pt", name):
+            path.unlink()
 
 
 # Settings a resumed run must share with the checkpoint (the rest, e.g. epochs or max_steps, may change).
@@ -183,12 +229,20 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     return opts
 
 
-def set_learning_rate(opts: list[torch.optim.Optimizer], cfg: TrainConfig, step: int) -> None:
-    """lr of optimizer step ``step`` (0-based): ``cfg.lr`` after a linear ramp over ``cfg.warmup_steps``.
+def warmup_steps_used(cfg: TrainConfig, planned_steps: int) -> int:
+    """``cfg.warmup_steps``, capped at ``cfg.warmup_max_share`` of the run's ``planned_steps``."""
+    return min(cfg.warmup_steps, int(cfg.warmup_max_share * planned_steps))
+
+
+def set_learning_rate(opts: list[torch.optim.Optimizer], cfg: TrainConfig, step: int,
+                      warmup: int | None = None) -> None:
+    """lr of optimizer step ``step`` (0-based): ``cfg.lr`` after a linear ramp over ``warmup`` steps
+    (default ``cfg.warmup_steps``; the loop passes :func:`warmup_steps_used`).
 
     A function of the step alone, so a resumed run continues the schedule from its checkpointed step.
     """
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    warmup = cfg.warmup_steps if warmup is None else warmup
+    lr = cfg.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.lr
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = lr
@@ -266,6 +320,7 @@ class Position:
     epoch_samples: int = 0
     epoch_loss_sum: float = 0.0
     train_loss: float = math.nan  # mean loss of the latest (possibly partial) epoch, for the summary
+    warmup: int = -1  # warm-up steps this run uses (warmup_steps_used); -1: not decided yet
 
 
 def config_json(cfg: TrainConfig) -> dict[str, Any]:
@@ -363,7 +418,7 @@ class RunWriter:
 
     def metric(self, **row: Any) -> None:
         if self.dir is not None:
-            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.write(json_dumps(row) + "\n")
 
     def forget_after(self, step: int) -> None:
         """Drop metric rows a killed run logged after the checkpoint being resumed from."""
@@ -417,12 +472,16 @@ def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, 
                               start_batch=pos.batch, rank=ctx.rank, world_size=ctx.world_size)
     bar = tqdm(total=total, disable=not cfg.progress or not ctx.is_main,
                desc=f"epoch {pos.epoch + 1}/{cfg.epochs} {cfg.method}", unit="batch", leave=False)
-    window, window_start, start = 0.0, time.perf_counter(), time.perf_counter()
+    # the loss and speed of a logged row cover the steps since the previous row of this process (after a
+    # resume the first window is shorter than log_every)
+    window, window_steps, window_samples = 0.0, 0, 0
+    window_start = start = time.perf_counter()
     table_stats(model)  # start the tables' counters here (a resumed table's count from its checkpoint)
     for i, batch in enumerate(batches):
         if i >= total:
             break
         dense, sparse, labels = _to(batch, ctx.device)
+        distributed.heartbeat(ctx, pos.step)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss = F.binary_cross_entropy_with_logits(step_model(dense, sparse), labels)
@@ -435,7 +494,7 @@ def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, 
                                    f"stopped;{where}. Try a smaller --lr.")
         loss.backward()
         distributed.sync_table_gradients(model, ctx)
-        set_learning_rate(opts, cfg, pos.step)
+        set_learning_rate(opts, cfg, pos.step, pos.warmup)
         for opt in opts:
             opt.step()  # table hooks run before the first and after the last (embcompress.attach)
         pos.step += 1
@@ -443,16 +502,16 @@ def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, 
         pos.samples += len(labels)
         pos.epoch_samples += len(labels)
         pos.epoch_loss_sum += value * len(labels)
-        window += value
+        window, window_steps, window_samples = window + value, window_steps + 1, window_samples + len(labels)
         bar.update(1)
         if pos.step % cfg.log_every == 0:
             now = time.perf_counter()
-            rate = cfg.log_every * cfg.batch_size / max(now - window_start, 1e-9)
-            bar.set_postfix(loss=f"{window / cfg.log_every:.4f}")
+            rate = window_samples / max(now - window_start, 1e-9)
+            bar.set_postfix(loss=f"{window / window_steps:.4f}")
             stats = table_stats(model)  # the table's own state over the window: cafe's hot share, ...
-            writer.metric(kind="train", epoch=pos.epoch, step=pos.step, loss=window / cfg.log_every,
+            writer.metric(kind="train", epoch=pos.epoch, step=pos.step, loss=window / window_steps,
                           samples_per_s=rate, **({"table": stats} if stats else {}))
-            window, window_start = 0.0, now
+            window, window_steps, window_samples, window_start = 0.0, 0, 0, now
         # the end of an epoch is checkpointed by the caller, as the start of the next one
         if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.batch < epoch_total:
             pos.seconds += time.perf_counter() - start
@@ -471,9 +530,14 @@ def run_training(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, 
 def train_model(cfg: TrainConfig, dataset: Dataset | None = None) -> tuple[dict[str, Any], nn.Module]:
     """:func:`run_training`, also returning the trained model (the plain module, not a DDP wrapper)."""
     cfg.validate()
-    ctx = distributed.setup(cfg.device)
+    ctx = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
         return _train(cfg, dataset, ctx)
+    except RuntimeError as e:
+        stopped = None if isinstance(e, TrainingDiverged) else distributed.rank_stopped(ctx, e)
+        if stopped is None:
+            raise
+        raise stopped from e
     finally:
         distributed.teardown(ctx)
 
@@ -486,9 +550,14 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    ds = dataset if dataset is not None else load_dataset(cfg.data, **cfg.data_options)
+    prepare_run_dir(cfg, clear=ctx.is_main)
+    distributed.barrier(ctx)  # every rank has checked the run directory before rank 0 writes to it
+    ds = dataset if dataset is not None else load_dataset(cfg.data, progress=cfg.progress, **cfg.data_options)
     train, test = split_dataset(ds, cfg.split, cfg.test_fraction, seed=cfg.seed)
     train, val = hold_out(train, cfg.val_fraction)
+    if train.num_rows < ctx.world_size or test.num_rows == 0:
+        raise ValueError(f"{ds.num_rows} rows are too few to train and test on: {train.num_rows} training and "
+                         f"{test.num_rows} test rows after the split")
     model = build_model(cfg, ds).to(ctx.device)
     table = embedding_tables(model)[0]
     opts = build_optimizers(model, cfg)
@@ -504,6 +573,14 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
         log.warning("resumed from %s: epoch %d, batch %d, step %d", path, pos.epoch + 1, pos.batch, pos.step)
     elif cfg.resume:
         log.warning("no checkpoint in %s: starting from the beginning", cfg.out)
+        writer.forget_after(-1)  # rows of a run that left no checkpoint
+    if pos.warmup < 0:
+        planned = cfg.epochs * epoch_batches(train, cfg, ctx)
+        pos.warmup = warmup_steps_used(cfg, planned if cfg.max_steps is None else min(planned, cfg.max_steps))
+        if pos.warmup < cfg.warmup_steps:  # also in the summary (warmup_steps_used) and the CLI's result line
+            log.info("learning-rate warm-up: %d steps instead of %d (at most %.0f%% of the run's %d steps)",
+                     pos.warmup, cfg.warmup_steps, 100 * cfg.warmup_max_share, planned if cfg.max_steps is None
+                     else min(planned, cfg.max_steps))
     writer.config(cfg)
     if writer.dir is not None:  # the run's own feature map: it loads and scores raw rows without its dataset
         from ..data.features import copy_feature_map
@@ -550,6 +627,7 @@ def _train(cfg: TrainConfig, dataset: Dataset | None, ctx: DistContext) -> tuple
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "warmup_steps": cfg.warmup_steps,
+        "warmup_steps_used": pos.warmup,
         "optimizer": cfg.optimizer,
         "seed": cfg.seed,
         "embedding_dim": cfg.embedding_dim,

@@ -62,5 +62,5 @@ def test_docs_methods_md_is_generated_from_the_current_declarations():
     from pathlib import Path
     from embcompress.embeddings.options import markdown
     committed = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
-    current = markdown([(name, get_method(name)) for name in methods()]) + "\n"
+    current = markdown([(name, get_method(name)) for name in sorted(methods())]) + "\n"
     assert committed == current, "docs/methods.md is stale: run  embcompress methods --markdown > docs/methods.md"

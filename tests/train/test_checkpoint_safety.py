@@ -52,7 +52,8 @@ def test_malicious_checkpoint_does_not_run_its_payload(tmp_path, payload, fmt):
         torch.load(path, weights_only=False)
         assert marker.exists()
         marker.unlink()
-    refused = r"cannot be loaded safely: UnpicklingError: it refers to .*(system|open).*not executed"
+    refused = (r"cannot be loaded safely: UnpicklingError: it refers to .*(system|open).*not executed" if fmt == "torch"
+               else r"is not a torch checkpoint: a plain pickle file \(written with pickle.dump")  # never unpickled
     with pytest.raises(CheckpointError, match=refused):
         load_checkpoint(path)
     assert not marker.exists()
@@ -74,3 +75,18 @@ def test_resume_refuses_a_malicious_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "embcompress: error: no usable checkpoint" in err and "cannot be loaded safely" in err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, reason", [
+    (lambda f: pickle.dump({"model": {"w": [1.0]}}, f, protocol=4), r"a plain pickle file \(written with pickle.dump"),
+    (lambda f: f.write(b"hello, not a checkpoint"), r"neither a torch.save file \(zip\) nor a pickle"),
+    (lambda f: None, r"the file is empty"),
+])
+def test_a_file_that_is_not_a_torch_checkpoint_says_what_it_is(tmp_path, content, reason):
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "wb") as f:
+        content(f)
+    with pytest.raises(CheckpointError, match=rf"{path} is not a torch checkpoint: .*{reason}"):
+        load_checkpoint(path)
+    torch.save({"model": {}}, path, _use_new_zipfile_serialization=False)  # torch's legacy format still loads
+    assert load_checkpoint(path) == {"model": {}}

@@ -104,3 +104,42 @@ def test_two_ranks_match_single_process(two_rank_runs, method):
         torch.set_num_threads(before)
     assert single["steps"] == 201
     assert abs(s0["test_auc"] - single["test_auc"]) < 0.005, (s0["test_auc"], single["test_auc"])
+
+
+# Rank 1 hangs in its fourth step; rank 0 must give up after --dist-timeout and name rank 1.
+HANG_WORKER = """
+import sys, time
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+from embcompress.data import make_synthetic
+from embcompress.train import TrainConfig, distributed
+from embcompress.train.loop import train_model
+sync = distributed.sync_table_gradients
+def slow_sync(model, ctx, calls=[0]):
+    calls[0] += 1
+    if ctx.rank == 1 and calls[0] == 4:
+        time.sleep(30)
+    return sync(model, ctx)
+distributed.sync_table_gradients = slow_sync
+ds = make_synthetic(rows=4000, fields=4, scale=0.001, seed=5)
+try:
+    train_model(TrainConfig(method="hash", compression=10, batch_size=64, progress=False, dist_timeout=3), ds)
+except distributed.RankStopped as e:
+    print("STOPPED", e, flush=True)
+"""
+
+
+def test_a_hung_rank_is_named_after_the_dist_timeout():
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo")
+        procs.append(subprocess.Popen([sys.executable, "-c", HANG_WORKER], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    out0 = procs[0].communicate(timeout=120)[0]
+    procs[1].kill()
+    procs[1].communicate()
+    line = next((l for l in out0.splitlines() if l.startswith("STOPPED")), out0[-2000:])
+    assert "rank 0: rank 1 stopped answering within --dist-timeout 3 s" in line, line
+    assert "last step started: rank 0: 3, rank 1: 3" in line, line

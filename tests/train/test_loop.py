@@ -222,3 +222,72 @@ def test_validation_rows_are_the_last_training_rows_and_are_scored(tmp_path, sma
     assert "val_auc" not in off and off["rows_train"] == train.num_rows
     with pytest.raises(ValueError, match="val_fraction"):
         TrainConfig(val_fraction=1.0).validate()
+
+
+def test_attach_again_after_build_optimizers_runs_each_hook_once(small_synthetic):
+    cfg = TrainConfig(method="tt", compression=10, batch_size=256, progress=False)
+    model = build_model(cfg, small_synthetic)
+    opts = build_optimizers(model, cfg)  # attaches the tables' hooks
+    attach(model, *opts)  # what the README's Python section does next: must not register them twice
+    table = model.embedding if hasattr(model, "embedding") else next(
+        m for m in model.modules() if m.__class__.__name__ == "TTEmbeddingBag")
+    calls = []
+    table.after_optimizer_step = lambda: calls.append(1)  # instance attribute: the hook calls through it
+    for opt in opts:
+        opt.zero_grad()
+    dense = torch.from_numpy(np.asarray(small_synthetic.dense[:8]))
+    sparse = torch.from_numpy(np.asarray(small_synthetic.sparse[:8])).long()
+    model(dense, sparse).sum().backward()
+    for opt in opts:
+        opt.step()
+    assert calls == [1]
+
+
+def test_a_run_directory_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, small_synthetic):
+    run = tmp_path / "run"
+    cfg = dict(method="hash", compression=10, batch_size=512, progress=False, out=str(run), max_steps=6,
+               checkpoint_every=2, keep_checkpoints=1)
+    run_training(TrainConfig(**cfg), dataset=small_synthetic)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"run directory .*run is not empty; pass --resume .* --overwrite"):
+        run_training(TrainConfig(**{**cfg, "max_steps": 4}), dataset=small_synthetic)
+    s = run_training(TrainConfig(**{**cfg, "max_steps": 4, "overwrite": True}), dataset=small_synthetic)
+    assert s["steps"] == 4  # a new run, not the old one continued
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # no row of the first run (which reached step 6) is left
+    assert json.loads((run / "checkpoints.json").read_text())["checkpoints"][-1]["step"] == 4
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 4 and (run / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        run_training(TrainConfig(**{**cfg, "out": str(tmp_path / "file")}), dataset=small_synthetic)
+
+
+def test_warm_up_is_capped_at_a_share_of_a_short_run_and_logged(small_synthetic, caplog):
+    from embcompress.train.loop import WARMUP_MAX_SHARE
+    cfg = TrainConfig(method="hash", compression=10, batch_size=512, progress=False, max_steps=30)
+    with caplog.at_level("INFO"):
+        s = run_training(cfg, dataset=small_synthetic)
+    assert s["warmup_steps"] == 300 and s["warmup_steps_used"] == int(WARMUP_MAX_SHARE * 30)
+    assert f"learning-rate warm-up: {s['warmup_steps_used']} steps instead of 300" in caplog.text
+    long = run_training(TrainConfig(method="hash", compression=10, batch_size=64, progress=False, warmup_steps=20,
+                                    max_steps=200), dataset=small_synthetic)
+    assert long["warmup_steps_used"] == 20  # a warm-up within the share is kept as given
+
+
+def test_single_class_labels_give_null_auc_in_valid_json(tmp_path, small_synthetic):
+    ds = Dataset(dense=np.asarray(small_synthetic.dense[:4000]), sparse=np.asarray(small_synthetic.sparse[:4000]),
+                 labels=np.zeros(4000, dtype=np.float32), field_sizes=small_synthetic.field_sizes)
+    s = run_training(TrainConfig(method="hash", compression=10, batch_size=512, progress=False, out=str(tmp_path)),
+                     dataset=ds)
+    assert math.isnan(s["test_auc"])
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and json.loads(text)["test_auc"] is None
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
+def test_too_few_rows_to_split_is_an_error(small_synthetic):
+    ds = Dataset(dense=np.asarray(small_synthetic.dense[:3]), sparse=np.asarray(small_synthetic.sparse[:3]),
+                 labels=np.asarray(small_synthetic.labels[:3]), field_sizes=small_synthetic.field_sizes)
+    with pytest.raises(ValueError, match="3 rows are too few to train and test on"):
+        run_training(TrainConfig(method="full", progress=False), dataset=ds)

@@ -167,3 +167,20 @@ def test_resume_of_a_cafe_checkpoint_with_8_byte_sketch_ids_names_the_option(tmp
 def test_resume_without_checkpoint_starts_afresh(tmp_path, small):
     s, _ = train_model(_cfg(tmp_path / "new", resume=True, max_steps=5), dataset=small)
     assert s["steps"] == 5
+
+
+def _train_rows(run):
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"}
+
+
+def test_first_logged_window_after_resume_averages_the_steps_it_covers(tmp_path, small):
+    # uninterrupted, logged every 5 steps: the row at step 20 is the mean loss of steps 16..20
+    same = dict(deterministic=True, warmup_steps=0)  # no warm-up: its length would depend on max_steps
+    train_model(_cfg(tmp_path / "a", max_steps=20, log_every=5, **same), dataset=small)
+    # stopped at 15, resumed with rows every 10 steps: its first row (step 20) covers steps 16..20 only
+    train_model(_cfg(tmp_path / "b", max_steps=15, log_every=10, **same), dataset=small)
+    train_model(_cfg(tmp_path / "b", max_steps=20, log_every=10, resume=True, **same), dataset=small)
+    a, b = _train_rows(tmp_path / "a"), _train_rows(tmp_path / "b")
+    assert sorted(b) == [10, 20]
+    assert b[20]["loss"] == pytest.approx(a[20]["loss"], rel=1e-5)
+    assert b[20]["samples_per_s"] < 3 * a[20]["samples_per_s"]  # 5 steps' samples over 5 steps' time
