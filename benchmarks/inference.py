@@ -57,6 +57,27 @@ def trained_model(method: str, ds, ratio: float, steps: int, batch: int) -> torc
     return model.eval()
 
 
+def profile_batch1(module: torch.nn.Module, dense: torch.Tensor, sparse: torch.Tensor, calls: int) -> dict:
+    """cProfile of ``calls`` batch-1 forwards of an artifact's module: aten calls per forward, seconds per
+    call, and the share of the time in torch.export's input check (``_check_input_constraints_pre_hook``)."""
+    import cProfile
+    import pstats
+
+    nodes = sum(1 for n in module.graph.nodes if n.op == "call_function")
+    prof = cProfile.Profile()
+    with torch.inference_mode():
+        module(dense[:1], sparse[:1])
+        prof.enable()
+        for i in range(calls):
+            module(dense[i:i + 1], sparse[i:i + 1])
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, callers)
+    total = sum(v[2] for v in stats.values())
+    check = sum(v[3] for k, v in stats.items() if k[2] == "_check_input_constraints_pre_hook")
+    return {"aten_calls_per_forward": nodes, "seconds_per_call_profiled": total / calls,
+            "input_check_share": check / total if total else None, "calls": calls}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", help="comma-separated (default: every registered method)")
@@ -70,6 +91,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1:500,4096:2",
                     help="comma-separated serving batch sizes, each with the calls of one block (BATCH:CALLS)")
     ap.add_argument("--blocks", type=int, default=8, help="timed rounds; each contender runs one block per round")
+    ap.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                    help="also profile CALLS batch-1 calls of each artifact: aten calls per forward and the share "
+                         "of the time spent checking the inputs against the exported specs")
     add_threads_arg(ap, default=1)
     args = ap.parse_args()
     apply_threads(args)
@@ -94,6 +118,9 @@ def main() -> None:
                 continue
             eager[method] = model
             served[method] = torch.export.load(path).module()
+        if args.profile:
+            for m, fn in served.items():
+                emit({"benchmark": "inference-profile", "method": m, **profile_batch1(fn, dense, sparse, args.profile)})
         for spec in args.batches.split(","):
             batch, steps_per_block = (int(x) for x in (spec.split(":") + ["1"])[:2])
             position = dict.fromkeys([*eager, *(f"{m}@export" for m in served)], 0)
