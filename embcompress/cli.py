@@ -85,24 +85,32 @@ positive_float = _number(float, 0, low_open=True, name="positive number")
 fraction = _number(float, 0, 1, name="fraction")
 
 
-def device_arg(text: str) -> str:
-    """--device: cpu, cuda or cuda:N, checked against this machine (no CUDA: a clear error, not a traceback)."""
+def _checked_by(check: Callable[[str], Any], doc: str) -> Callable[[str], str]:
+    """An argparse type: the text itself once ``check`` accepts it (its ValueError is the usage error)."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    parse.__doc__ = doc
+    return parse
+
+
+def _check_device(text: str) -> None:
     from .train.loop import check_device
-    try:
-        check_device(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    check_device(text)
 
 
-def method_arg(text: str) -> str:
-    """--method: a registered table type (the error lists them)."""
+def _check_method(text: str) -> None:
     from .embeddings import get_method
-    try:
-        get_method(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    get_method(text)
+
+
+device_arg = _checked_by(_check_device, "--device: cpu, cuda or cuda:N that this machine has")
+method_arg = _checked_by(_check_method, "--method: a registered table type (the error lists them)")
 
 
 def out_path(text: str) -> str:
@@ -441,7 +449,8 @@ def version_text() -> str:
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="embcompress", description=__doc__.splitlines()[0])
+    parser = Parser(prog="embcompress", description="Train recommendation models with compressed embedding "
+                    "tables and measure what the compression costs. Commands and errors: docs/cli.md.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level, and show the traceback behind an error")
     parser.add_argument("--version", action="version", version=version_text(), help="print the version and exit")

@@ -165,6 +165,7 @@ def run_cell(cfg: SweepConfig, cell: Cell, datasets: _Datasets) -> dict[str, Any
         compression=None if cell.method == "full" else cell.ratio,
         method_options=dict(cfg.method_options.get(cell.method, {})), seed=cell.seed,
         out=str(Path(cfg.out) / "runs" / cell.key) if cfg.keep_runs else None, progress=cfg.progress, **cfg.train,
+        overwrite=True,  # a cell without a result file reruns from scratch over what an interrupted run left
     )  # fmt: skip
     record: dict[str, Any] = {"cell": asdict(cell), "key": cell.key, "load_before": os.getloadavg()[0]}
     try:

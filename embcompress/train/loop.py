@@ -163,8 +163,8 @@ def prepare_run_dir(cfg: TrainConfig, clear: bool = True) -> None:
 RESUME_MUST_MATCH = ("data", "data_options", "split", "test_fraction", "val_fraction", "method", "compression", "budget_bytes",
                      "method_options", "model", "model_options", "embedding_dim", "batch_size", "lr",
                      "warmup_steps", "optimizer", "seed", "shuffle")
-# Method options a resumed run may add to a checkpoint's settings: they rebuild what older versions built
-# by default (cafe / cafe-ml sketches held 8-byte ids before 4-byte ids became the default).
+# Method options a resumed run may add to a checkpoint's settings: they name a layout that checkpoints
+# without them were built with (cafe / cafe-ml sketches with 8-byte ids).
 _OLD_DEFAULTS = {"key_dtype": "int64"}
 # Optimizer settings that pick how the update runs, not what it computes: a resumed run keeps its own.
 _IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")
@@ -201,17 +201,13 @@ def table_stats(model: nn.Module) -> dict[str, float]:
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Optimizers for a model whose tables may have sparse-gradient parameters.
+    """Optimizers for a model whose tables may have sparse-gradient parameters, in stepping order, with
+    the tables' hooks attached (:func:`embcompress.attach`).
 
-    SGD takes sparse and dense gradients alike. Adagrad does too, but one sparse gradient sends every
-    parameter of its optimizer down a per-tensor loop of small ops, so the sparse parameters get one
-    Adagrad and the dense ones (the MLPs) another: the same update, since Adagrad's state is per
-    parameter. The dense one runs fused on the CPU (one kernel per tensor: its time does not depend on
-    the values, where ``sqrt`` of the per-tensor loop is 7-8x slower on an accumulator with 40%
-    exact zeros, e.g. dead ReLU units; ``benchmarks/optimizer_speed.py``) and with the default
-    multi-tensor kernels on CUDA. Adam needs SparseAdam for the sparse parameters, and its dense ones
-    are fused on the CPU likewise. The list is in stepping order; :func:`embcompress.attach` hooks the
-    tables onto it.
+    The sparse parameters and the dense ones (the MLPs) get an optimizer each: one sparse gradient sends
+    every parameter of an optimizer down PyTorch's slow per-tensor loop, while the dense one can run
+    fused on the CPU (multi-tensor on CUDA). The update is the same, since the state is per parameter.
+    Adam takes SparseAdam for the sparse parameters.
     """
     sparse_ids = {id(p) for t in embedding_tables(model) for p in t.sparse_parameters()}
     sparse = [p for p in model.parameters() if id(p) in sparse_ids]

@@ -291,3 +291,17 @@ def test_too_few_rows_to_split_is_an_error(small_synthetic):
                  labels=np.asarray(small_synthetic.labels[:3]), field_sizes=small_synthetic.field_sizes)
     with pytest.raises(ValueError, match="3 rows are too few to train and test on"):
         run_training(TrainConfig(method="full", progress=False), dataset=ds)
+
+
+def test_no_progress_reaches_the_data_loading(monkeypatch, small_synthetic):
+    from embcompress.train import loop
+    seen = {}
+
+    def load(spec, **options):
+        seen.update(options)
+        return small_synthetic
+
+    monkeypatch.setattr(loop, "load_dataset", load)
+    run_training(TrainConfig(data="criteo:x.tsv", data_options={"min_count": 2}, method="full", progress=False,
+                             max_steps=1))
+    assert seen == {"min_count": 2, "progress": False}  # preprocessing bars follow --no-progress
