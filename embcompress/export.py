@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from . import __version__
 from .embeddings.base import CompressedEmbeddingBag
 from .embeddings.ops import field_starts
-from .models.blocks import FIELD_RANGE_MESSAGE, SparseArch
+from .models.blocks import SparseArch, check_field_ids
 
 METADATA_FILE = "embcompress.json"
 #: batch size of the example inputs the graph is traced with (not 0 or 1, which torch.export specialises)
@@ -55,8 +55,9 @@ EXAMPLE_BATCH = 4
 class InferenceSparseArch(nn.Module):
     """Local ids (B, F) -> embeddings (B, F, D) through a table's inference form.
 
-    The per-field range check is one vectorised comparison feeding ``torch._assert_async``: it stays in
-    the exported graph and costs no host sync."""
+    The per-field range check (:func:`~embcompress.models.blocks.check_field_ids`) is, while exporting,
+    one vectorised comparison feeding ``torch._assert_async``: it stays in the graph and costs no host
+    sync."""
 
     def __init__(self, form: nn.Module, field_sizes: Sequence[int]) -> None:
         super().__init__()
@@ -66,7 +67,7 @@ class InferenceSparseArch(nn.Module):
         self.register_buffer("sizes", torch.tensor([int(n) for n in field_sizes], dtype=torch.int64))
 
     def forward(self, sparse: Tensor) -> Tensor:
-        torch._assert_async(((sparse >= 0) & (sparse < self.sizes)).all(), FIELD_RANGE_MESSAGE)
+        check_field_ids(sparse, self.sizes)
         return self.form(sparse.long() + self.starts)  # (B, F, D)
 
 
@@ -83,9 +84,7 @@ def inference_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode whose sparse arches serve through the tables' inference forms.
 
     The training tables are not copied (the forms copy what serving needs), and ``model`` is unchanged."""
-    arches = [m for m in model.modules() if isinstance(m, SparseArch)]
-    if not arches:
-        raise ValueError(f"{type(model).__name__} has no SparseArch: only the project's models can be exported")
+    arches = sparse_arches(model)
     # deepcopy everything but the tables, which the forms replace
     memo: dict[int, Any] = {id(a.embedding): None for a in arches}
     copied = copy.deepcopy(model, memo)
@@ -120,12 +119,17 @@ def example_inputs(model: nn.Module, batch: int = EXAMPLE_BATCH, generator: torc
     return dense.to(device), sparse.to(device)
 
 
+def sparse_arches(model: nn.Module) -> list[SparseArch]:
+    """The model's sparse arches (one per table), or a ValueError for a model that is not one of ours."""
+    arches = [m for m in model.modules() if isinstance(m, SparseArch)]
+    if not arches:
+        raise ValueError(f"{type(model).__name__} has no SparseArch: only the project's models can be exported")
+    return arches
+
+
 def model_table(model: nn.Module) -> CompressedEmbeddingBag:
     """The model's (first) embedding table."""
-    for m in model.modules():
-        if isinstance(m, SparseArch):
-            return m.embedding
-    raise ValueError(f"{type(model).__name__} has no SparseArch: only the project's models can be exported")
+    return sparse_arches(model)[0].embedding
 
 
 def export_model(model: nn.Module) -> torch.export.ExportedProgram:
