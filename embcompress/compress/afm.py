@@ -1,25 +1,19 @@
 """AFM post-training low-rank compression of a trained model (Unified Low-rank Compression, KDD 2024).
 
-:func:`compress_model` streams calibration batches through the trained model once, accumulating every
-chosen layer's output mean and covariance (float64, bounded memory); keeps each layer's top-k
-eigenvectors; replaces each linear layer by two thinner ones and each embedding table by a rank-k
-``lowrank`` table (per-field bases); and folds a factorised layer's second map into a directly
-following linear layer (same ``nn.Sequential``, nothing in between).
+:func:`compress_model` streams calibration batches through the model once, accumulating each chosen
+layer's output mean and covariance (float64), keeps its top-k eigenvectors, and replaces each linear
+layer by two thinner ones and the embedding table by a ``lowrank`` table with one basis and rank per
+field; a factorised layer's second map is folded into a directly following linear layer.
 
-Chosen layers: every ``nn.Linear`` with at least 2 outputs (a logit layer has nothing to drop) and every
-``full`` or ``lowrank`` table served through a :class:`~embcompress.models.blocks.SparseArch` (its
-(B, F, D) output gives per-field statistics). The DCN-v2 and DeepFM models use their embeddings
-non-linearly (cross products, FM dot products), so there the k→D map stays inside the table, computed
-as one batched matmul per field.
+Chosen layers: every ``nn.Linear`` with at least 2 outputs, and a ``full`` or ``lowrank`` table behind a
+:class:`~embcompress.models.blocks.SparseArch` (its (B, F, D) output gives per-field statistics).
 
-k per layer (per field for an embedding table, which becomes a ``lowrank`` table with one rank per
-field): with ``variance=v``, the smallest k explaining a fraction v of the layer's (field's) output
-variance (a layer is left alone when that k saves nothing); with ``ratio=r``, ranks such that the whole
-model (all parameters, embeddings and MLPs) shrinks r-fold, bought one rank at a time by the layer or
-field whose next eigenvalue keeps the most of its layer's variance per parameter (see
-:func:`_ranks_for_ratio`). Per field matters: a 20k-id field pays 20k parameters per rank, a 3-id field
-nearly nothing, so small fields stay (near) whole and large ones are compressed hardest. On the
-benchmark's DeepFM this turned a 0.5% AUC loss at 3x (one rank for all fields) into a gain.
+Ranks: ``variance=v`` keeps the smallest k explaining v of each layer's (field's) output variance;
+``ratio=r`` shrinks the whole model r-fold, buying one rank at a time where it keeps the most variance per
+parameter (:func:`_ranks_for_ratio`). Ranks are per field because a 20k-id field pays 20k parameters
+per rank and a 3-id field nearly nothing. Linear layers are capped at ``mlp_variance`` of their variance
+and left whole where the factorisation would not compute faster, so the budget goes to the embeddings
+and the compressed model is cheaper to run (docs/lowrank.md).
 """
 
 from __future__ import annotations

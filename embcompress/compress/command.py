@@ -1,10 +1,10 @@
-"""``embcompress compress-lowrank``: AFM-compress a trained run and report AUC and speed before/after.
+"""``embcompress compress-lowrank``: AFM-compress a trained run; report the AUC and inference speed of the
+original and the compressed model.
 
-Reads a run directory written by the training loop (``config.json`` + ``checkpoint.pt``), rebuilds its
-data split and model, calibrates on training batches, evaluates both models on the test split, and
-writes a new run directory: ``config.json`` (the source config), ``checkpoint.pt`` (the compressed
-state plus the plan that rebuilds its structure: see :func:`load_compressed_model`),
-``compression.json`` (per-layer ranks) and ``summary.json``.
+Reads a run directory written by the training loop, calibrates on training batches, evaluates both
+models on the test split, times them (and the serving form) at a few batch sizes, and writes a new run
+directory: ``config.json``, ``checkpoint.pt`` (the compressed state plus the plan that rebuilds its
+structure, see :func:`load_weights`), ``compression.json`` (per-layer ranks) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -165,7 +165,6 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune_steps > 0:
         finetune(new, cfg, train, args.finetune_steps, args.finetune_lr or cfg.lr / 10)
         tuned = evaluate(new, test, args.eval_batch_size, cfg.device)
-    served = serving_model(new)
     if args.timing_batches is not None:
         args.timing_rows = args.timing_batches * args.eval_batch_size
     sizes = [int(x) for x in args.timing_batch_sizes.split(",") if x.strip()]
@@ -175,7 +174,11 @@ def run(args: argparse.Namespace) -> int:
             break
         rows.append((b.dense[:args.timing_rows - taken].to(cfg.device), b.sparse[:args.timing_rows - taken].to(cfg.device)))
         taken += len(rows[-1][0])
-    speed = speed_by_batch_size({"original": model, "compressed": new, "served": served}, rows, sizes)
+    speed, served_size = {}, {}
+    for b in sizes:
+        served = serving_model(new, b)  # small batches get merged layers: see serving_model
+        speed.update(speed_by_batch_size({"original": model, "compressed": new, "served": served}, rows, [b]))
+        served_size[b] = sum(t.numel() for t in served.buffers() if t.is_floating_point())
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         # serving form (embcompress.compress.serving_model), measured interleaved
         "infer_samples_per_s": speed,
         "infer_speedup": {b: v["served"] / v["original"] for b, v in speed.items()},
+        "served_floats": served_size,  # floats the serving form at each batch size holds
         "eval_batch_size": args.eval_batch_size,
         "calibration_samples": report.calibration_samples,
         "allocation": args.allocation,

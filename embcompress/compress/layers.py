@@ -41,12 +41,17 @@ class FactorizedLinear(nn.Sequential):
 
 
 #: A rank-k factorisation (two products, k·(in + out) multiply-adds per row) is served as two products only
-#: when that is at most this fraction of one product's in·out: docs/lowrank.md has the timings behind it.
-FACTORISED_MAX_COST = 0.8
+#: when that is at most this fraction of one product's in·out, and only at batches above ``SMALL_BATCH``,
+#: where per-call overhead makes two products slower than one at any rank (timings: docs/lowrank.md).
+FACTORISED_MAX_COST = 0.7
+SMALL_BATCH = 16
 
 
-def factorised_is_cheaper(in_features: int, rank: int, out_features: int) -> bool:
-    """Whether ``Linear(in, k)`` then ``Linear(k, out)`` should beat one ``Linear(in, out)`` on the CPU."""
+def factorised_is_cheaper(in_features: int, rank: int, out_features: int, batch_size: int | None = None) -> bool:
+    """Whether ``Linear(in, k)`` then ``Linear(k, out)`` should beat one ``Linear(in, out)`` on the CPU at
+    ``batch_size`` rows per call (None: large batches)."""
+    if batch_size is not None and batch_size <= SMALL_BATCH:
+        return False
     return rank * (in_features + out_features) <= FACTORISED_MAX_COST * in_features * out_features
 
 

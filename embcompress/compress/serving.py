@@ -59,7 +59,7 @@ class FieldCodes(nn.Module):
         local = sparse.long()
         torch._assert_async(((local >= 0) & (local < self.sizes)).all(), RANGE_MESSAGE)
         row = hash_into(local, self.rows, self.sizes) if self.hashed else local
-        start = row * self.rank + self.base
+        start = torch.addcmul(self.base, row, self.rank)  # base_f + row·k_f
         return F.embedding(start.t() if field_major else start, self.flat.unfold(0, self.width, 1))
 
 
@@ -84,12 +84,12 @@ class LowRankSparseArch(nn.Module):
 
 
 @torch.no_grad()
-def merged(layer: FactorizedLinear) -> nn.Module:
-    """``layer`` as one linear map when two products cost more than one, else ``layer`` itself."""
+def merged(layer: FactorizedLinear, batch_size: int | None = None) -> nn.Module:
+    """``layer`` as one linear map when two products cost more than one at ``batch_size``, else ``layer``."""
     if "second" not in layer._modules:
         return layer
     first, second = layer.first, layer.second
-    if factorised_is_cheaper(first.in_features, first.out_features, second.out_features):
+    if factorised_is_cheaper(first.in_features, first.out_features, second.out_features, batch_size):
         return layer
     one = nn.Linear(first.in_features, second.out_features).to(first.weight.device)
     one.weight.copy_((second.weight.double() @ first.weight.double()).to(first.weight.dtype))
@@ -98,11 +98,11 @@ def merged(layer: FactorizedLinear) -> nn.Module:
     return one
 
 
-def _merge_layers(model: nn.Module) -> None:
+def _merge_layers(model: nn.Module, batch_size: int | None) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FactorizedLinear):
-                setattr(parent, name, merged(child))
+                setattr(parent, name, merged(child, batch_size))
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -118,12 +118,12 @@ class DeepFMServing(nn.Module):
     """DeepFM over a ``lowrank`` table computed from the codes: one product over [dense, z] gives the deep
     network's first layer, the FM's sum vector s and every linear term; FM = (||s||² − ||z||² − const)/2."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, batch_size: int | None = None) -> None:
         super().__init__()
         table: LowRankEmbeddingBag = model.embedding
         num_fields, dim, num_dense = len(table.field_sizes), table.embedding_dim, model.num_dense
         f64 = torch.float64
-        first, second, rest = _first_layer(model.deep)
+        first, second, rest = _first_layer(model.deep, batch_size)
         w, b = first.weight.double(), first.bias.double()  # (n1, I + F·D), (n1,)
         p = model.first_order_proj.double()  # (F, D)
         dense_linear = model.dense_linear
@@ -151,7 +151,8 @@ class DeepFMServing(nn.Module):
         self.codes = FieldCodes(table, blocks)
         self.register_buffer("columns", self.codes.valid.flatten().nonzero().squeeze(1))  # real code entries
         hidden = torch.cat(w_rows)  # (I + K, n1)
-        if second is not None and not factorised_is_cheaper(hidden.shape[0], hidden.shape[1], second.out_features):
+        if second is not None and not factorised_is_cheaper(hidden.shape[0], hidden.shape[1], second.out_features,
+                                                            batch_size):
             # the first map is narrower now (I + K inputs, not I + F·D): one product may beat two
             w2 = second.weight.double()
             hidden, b = hidden @ w2.T, w2 @ b + second.bias.double()
@@ -174,10 +175,11 @@ class DeepFMServing(nn.Module):
         return lin.squeeze(1) + fm + self.rest(h).squeeze(-1)
 
 
-def _first_layer(deep: nn.Sequential) -> tuple[nn.Linear, nn.Linear | None, list[nn.Module]]:
+def _first_layer(deep: nn.Sequential, batch_size: int | None) -> tuple[nn.Linear, nn.Linear | None, list[nn.Module]]:
     """Copies of the deep network's first linear map, a factorised first layer's second map (or None),
     and the hidden layers after it (factorised ones merged where one product is cheaper)."""
-    hidden = [merged(m) if isinstance(m, FactorizedLinear) else m for m in copy.deepcopy(deep[0]).children()]
+    hidden = [merged(m, batch_size) if isinstance(m, FactorizedLinear) else m
+              for m in copy.deepcopy(deep[0]).children()]
     head = hidden[0]
     if isinstance(head, FactorizedLinear):
         return head.first, head._modules.get("second"), hidden[1:]
@@ -185,15 +187,18 @@ def _first_layer(deep: nn.Sequential) -> tuple[nn.Linear, nn.Linear | None, list
 
 
 @torch.no_grad()
-def serving_model(model: nn.Module) -> nn.Module:
+def serving_model(model: nn.Module, batch_size: int | None = None) -> nn.Module:
     """A frozen copy of a (compressed) model that computes its logits with the factorisation's algebra.
+
+    ``batch_size``: the rows per call it will serve (None: large batches). Up to ``SMALL_BATCH`` rows
+    every factorised layer is merged back into one product (faster there, and larger).
 
     ``model`` is not changed. The ``lowrank`` rewrites apply where its table is a ``lowrank`` one (any other
     table is served as it is), the merge of factorised layers everywhere."""
     table = getattr(model, "embedding", None)
     lowrank = isinstance(table, LowRankEmbeddingBag)
     if lowrank and type(model).__name__ == "DeepFM" and getattr(model, "first_order_arch", None) is None:
-        return _freeze(DeepFMServing(model).eval())
+        return _freeze(DeepFMServing(model, batch_size).eval())
     arches = [m for m in model.modules() if isinstance(m, SparseArch)]
     memo: dict[int, Any] = {id(a.embedding): None for a in arches} if lowrank else {}
     served = copy.deepcopy(model, memo)
@@ -201,5 +206,5 @@ def serving_model(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, SparseArch) and lowrank:
                 setattr(parent, name, LowRankSparseArch(table))
-    _merge_layers(served)
+    _merge_layers(served, batch_size)
     return _freeze(served)

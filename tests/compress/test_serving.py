@@ -111,3 +111,16 @@ def test_served_form_exports():
     program = torch.export.export(served, (d, s), dynamic_shapes=({0: batch}, {0: batch}))
     for n in (1, 8):
         torch.testing.assert_close(program.module()(d[:n], s[:n]), served(d[:n], s[:n]))
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "deepfm"])
+def test_small_batch_form_merges_every_factorised_layer(kind):
+    model = build(kind, "lowrank")
+    data = batches()
+    new, _ = compress_model(model, data, ranks={t.name: 2 for t in find_targets(model)})
+    large, small = serving_model(new), serving_model(new, batch_size=1)
+    assert any(isinstance(m, FactorizedLinear) for m in large.modules())
+    assert not any(isinstance(m, FactorizedLinear) for m in small.modules())
+    held_out = batches(seed=1)
+    for served in (large, small):
+        torch.testing.assert_close(served_outputs(served, held_out), outputs(new, held_out), atol=2e-5, rtol=1e-5)
