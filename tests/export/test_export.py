@@ -215,3 +215,18 @@ def test_the_training_tables_range_check_does_not_stop_export(one_thread):
     torch.testing.assert_close(program.module()(ids), table(ids))
     with pytest.raises(RuntimeError, match="outside the valid range"):
         program.module()(torch.tensor([[467]]))
+
+
+def test_afm_compressed_model_exports(tmp_path, one_thread):
+    """A compress-lowrank result: a lowrank table with per-field ranks (several rank groups)."""
+    from embcompress.compress.afm import compress_model
+
+    torch.manual_seed(0)
+    model = DLRM(ec.make_table("full", SIZES, DIM, compression=1), num_dense=DENSE, bottom=(8,), top=(8,)).eval()
+    gen = torch.Generator().manual_seed(5)
+    small, _ = compress_model(model, [_batch(gen, 64) for _ in range(4)], variance=0.9)
+    assert small.embedding.name == "lowrank" and len(set(small.embedding.ranks)) > 1
+    export.save(small, tmp_path / "afm.pt2")
+    dense, sparse = _batch(gen, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(tmp_path / "afm.pt2").module()(dense, sparse), small(dense, sparse))
