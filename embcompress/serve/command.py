@@ -8,6 +8,8 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> None:
+    from ..cli import device_arg, positive_int  # the same checked values as train's options
+
     for name, help_text, func in (
         ("predict", "score raw rows with a trained run: one probability per row (and AUC/logloss with labels)",
          cmd_predict),
@@ -20,9 +22,9 @@ def add_parser(subparsers: Any) -> None:
                             "zstd); Criteo rows may lack the label, CSV needs the training columns")
         if name == "predict":
             p.add_argument("--out", required=True, help="output file: .csv or .parquet (one 'probability' column)")
-        p.add_argument("--batch-size", type=int, default=4096)
-        p.add_argument("--device", default="cpu", help="cpu or cuda")
-        p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--batch-size", type=positive_int, default=4096, help="rows per forward call (default 4096)")
+        p.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda,cuda:N}")
+        p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
@@ -44,7 +46,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data", help="raw rows (as for predict): also report the share of each field's lookups "
                                   "that the hot rows / cache serve on them")
     p.add_argument("--field", type=int, action="append", help="only this field (0-based), repeatable")
-    p.add_argument("--top", type=int, default=10, help="rows listed per field (default 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="ids listed per field (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_inspect)
 
@@ -56,8 +58,6 @@ def _print_json(obj: Any) -> None:
 def _score(args: argparse.Namespace, out: str | None) -> dict[str, Any]:
     from .predict import predict_file
 
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     return predict_file(args.run, args.data, out, batch_size=args.batch_size, device=args.device,
                         progress=not args.no_progress, require_labels=out is None)
 
@@ -101,8 +101,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import format_report, inspect_run
 
-    if args.top < 0:
-        raise ValueError(f"--top must be >= 0, got {args.top}")
     report = inspect_run(args.run, fields=args.field, top=args.top, data=args.data)
     if args.json:
         _print_json(report)
