@@ -15,24 +15,27 @@ from embcompress.serve.inspect import format_report, inspect_run
 from embcompress.train.loop import TrainConfig, embedding_tables, train_model
 
 
-def _train(criteo_dir, out, method, ratio):
+def _train(criteo_dir, out, method, ratio, **options):
     train_model(TrainConfig(data=str(criteo_dir), method=method, compression=ratio, batch_size=16, warmup_steps=5,
-                            out=str(out), progress=False))
+                            out=str(out), progress=False, method_options=options))
     return out
 
 
-@pytest.mark.parametrize("method,ratio", [("cafe", 3.0), ("mpcache", 3.0)])
-def test_held_ids_and_served_share_match_the_table(tmp_path, criteo_dir, criteo_tsv, method, ratio):
-    run = _train(criteo_dir, tmp_path / method, method, ratio)
+@pytest.mark.parametrize("method,ratio,options", [("cafe", 3.0, {}), ("cafe-ml", 3.0, {}), ("mpcache", 3.0, {}),
+                                                  ("tt", 3.0, {"refresh_every": 5})])
+def test_held_ids_and_served_share_match_the_table(tmp_path, criteo_dir, criteo_tsv, method, ratio, options):
+    run = _train(criteo_dir, tmp_path / method, method, ratio, **options)
     report = inspect_run(run, top=5, data=str(criteo_tsv))
     table = embedding_tables(load_model(run))[0]
     ds = open_dataset(criteo_dir)
     starts = np.concatenate([[0], np.cumsum(ds.field_sizes)[:-1]])
     ids = torch.as_tensor(np.asarray(ds.sparse, dtype=np.int64) + starts)
-    if method == "cafe":
+    if method.startswith("cafe"):
         served = (table.sketch.query(ids.reshape(-1))[0] >= 0).reshape(ids.shape)  # the table's own routing
-    else:
+    elif method == "mpcache":
         served = torch.isin(ids, table.cache_ids)
+    else:
+        served = table._cache_find(ids.reshape(-1))[0].reshape(ids.shape)
     vocabs = load_vocabularies(run)
     assert sum(f["serving"] for f in report["fields"]) > 0
     for f in report["fields"]:

@@ -123,3 +123,20 @@ def test_evaluate_json(run_dir, criteo_tsv, capsys):
     assert main(["evaluate", "--run", str(run_dir), "--data", f"criteo:{criteo_tsv}", "--json", "--no-progress"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["rows"] == 700 and 0 < r["auc"] < 1 and r["out"] is None
+
+
+def test_headerless_csv_run_keeps_the_training_layout(tmp_path, capsys):
+    rows = [f"{i % 2},{'ab'[i % 3 == 0]},{i % 5}" for i in range(120)]
+    (tmp_path / "t.tsv").write_text("\n".join(r.replace(",", "\t") for r in rows) + "\n")
+    preprocess_csv(tmp_path / "t.tsv", tmp_path / "ds", label=0, categorical=[1], numeric=[2], delimiter="\t",
+                   header=False, progress=False)
+    train_model(TrainConfig(data=str(tmp_path / "ds"), method="full", batch_size=16, warmup_steps=2,
+                            out=str(tmp_path / "run"), progress=False))
+    ds = open_dataset(tmp_path / "ds")
+    expected = _model_probs(tmp_path / "run", np.array(ds.dense), np.array(ds.sparse, dtype=np.int64))
+    predict_file(tmp_path / "run", str(tmp_path / "t.tsv"), tmp_path / "p.csv", progress=False)
+    np.testing.assert_allclose(_read(tmp_path / "p.csv"), expected, rtol=1e-5)
+    (tmp_path / "two.tsv").write_text("a\t1\n")
+    assert "expected 3 fields as in training" in _cli_error(
+        ["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "two.tsv"), "--out",
+         str(tmp_path / "q.csv")], capsys)
