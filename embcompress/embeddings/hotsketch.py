@@ -103,6 +103,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .ops import topk_ties_first
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,8 @@ class HotSketch(nn.Module):
         self.preempt = bool(preempt)
         self.seed = int(seed)
         self.bucket_cells = True  # aggregate newcomers per bucket cell (False: sort them all; same result)
+        self.native = True  # compiled kernels where available (False: the vectorised PyTorch path; same result)
+        self._waiting_left: tuple[int, Tensor | None] = (-1, None)  # (generation, waiting slots) after a compiled insert
         self.register_buffer("keys", torch.full((num_buckets, slots), EMPTY, dtype=key_dtype))
         self.register_buffer("scores", torch.zeros(num_buckets, slots, dtype=torch.float32))
         self.register_buffer("hot_row", torch.full((num_buckets, slots), EMPTY, dtype=torch.int32))
@@ -275,6 +278,12 @@ class HotSketch(nn.Module):
         self.generation += 1  # .to(device) etc. replace the buffers
         return super()._apply(fn, *args, **kwargs)
 
+    def _native(self) -> bool:
+        """Whether the compiled kernels serve this sketch: on the CPU, with ``native`` left on and a
+        library built (see :mod:`.native`)."""
+        return (self.native and self.keys.device.type == "cpu" and self.bucket_cells
+                and native.library() is not None)
+
     # ------------------------------------------------------------------ reading
     def bucket(self, ids: Tensor) -> Tensor:
         return bucket_of(ids.long(), self.num_buckets, self.seed)
@@ -282,6 +291,9 @@ class HotSketch(nn.Module):
     def locate(self, ids: Tensor, bucket: Tensor | None = None) -> Located:
         """Bucket, flat slot index and found mask of each id (``bucket`` if already known)."""
         ids = ids.reshape(-1).long()
+        if bucket is None and self._native():
+            b, flat, found = torch.ops.embcompress.hotsketch_locate(self.keys, ids, self.seed * 0x2545F491)
+            return Located(b, flat, found, self.generation)
         b = self.bucket(ids) if bucket is None else bucket
         c = self.slots
         base = b * c
@@ -310,6 +322,8 @@ class HotSketch(nn.Module):
         """Hot row (int64, -1 if not hot) and score (float32, 0 if absent) of each id. Changes nothing."""
         ids = ids.reshape(-1).long()
         loc = self._valid(located, ids)
+        if self._native():
+            return torch.ops.embcompress.hotsketch_query(self.hot_row, self.scores, loc.flat, loc.found)
         rows = torch.where(loc.found, self.hot_row.view(-1).index_select(0, loc.flat), EMPTY).long()
         scores = self.scores.view(-1).index_select(0, loc.flat) * loc.found  # (masked_fill_ is 3x slower)
         return rows, scores
@@ -338,6 +352,19 @@ class HotSketch(nn.Module):
         s = None if scores is None else scores.reshape(-1).float()
         if s is not None and s.shape != ids.shape:
             raise ValueError(f"scores shape {tuple(s.shape)} differs from ids shape {tuple(ids.shape)}")
+        if self._native():  # the same rule compiled (native.py)
+            self._as_key(ids)  # the int32-key range check
+            mass_add = float(ids.numel()) if s is None else float(s.sum(dtype=torch.float64))
+            fresh = located is not None and located.generation == self.generation and located.flat.shape == ids.shape
+            gen, waiting = self._waiting_left
+            *changes, waiting = torch.ops.embcompress.hotsketch_insert(
+                self.keys, self.scores, self.hot_row, self.row_used, self.mass, ids, s, mass_add,
+                self.seed * 0x2545F491, self.threshold, self.decay, self.decay_mass, self.pressure_decay, self.preempt,
+                located.flat if fresh else None, located.found if fresh else None,
+                waiting if gen == self.generation else None)
+            self.generation += 1
+            self._waiting_left = (self.generation, waiting)
+            return SketchUpdate(*changes)
         if ids.numel() > 0:
             loc = self._valid(located, ids)
             # Ids not found add 0 to their bucket's first slot: no masking, one scatter_add over the batch

@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .base import FLOAT_BYTES, CompressedEmbeddingBag, tensor_bytes
 from .ops import field_of, field_starts, hash64
 from .quant import dequantize_rows, quantize_rows, row_bytes, unpack_int4
@@ -528,14 +529,22 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
                 cols.append((h >> 31) % width)
         return torch.stack(cols)
 
+    def _native(self) -> bool:
+        return self.sketch.device.type == "cpu" and self.sketch.numel() > 0 and native.library() is not None
+
     def _sketch_add(self, ids: Tensor, counts: Tensor) -> None:
-        self.sketch.scatter_add_(1, self._hashes(ids), counts.to(torch.int32).expand(self.sketch.shape[0], -1))
+        if self._native():  # the same counters, compiled (native.py)
+            torch.ops.embcompress.cms_add(self.sketch, ids, counts)
+        else:
+            self.sketch.scatter_add_(1, self._hashes(ids), counts.to(torch.int32).expand(self.sketch.shape[0], -1))
         self.stats[3] += counts.sum()
         if self.stats[3] >= self.sketch_reset * self.sketch.shape[1]:
             self.sketch.div_(2, rounding_mode="floor")
             self.stats[3] = 0
 
     def _estimate(self, ids: Tensor) -> Tensor:
+        if self._native():
+            return torch.ops.embcompress.cms_estimate(self.sketch, ids)
         return self.sketch.gather(1, self._hashes(ids)).min(dim=0).values.long()
 
     def hit_rate(self) -> float:

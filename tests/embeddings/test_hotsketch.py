@@ -295,3 +295,72 @@ def test_cell_aggregation_of_newcomers_gives_the_sorted_result(buckets, monkeypa
         for name, t in cells.state_dict().items():
             assert torch.equal(t, sorted_.state_dict()[name]), name
     assert demoted > 0 and cells.num_hot() == 32  # the hot set filled and turned over
+
+
+# ---------------------------------------------------------------------------- the compiled kernels
+@pytest.fixture(params=["native", "pytorch"], autouse=True)
+def kernels(request, monkeypatch):
+    """Every test of this module runs on the compiled kernels (where a compiler exists) and on the
+    vectorised PyTorch path."""
+    from embcompress.embeddings import native
+
+    if request.param == "pytorch":
+        monkeypatch.setenv("EMBCOMPRESS_NATIVE", "0")
+    elif native.library() is None:
+        pytest.skip("no C++ compiler: the compiled kernels are not built")
+    return request.param
+
+
+def _zipf(n, universe, seed):
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, universe + 1, dtype=np.float64) ** -1.1
+    return torch.from_numpy(rng.permutation(universe)[rng.choice(universe, size=n, p=p / p.sum())] * 7919 + 13)
+
+
+@pytest.mark.parametrize("buckets,rows,threshold,batch,key_dtype,scored,preempt,pressure", [
+    (64, 40, 5.0, 300, torch.int64, False, True, True),  # a full hot set: pressure decays and preemption
+    (1024, 1000, 20.0, 4096, torch.int64, False, True, True),
+    (256, 100, 3.0, 5000, torch.int32, False, True, True),  # newcomers outnumber the buckets
+    (512, 300, 4.0, 2000, torch.int64, True, False, False),  # float scores, the paper's rules alone
+    (128, 50, 0.3, 700, torch.int32, True, True, True),
+])
+def test_compiled_insert_gives_the_state_of_the_pytorch_path(kernels, buckets, rows, threshold, batch, key_dtype,
+                                                            scored, preempt, pressure):
+    """After every batch the compiled insert leaves the same keys, scores, hot rows, free-row mask and
+    mass as the PyTorch path, and reports the same promotions and demotions in the same order."""
+    if kernels == "pytorch":
+        pytest.skip("compares the two paths")
+    kw = dict(key_dtype=key_dtype, preempt=preempt, pressure_decay=pressure)
+    compiled, reference = HotSketch(buckets, rows, threshold, **kw), HotSketch(buckets, rows, threshold, **kw)
+    reference.native = False
+    stream = _zipf(batch * 25, 20000, seed=buckets)
+    g = torch.Generator().manual_seed(1)
+    changed = 0
+    for i in range(25):
+        ids = stream[i * batch:(i + 1) * batch]
+        scores = torch.rand(len(ids), generator=g) * 2 if scored else None
+        loc_c, loc_r = compiled.locate(ids), reference.locate(ids)
+        for a, b in zip((loc_c.bucket, loc_c.flat, loc_c.found), (loc_r.bucket, loc_r.flat, loc_r.found)):
+            assert torch.equal(a, b)
+        for a, b in zip(compiled.query(ids, loc_c), reference.query(ids, loc_r)):
+            assert torch.equal(a, b)
+        up_c, up_r = compiled.insert(ids, scores, located=loc_c), reference.insert(ids, scores, located=loc_r)
+        for name in ("keys", "scores", "hot_row", "row_used", "mass"):
+            assert torch.equal(getattr(compiled, name), getattr(reference, name)), (i, name)
+        for name in ("promoted_ids", "promoted_rows", "demoted_ids", "demoted_rows"):
+            assert torch.equal(getattr(up_c, name), getattr(up_r, name)), (i, name)
+        changed += len(up_c.promoted_ids) + len(up_c.demoted_ids)
+    assert changed > 0 and compiled.num_hot() > 0  # the streams exercise promotion and demotion
+
+
+def test_native_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    from embcompress.embeddings import native
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("EMBCOMPRESS_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is None
+    sk = HotSketch(16, 8, 2.0)
+    assert not sk._native()
+    sk.insert(torch.tensor([1, 1, 1, 2]))  # the PyTorch path
+    assert sk.num_hot() == 1

@@ -165,8 +165,12 @@ def simulate(batches, capacity, policy, depth=2, reset=10, width=1):
     return hits, total, set(cache)
 
 
+@pytest.mark.parametrize("kernels", ["native", "pytorch"])
 @pytest.mark.parametrize("policy,depth,width", [("lfu", 2, 1), ("lfu", 3, 1), ("lfu", 2, 8), ("lru", 2, 1)])
-def test_cache_hit_rate_matches_exact_simulation(policy, depth, width):
+def test_cache_hit_rate_matches_exact_simulation(policy, depth, width, kernels, monkeypatch):
+    """(On the compiled count-min sketch where a compiler exists, and on the PyTorch one.)"""
+    if kernels == "pytorch":
+        monkeypatch.setenv("EMBCOMPRESS_NATIVE", "0")
     n, capacity, steps, batch = 3000, 60, 80, 48
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, n + 1) ** 1.1
