@@ -57,7 +57,7 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _preprocess_once(fn, path: Path, out: Path, options: dict, wait_s: float = 3600.0) -> None:
+def _preprocess_once(fn, path: Path, out: Path, options: dict, wait_s: float = 3600.0, poll_s: float = 1.0) -> None:
     """Preprocess into the cache on rank 0 only (under torchrun); the other ranks wait for it. With a
     process group they meet rank 0 at a barrier; without one they poll for the finished dataset."""
     rank, world = _rank()
@@ -75,7 +75,7 @@ def _preprocess_once(fn, path: Path, out: Path, options: dict, wait_s: float = 3
             if time.monotonic() > deadline:
                 raise DataError(f"rank {rank} waited {wait_s:.0f}s for rank 0 to preprocess {path} into {out}; "
                                 "the cache directory must be shared by all ranks.")
-            time.sleep(1.0)
+            time.sleep(poll_s)
 
 
 def load_dataset(spec: str, **options) -> Dataset:

@@ -155,12 +155,12 @@ def test_only_rank_0_preprocesses(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(DataError, match="rank 1 waited"):
-        _preprocess_once(fn, tmp_path / "a.csv", out, {"progress": False}, wait_s=0.3)
+        _preprocess_once(fn, tmp_path / "a.csv", out, {"progress": False}, wait_s=0.3, poll_s=0.05)
     assert calls == []
     # rank 1 waits while "rank 0" (a thread here) preprocesses, then finds the finished dataset
-    worker = threading.Thread(target=lambda: (time.sleep(0.5), fn(tmp_path / "a.csv", out, progress=False)))
+    worker = threading.Thread(target=lambda: (time.sleep(0.2), fn(tmp_path / "a.csv", out, progress=False)))
     worker.start()
-    _preprocess_once(fn, tmp_path / "a.csv", out, {"progress": False}, wait_s=30)
+    _preprocess_once(fn, tmp_path / "a.csv", out, {"progress": False}, wait_s=30, poll_s=0.05)
     worker.join()
     assert open_dataset(out).num_rows == 2 and calls == [out]
     monkeypatch.setenv("RANK", "0")
