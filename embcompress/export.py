@@ -161,17 +161,23 @@ def metadata(model: nn.Module, **extra: Any) -> dict[str, Any]:
     }
 
 
+def artifact_path(path: str | Path) -> Path:
+    """``path`` as a Path, or a ValueError when it cannot name an artifact (a .pt2 file)."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"the artifact's file name must end in .pt2 (torch.export's archive format), got {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give the artifact's file name")
+    return path
+
+
 def save(model: nn.Module, path: str | Path, *, check_rows: int = 64, **extra: Any) -> torch.export.ExportedProgram:
     """Export ``model``, check the artifact against the eager model on ``check_rows`` random rows, write it.
 
     The check runs the program as saved (after a round trip through ``torch.export.load``) and raises if
     its logits differ from the eager model's beyond float rounding: an artifact that would serve other
     scores is never written."""
-    path = Path(path)
-    if path.suffix != ".pt2":
-        raise ValueError(f"the artifact's file name must end in .pt2 (torch.export's archive format), got {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; give the artifact's file name")
+    path = artifact_path(path)
     program = export_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.pt2")
@@ -209,6 +215,7 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
 def cmd_export(args: Any) -> int:
     from .serve.model import load_model
 
+    artifact_path(args.out)  # before the model is loaded
     model = load_model(args.run)  # eval mode, on the CPU
     table = model_table(model)
     save(model, args.out, run=str(Path(args.run).resolve()))
