@@ -1,98 +1,12 @@
 """HotSketch (CAFE, SIGMOD 2024): find the hot features of a stream online, in fixed memory.
 
-The sketch has ``w`` buckets of ``c`` slots (default c = 4). A slot holds a feature id (int64, -1 when
-empty), an importance score (float32) and a hot-row index (int32, -1 when the feature is not hot). A
-feature lives in bucket :func:`bucket_of` (a multiply-xorshift-multiply hash of the id, reduced to
-``[0, w)`` by a multiply-high, so sequential ids spread evenly and no int64 modulo is needed).
-
-Insert of (id, s), DESIGN.md §4:
-- the id is in its bucket: add s to its score;
-- else, if the bucket's smallest slot is empty or not hot, the id takes that slot with the slot's old
-  score plus s (an empty slot counts as score 0): Space-Saving replacement;
-- else (the smallest slot is hot) the update is dropped.
-After the scores change, every non-hot entry whose score reached the threshold ``T`` is promoted while
-hot rows are free (highest score first). All scores are multiplied by ``decay`` (hot entries that fall
-below ``T`` are demoted, their hot row returns to the free list) when either
-- the score mass inserted since the last decay exceeds ``decay_mass · w · T`` (DESIGN.md §4), or
-- the hot set is oversubscribed: more non-hot entries have reached ``T`` than there are free rows.
-The second rule is ours and is what makes the sketch adaptive. With the first alone a stationary
-feature of mass share q settles at a score of ``q · decay_mass · w · T / (1 - decay)``, i.e. 30× T for
-the k-th feature of a Zipf-1.1 stream with w = k, and it takes ``ln(30) / (1 - decay)`` ≈ 170 decays,
-each ``decay_mass · w · T`` of mass apart, before it can lose its row: a changed hot set is never
-followed. Decaying while features wait for a row makes the decay rate self-calibrating: scores shrink
-just fast enough that about as many entries stay above ``T`` as there are hot rows, so ``T`` sets the
-memory of the sketch (the time the k-th feature needs to accumulate ``T``) and old hot features lose
-their rows at ``1 - decay`` of log-score per step once newcomers compete for them
-(benchmarks/cafe_adaptivity.py). At most one decay happens per :meth:`insert`.
-Also ours: an entry still waiting for a row after promotion takes the row of the lowest-scored hot
-entry if it outscores it by more than one decay step (``preempt``), so the hot set is the top of the
-sketch rather than whoever reached T first (top-k recall of the hot set 0.94 -> 0.98 with one bucket per
-hot row at batches of 106k ids). Both rules can be switched off to get DESIGN.md's rules alone.
-
-**Batches.** :meth:`insert` applies a whole batch at once, vectorised, with this rule:
-1. scores of ids already in the sketch are added first (all occurrences of an id together);
-2. the remaining ids ("newcomers") are aggregated per unique id (their scores summed);
-3. in each bucket the newcomers are ranked by aggregated score (ties: smaller id first) and paired with
-   the bucket's *evictable* slots in ascending order of score (empty first; ties: lower slot index),
-   where a slot is evictable when it is empty or not hot with a score no larger than the bucket's
-   smallest hot score. The first newcomer always takes the first evictable slot (Space-Saving: a
-   newcomer replaces the minimum); the r-th newcomer (r ≥ 1) takes the r-th evictable slot only if
-   the slot is empty or holds less score than the newcomer brings in this batch. A placed newcomer
-   inherits the slot's score plus its own; the others are dropped.
-   The condition protects features that have accumulated score from being flushed by a crowd of light
-   newcomers: a plain "every newcomer takes an evictable slot" rule (our first version) replaced every
-   non-hot slot of a busy bucket at every batch and recalled only about half of the true top-k with
-   one bucket per hot row (benchmarks/hotsketch.py has the recall against memory);
-4. decay/demotion, then promotion (highest score first, ties by slot position) into the free rows with
-   the smallest indices, then preemption.
-
-**Memory and recall.** Against exact counting on Zipf streams (benchmarks/hotsketch.py, k = 1000 hot
-rows): with one bucket of 4 slots per hot row the hot set recalls 0.97-0.99 of the true top-k at batches
-of 106k ids but only 0.75-0.83 at 3,328 ids (a DLRM step of 128 × 26); 2 buckets per row give 0.89-0.97
-and 4 give 0.98 there. At equal memory (hot rows of D = 16 plus their sketch share) one bucket per row
-still serves the most lookups from hot rows (59% vs 57% and 54% of all lookups at Zipf 1.05), because
-it affords more rows; so CAFE's tables default to one bucket per hot row, as in the paper.
-With one id per call this is exactly the sequential algorithm. The result does not depend on the order
-of ids within a batch (up to float rounding of score sums; with integer scores it is exact), and the
-same code gives the same state on CPU and CUDA (checked on an H100: every choice among equal scores is
-made by slot position, never by ``torch.topk``'s backend-specific order of ties). With float scores
-(gradient importance) CUDA adds a batch's scores in no fixed order, so the two can differ where sums
-differ in the last bit.
-
-**Speed.** A training step queries the sketch in the forward and inserts the same ids after backward;
-:meth:`locate` returns the buckets and slots of a batch and :meth:`insert` reuses them while the sketch
-has not changed since (a generation counter tells), so the hash and the slot search run once per step.
-On the CPU the cost is a few microseconds per op plus one pass over memory, and sorts of ~20k elements
-are slow (~1 ms: below 32768 elements torch does not use its radix sort), so:
-- gathers use ``index_select`` (advanced indexing ``x[idx]`` is ~10× slower), the hash runs in place;
-- newcomers are not sorted: most buckets receive one distinct newcomer, which a scatter of the smallest
-  and largest id per bucket finds; only buckets with several go through ``torch.unique`` and a sort
-  (:meth:`HotSketch._newcomers_by_bucket`), and the slot each newcomer takes comes from counting
-  comparisons between the c slots rather than a per-bucket sort (:func:`pick_ranked`). A step with few
-  ids is the other way round: each op then costs its fixed few microseconds, so below 1,024 newcomers
-  the slots come from a sort of the c × m candidates, and when the newcomers outnumber the buckets (a
-  small sketch, as CAFE's at 10,000×) they go straight to the sort that the cells would end in;
-- the promotion scans the sketch once per insert (entries at T and not hot) and the free-row list only
-  up to the rows it needs.
-At batches of 4096×26 ids and 65,536 buckets (``benchmarks/hotsketch.py --skip-recall --baseline
-FILE``: passes of the old and the new version alternate in one process), on a quiet machine (load
-0.3-0.7), this did 15.8M / 16.9M / 19.8M ids/s at Zipf 1.05 / 1.1 / 1.3 on 1 thread and 17.5-18.3M /
-17.2-17.9M / 21.9-25.5M on 2 threads: 1.2-1.55× the sorting version (commit bb67e12) in the same runs.
-On a later day the same code did 20.5-22.2M / 21.5-24.2M / 28.6-29.1M on 2 threads (three runs): this
-machine's speed drifts by 20-25%, so compare versions only within one run.
-Two threads gain little because each op works on ~100k elements. The same states result (same float
-sums in the same order). What remains: hash and slot search ~30% of a batch, newcomers ~40%, query ~12%,
-promotion scan ~12%. At 3,328 ids a batch it is ~1.4× with 65,536 buckets and ~1.07× with 8,192 and a
-full hot set.
-On CUDA the trade-off is reversed: every op is a kernel launch of a few microseconds whatever
-its size, and a sort is a few kernels, so there both the newcomers and their slots go through the sort
-(the same results: ``test_cell_aggregation_of_newcomers_gives_the_sorted_result``,
-``test_pick_ranked_is_a_stable_sort_at_the_rank``). A CAFE training step on an H100 is bound by these
-launches (README, "On a GPU").
-
-All state sits in fixed-size buffers, so ``state_dict`` is a complete checkpoint and the memory is
-``w · c · 16`` bytes for the slots (``w · c · 12`` with ``key_dtype=torch.int32``, the paper's 48 bytes per
-bucket of 4 slots), one byte per hot row for the free-row mask and 8 bytes of counter.
+``w`` buckets of ``c`` slots (id, float32 score, hot row); an id lives in bucket :func:`bucket_of`. An
+insert adds scores (Space-Saving replacement for ids not in the sketch), and entries whose score reaches
+the threshold T take free hot rows; scores decay by ``decay`` when the inserted mass or the demand for
+rows (more entries at T than free rows) calls for it, and a waiting entry may preempt a weaker hot one.
+:meth:`HotSketch.insert` applies a whole batch with one documented batch rule, vectorised in PyTorch
+(any device) or compiled (:mod:`.native`, CPU; the same state, tested). The rules, why each was chosen,
+and the measurements behind them: docs/native.md, "HotSketch".
 """
 
 from __future__ import annotations

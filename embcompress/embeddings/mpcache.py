@@ -1,68 +1,14 @@
-"""``mpcache``: INT8/INT4 row-wise quantised table with a full-precision cache of hot rows.
+"""``mpcache``: INT8/INT4 row-wise quantised rows with a float32 cache of hot rows (Yang et al., 2020).
 
-After "Mixed-Precision Embedding Using a Cache" (Yang et al., 2020). Every row is stored quantised in
-FBGEMM's fused row layout (see :mod:`.quant`): INT8 rows are ``D`` codes + fp32 scale + fp32 bias and
-can be handed to ``torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat`` / TorchRec as they are.
-A cache of C rows (default 5% of rows at INT8, 1% at INT4) holds the hot rows in float32.
-
-Training (one optimizer step; ``embcompress.attach(model, optimizer)`` is the only extra call):
-
-1. forward: ``cache_weight`` (an ``nn.Parameter`` with sparse gradients) holds the C cache slots followed
-   by a staging workspace; the step's uncached ids are dequantised into staging rows, and one embedding
-   call reads every id (a cache slot or its staging row). So the project's optimizer computes the update
-   of *every* row, cached or not, with its own rule and lr, in one sparse update.
-2. ``optimizer.step()`` updates cached rows (full precision) and staged rows.
-3. ``after_optimizer_step`` calls :meth:`update_state` with the step's ids and counts: staged rows are
-   written back to their codes with stochastic rounding (dequantise -> update -> requantise, so the
-   update is unbiased), then the cache admits the rows the policy prefers; an evicted row is written
-   back with stochastic rounding; an admitted row moves in with its freshly updated float value.
-   A written-back row keeps its scale and bias while its values still fit them and span at least half
-   of them (``write_back="keep-grid"``, the default; :func:`~.quant.grid_kept`): an element then keeps
-   its code unless the update moved it, and picks up rounding noise in proportion to the update. A fresh
-   grid at every write (``"fresh"``) re-rounds every element every time; an uncached row is written
-   hundreds of times, and at INT4 that noise added up: INT4 + 1% lost 0.42% AUC on average over five
-   seeds (1.33% on one) against 0.21% with the grid kept (benchmarks/README.md, "mpcache.py").
-
-The staging rows are a per-step workspace, not state: ``state_dict`` (and so ``memory_bytes``) holds only
-the first C rows of ``cache_weight``.
-
-Optimizer state follows the row (``optimizer_state``). A staging slot serves a different row every
-step, and a cache slot a new row after each admission, so per-slot optimizer state (Adagrad's
-accumulator, Adam's moments) would belong to whichever rows used the slot before: every uncached row
-would share the accumulators of the first staging slots, which grow every step, so rare rows would train
-with a learning rate that decays with the step count instead of with their own gradients. The table
-therefore keeps a per-row store of each state tensor the optimizer holds for its parameters
-(``optstate_<name>`` buffers) and moves it with the row: before the step the staged rows' state is loaded
-into the optimizer's state of their staging rows, after the step it is stored back; an admitted row's state
-moves into its cache slot and an evicted row's moves back to the store.
-* ``row`` (default): one value per row and state tensor, the mean over the D elements: for Adagrad this
-  is the row-wise Adagrad of FBGEMM/TorchRec (4 bytes per row) for the rows outside the cache, while
-  cached rows keep element-wise state in their slot. For Adam's signed first moment the mean is a rough
-  summary; use ``element`` there.
-* ``element``: D values per row (exact for any element-wise optimizer), a float table as large as the
-  uncompressed table during training: for measuring what ``row`` costs.
-* ``slot``: no store; state stays with the slot (exact for SGD, which has no state).
-Optimizer state is not counted in ``memory_bytes()`` for any method (``full``'s Adagrad state is as large
-as its table), so the store is not either. It is part of ``state_dict`` (checkpoints, exact resume).
-
-Cache policy (batch granularity; :meth:`update_state` is the whole rule, a test replays it exactly):
-every candidate (cached rows and this step's other ids) gets a key and the C best survive, ordered by
-key descending, then cached before new, then smaller id first.
-* ``lru``: key = last step the row was used.
-* ``lfu``: key = estimated frequency from a count-min sketch of ``sketch_depth`` rows of W =
-  ``sketch_width`` x C int32 counters (hashed with :func:`~.ops.hash64`, two rows per hash) that every
-  step's counts are added to; when the mass added since the last halving reaches ``sketch_reset`` x W,
-  all counters are halved (TinyLFU ageing), so popularity can drift. New ids therefore enter only when
-  they are used more often than the weakest cached row. W = C (TinyLFU's sizing) is too coarse when a
-  training step brings more distinct ids than the cache holds: at INT4 + 1% (C = 675, ~2k distinct ids a
-  step) the counters then collide so much, and halve so often (every ~2 steps), that the cache served
-  only 75% of lookups (LRU: 85%); with W = 8·C it served 88% and the AUC loss fell from 0.93% to 0.12%.
-
-Data parallel (torchrun): a training forward first all-gathers every rank's (unique ids, counts) and
-stages their union on every rank (:meth:`_rows_all_ranks`), so the one state update sees all ranks' ids
-and counts and every replica applies the same update.
-
-Memory: N·row_bytes + C·(4·D + 24 [sorted id, slot, key] + 4·depth·width [sketch, lfu only]) + 32 bytes.
+Rows are stored in FBGEMM's fused row layouts (:mod:`.quant`); C cache rows (default 5% of rows at INT8,
+1% at INT4) hold the hot rows in float32. In training the step's uncached rows are dequantised into
+staging rows of one sparse parameter (``cache_weight``: cache slots, then a staging workspace), so the
+user's optimizer updates every row; ``after_optimizer_step`` writes staged and evicted rows back with
+stochastic rounding (on the row's old grid where it still fits: ``write_back``), admits rows by the
+policy (``lfu``: a count-min sketch; ``lru``) and moves each row's optimizer state with it
+(``optimizer_state``). A cached row's stored row holds its cache slot, marked by the sign bit of its
+scale, so a lookup needs no search; outside training on the CPU, lookups run PyTorch's quantized
+``embedding_bag`` ops. The rules, why each was chosen, and the memory formula: docs/native.md, "mpcache".
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
-"""Row-wise asymmetric quantisation in FBGEMM's fused row layouts (used by the ``mpcache`` table).
+"""Row-wise asymmetric quantisation in FBGEMM's fused row layouts (the ``mpcache`` table's rows).
 
-A row x of D floats is stored as codes q in [0, L] (L = 2^bits - 1) plus a per-row scale s and bias b,
-and decodes to ``q * s + b``. The bias is the row minimum and the scale spans the row's range, so every
-value lies in [b, b + L·s] and no code is ever clamped.
-
-Layouts, one uint8 buffer per row (so a table is one (N, row_bytes) uint8 tensor):
-
-* INT8 (FBGEMM ``Fused8BitRowwiseQuantized``): ``D`` code bytes, then the fp32 scale, then the fp32
-  bias (little-endian), ``D + 8`` bytes. ``torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat`` decodes it.
-* INT4 (FBGEMM ``FusedNBitRowwiseQuantizedSBHalf`` with bit_rate 4): ``ceil(D / 2)`` bytes, element
-  2j in the low nibble and element 2j+1 in the high nibble of byte j, then an fp16 scale and an fp16
-  bias, ``ceil(D / 2) + 4`` bytes. The fp16 bias is rounded down and the fp16 scale up, so the stored
-  range still covers the row and the half-step error bound holds exactly.
-
-Rounding is to nearest (``stochastic=False``) or stochastic, ``floor(v + U[0, 1))``, which equals
-``round(v + U(-0.5, 0.5))`` and is unbiased: E[q] = v for v = (x - b) / s, so E[decode] = x.
+A row of D floats is stored as codes in [0, 2^bits - 1] plus a per-row scale and bias (the row's minimum),
+decoding to ``code * scale + bias``; INT8 rows are D code bytes + fp32 scale + fp32 bias, INT4 rows
+ceil(D/2) bytes (element 2j in the low nibble) + fp16 scale + fp16 bias, so FBGEMM and PyTorch's
+quantized ops read them as they are. Rounding is to nearest or stochastic (unbiased). The layouts and
+the error bounds the tests check: docs/native.md, "Quantised rows".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HotSketch: the sequential rules of DESIGN.md §4, the batch rule, decay/demotion, and recall on Zipf."""
+"""HotSketch: the paper's sequential rules, the batch rule, decay/demotion, recall on Zipf, compiled vs PyTorch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from embcompress.embeddings.hotsketch import HotSketch, pick_ranked
 
 def one_bucket(slots: int = 4, hot_rows: int = 2, threshold: float = 100.0, decay_mass: float = 1e9,
                decay: float = 0.98, pressure_decay: bool = False, preempt: bool = False) -> HotSketch:
-    """A sketch of one bucket (every id collides); DESIGN.md §4's rules only unless asked (no decay, no
+    """A sketch of one bucket (every id collides); the paper's rules only unless asked (no decay, no
     pressure decay, no preemption)."""
     return HotSketch(1, hot_rows, threshold, slots=slots, decay=decay, decay_mass=decay_mass,
                      pressure_decay=pressure_decay, preempt=preempt)
@@ -119,7 +119,7 @@ def test_batch_result_does_not_depend_on_order_within_the_batch():
 
 
 def test_single_id_batches_follow_the_sequential_rule():
-    """Inserting one id at a time through insert() matches a direct Python model of DESIGN.md §4."""
+    """Inserting one id at a time through insert() matches a direct Python model of the paper's sequential rule."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 12, (400,), generator=gen).tolist()
     sk = one_bucket(slots=3, hot_rows=1, threshold=30.0, decay_mass=1e9)
