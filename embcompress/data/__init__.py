@@ -13,7 +13,7 @@ from .criteo import preprocess_criteo
 from .csv import preprocess_csv
 from ._pipeline import check_input_file
 from .errors import DataError
-from .features import copy_feature_map, load_vocabularies, read_feature_map
+from .features import FEATURES_FILE, copy_feature_map, load_vocabularies, read_feature_map
 from .synthetic import KAGGLE_CARDINALITIES, bayes_auc, make_synthetic, write_synthetic_tsv
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _complete(out: Path) -> bool:
+    return (out / "meta.json").exists() and (out / FEATURES_FILE).exists()
+
+
 def _preprocess_once(fn, path: Path, out: Path, options: dict, wait_s: float = 3600.0, poll_s: float = 1.0) -> None:
     """Preprocess into the cache on rank 0 only (under torchrun); the other ranks wait for it. With a
     process group they meet rank 0 at a barrier; without one they poll for the finished dataset."""
@@ -64,14 +68,15 @@ def _preprocess_once(fn, path: Path, out: Path, options: dict, wait_s: float = 3
     import torch.distributed as dist
 
     group = world > 1 and dist.is_available() and dist.is_initialized()
-    if rank == 0 and not (out / "meta.json").exists():
+    # a cached dataset without a feature map (written by an older version) is preprocessed again
+    if rank == 0 and not _complete(out):
         log.info("preprocessing %s into %s", path, out)
         fn(path, out, overwrite=True, **options)
     if group:
         dist.barrier()
     elif rank != 0:
         deadline = time.monotonic() + wait_s
-        while not (out / "meta.json").exists():
+        while not _complete(out):
             if time.monotonic() > deadline:
                 raise DataError(f"rank {rank} waited {wait_s:.0f}s for rank 0 to preprocess {path} into {out}; "
                                 "the cache directory must be shared by all ranks.")

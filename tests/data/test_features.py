@@ -166,3 +166,6 @@ def test_only_rank_0_preprocesses(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     _preprocess_once(fn, tmp_path / "a.csv", out, {"progress": False})  # cached: not preprocessed again
     assert calls == [out]
+    (out / "features.json").unlink()  # a cache entry from before datasets had a feature map is redone
+    _preprocess_once(fn, tmp_path / "a.csv", out, {"progress": False})
+    assert calls == [out, out] and read_feature_map(out)["vocabulary"] is not None
