@@ -51,8 +51,10 @@ class _Reader:
         fmap = run.features
         inp = fmap.get("input")
         if not inp or not fmap.get("vocabulary"):
-            raise DataError(f"run {run.path} was trained on data without raw values ({fmap.get('source')}): it "
-                            "has no vocabularies to read raw rows with.")
+            why = ("its dataset was preprocessed without vocabularies (by an older version): preprocess the raw "
+                   "file again and retrain" if fmap.get("source") in ("criteo", "csv") else
+                   f"it was trained on data without raw values ({fmap.get('source')})")
+            raise DataError(f"run {run.path} has no vocabularies to read raw rows with: {why}.")
         self.path = Path(_raw_path(path, inp["format"]))
         if self.path.is_dir():
             raise DataError(f"{self.path} is a directory: give the raw rows as a file ({inp['format']} format, "

@@ -140,3 +140,12 @@ def test_headerless_csv_run_keeps_the_training_layout(tmp_path, capsys):
     assert "expected 3 fields as in training" in _cli_error(
         ["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "two.tsv"), "--out",
          str(tmp_path / "q.csv")], capsys)
+
+
+def test_a_run_without_vocabularies_says_why(tmp_path, capsys):
+    train_model(TrainConfig(data="synthetic", data_options={"rows": 300, "scale": 0.0005}, method="full",
+                            batch_size=64, warmup_steps=2, out=str(tmp_path / "run"), progress=False))
+    (tmp_path / "x.tsv").write_text("1\t" * 39 + "1\n")
+    err = _cli_error(["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "x.tsv"), "--out",
+                      str(tmp_path / "p.csv")], capsys)
+    assert "no vocabularies" in err and "synthetic" in err
