@@ -4,7 +4,7 @@ original and the compressed model.
 Reads a run directory written by the training loop, calibrates on training batches, evaluates both
 models on the test split, times them (and the serving form) at a few batch sizes, and writes a new run
 directory: ``config.json``, ``checkpoint.pt`` (the compressed state plus the plan that rebuilds its
-structure, see :func:`load_weights`), ``compression.json`` (per-layer ranks) and ``summary.json``.
+structure, which :func:`embcompress.load_model` applies), ``compression.json`` (per-layer ranks) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -99,26 +99,6 @@ def _state_mismatch(model: nn.Module, state: dict[str, Any]) -> str:
     parts = [f"{label} {names(keys)}" for label, keys in
              (("missing", missing), ("unexpected", unexpected), ("wrong shape:", shapes)) if keys]
     return "; ".join(parts)
-
-
-def load_weights(model: nn.Module, state: dict[str, Any], source: str) -> None:
-    """Load a checkpoint's weights into a freshly built ``model``, first giving it the compressed structure
-    a ``compress-lowrank`` checkpoint records; CheckpointError (one line) when the checkpoint is of
-    another structure than the model."""
-    from ..train.checkpoint import CheckpointError
-
-    compression = state.get("compression")
-    try:
-        if compression is not None:
-            if not isinstance(compression, dict) or "plan" not in compression:
-                raise ValueError("its 'compression' entry holds no plan")
-            apply_plan(model, compression["plan"])
-        mismatch = _state_mismatch(model, state["model"])
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {source} does not fit the model: {e}") from e
-    if mismatch:
-        raise CheckpointError(f"checkpoint {source} does not fit the model: {mismatch}")
-    model.load_state_dict(state["model"])
 
 
 def finetune(model: nn.Module, cfg: Any, train: Any, steps: int, lr: float, batch_size: int | None = None) -> None:
