@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .afm import MLP_VARIANCE, apply_plan, compress_model
+from .afm import MLP_VARIANCE, compress_model
 
 log = logging.getLogger(__name__)
 
