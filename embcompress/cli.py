@@ -156,7 +156,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="synthetic: Zipf exponent of the ids, or criteo-sample (per-field exponents fitted to "
                         "the real sample) (default 1.1)")
     g.add_argument("--drift", type=fraction, help="synthetic: popularity drift over time, 0..1 (default 0)")
-    g.add_argument("--data-seed", type=int, help="synthetic: generator seed (default: --seed)")
+    g.add_argument("--data-seed", type=nonnegative_int, help="synthetic: generator seed (default: --seed)")
     g.add_argument("--label", help="csv: label column (required for csv:)")
     g.add_argument("--categorical", help="csv: comma-separated categorical columns")
     g.add_argument("--numeric", help="csv: comma-separated numeric columns")
@@ -182,8 +182,23 @@ def skew_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"a number or one of {sorted(SKEW_PRESETS)}, got {text!r}") from None
 
 
+#: data flags and the kind of --data each applies to ("raw": criteo: and csv:)
+_DATA_FLAGS = {"rows": "synthetic", "fields": "synthetic", "scale": "synthetic", "skew": "synthetic",
+               "drift": "synthetic", "data_seed": "synthetic", "label": "csv", "categorical": "csv",
+               "numeric": "csv", "delimiter": "csv", "min_count": "raw", "skip_bad_lines": "raw", "cache_dir": "raw"}
+_DATA_KINDS = {"synthetic": "synthetic", "csv": "csv:", "raw": "criteo: and csv:"}
+
+
 def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The data options of ``args`` for :func:`embcompress.data.load_dataset`; a flag that does not apply
+    to the kind of ``--data`` given is an error (it would be ignored)."""
     spec = args.data
+    kind = "synthetic" if spec == "synthetic" else spec.split(":", 1)[0] if spec.startswith(("csv:", "criteo:")) else ""
+    for name, applies in _DATA_FLAGS.items():
+        if getattr(args, name, None) not in (None, False) and not (
+                applies == kind or (applies == "raw" and kind in ("criteo", "csv"))):
+            raise ValueError(f"--{name.replace('_', '-')} applies to {_DATA_KINDS[applies]} data only, "
+                             f"not to --data {spec}")
     opts: dict[str, Any] = {}
     if spec == "synthetic":
         for name in ("rows", "fields", "scale", "skew", "drift"):
@@ -197,8 +212,6 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
                     numeric=split_list(args.numeric) or [])
         if args.delimiter:
             opts["delimiter"] = args.delimiter
-    if not spec == "synthetic" and not spec.startswith(("criteo:", "csv:")) and args.skip_bad_lines:
-        raise ValueError("--skip-bad-lines applies to criteo: and csv: data only")
     if spec.startswith(("criteo:", "csv:")):
         if args.min_count is not None:
             opts["min_count"] = args.min_count
@@ -234,7 +247,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "steps (0: none)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
                    help="sgd (the DLRM reference, with --lr 0.1), adagrad, or adam (SparseAdam for the tables)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the model, the batch order and the random split")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the model, the batch order and the random split")
     g.add_argument("--shuffle", action="store_true", help="shuffle the batch order (default: time order)")
     g.add_argument("--max-steps", type=positive_int, help="stop training after this many steps (default: no limit)")
     g.add_argument("--val-fraction", type=_number(float, 0, 0.99, name="fraction"), default=0.0, metavar="F",
@@ -271,6 +284,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if out and out != args.resume:
             raise ValueError(f"--resume {args.resume} and --out {out} name different run directories")
         out = args.resume
+    if args.resume is not None and args.overwrite:
+        raise ValueError("--resume continues the run in the directory and --overwrite replaces it: give one")
+    if not out and (args.checkpoint_every or args.overwrite):
+        raise ValueError(f"{'--checkpoint-every' if args.checkpoint_every else '--overwrite'} needs a run "
+                         "directory (--out DIR)")
     return TrainConfig(
         data=args.data, data_options=data_options(args), split=args.split, val_fraction=args.val_fraction,
         method=args.method,
@@ -467,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=256, help="training batch size")
     p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (Adagrad)")
     p.add_argument("--warmup-steps", type=nonnegative_int, default=300, help="learning-rate warm-up steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the models")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the data and the models")
     p.add_argument("--out", type=out_path, help="write each run under OUT/METHOD (default: nothing written)")
     p.add_argument("--overwrite", action="store_true", help="replace the runs an earlier demo left under --out")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
@@ -502,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=positive_float, help="Criteo Kaggle cardinalities times this (default 0.01)")
     p.add_argument("--skew", type=skew_arg, help="Zipf exponent, or criteo-sample (default 1.1)")
     p.add_argument("--drift", type=fraction, help="popularity drift over time, 0..1 (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="generator seed")
     p.set_defaults(func=cmd_synth)
 
     for register in extra_commands():

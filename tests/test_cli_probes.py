@@ -160,3 +160,17 @@ def test_one_stderr_line_as_a_user_sees_it():
                        text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("embcompress: error: argument --device:"), r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "synthetic", "--label", "y"], "--label applies to csv: data only, not to --data synthetic"),
+    (["train", "--data", "criteo:x.tsv", "--rows", "10"], "--rows applies to synthetic data only"),
+    (["train", "--skip-bad-lines"], "--skip-bad-lines applies to criteo: and csv: data only"),
+    (["train", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["train", "--data-seed", "-1"], "argument --data-seed: must be >= 0"),
+    (["train", "--checkpoint-every", "10"], "--checkpoint-every needs a run directory (--out DIR)"),
+    (["train", "--out", "r", "--resume", "--overwrite"], "give one"),
+    (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+])
+def test_flags_that_would_be_ignored_or_crash_are_errors(capsys, args, message):
+    check_user_error(capsys, args, message)
