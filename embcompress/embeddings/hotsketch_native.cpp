@@ -95,16 +95,13 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
     };
     int64_t used = 0;
     if (waiting.n_before >= 0) {
-        std::vector<uint8_t> seen(total, 0);
         auto consider = [&](int64_t f) {
-            if (!seen[f] && s.hot[f] < 0 && s.scores[f] >= p.threshold) {
-                seen[f] = 1;
-                wait.push_back(f);
-            }
+            if (s.hot[f] < 0 && s.scores[f] >= p.threshold) wait.push_back(f);
         };
         for (int64_t i = 0; i < waiting.n_before; ++i) consider(waiting.before[i]);
         for (int64_t f : waiting.touched) consider(f);
         std::sort(wait.begin(), wait.end());
+        wait.erase(std::unique(wait.begin(), wait.end()), wait.end());
         for (int64_t r = 0; r < p.rows; ++r) used += s.used[r] != 0;
     } else {
         scan();
@@ -220,30 +217,38 @@ void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, doubl
             }
             comers[table[h]].score += add ? add[i] : 1.0f;
         }
-        // 3. per bucket (grouped by a counting sort): newcomers by score (desc; ties: smaller id)
-        // against the evictable slots
-        std::vector<int32_t> first(p.w + 1, 0);
-        for (const Newcomer& nc : comers) ++first[nc.bucket + 1];
-        for (int64_t b = 0; b < p.w; ++b) first[b + 1] += first[b];
-        std::vector<int32_t> fill(first.begin(), first.end() - 1);
-        std::vector<int32_t> grouped(comers.size());
-        for (size_t j = 0; j < comers.size(); ++j) grouped[fill[comers[j].bucket]++] = (int32_t)j;
+        // 3. per bucket (grouped by a radix sort on the bucket): newcomers by score (desc; ties: smaller
+        // id) against the evictable slots
+        const size_t m = comers.size();
+        std::vector<int32_t> grouped(m), spare(m);
+        for (size_t j = 0; j < m; ++j) grouped[j] = (int32_t)j;
+        for (int64_t shift = 0; (p.w - 1) >> shift; shift += 8) {  // stable LSD passes, one per byte
+            size_t count[257] = {0};
+            for (int32_t j : grouped) ++count[((comers[j].bucket >> shift) & 255) + 1];
+            for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
+            for (int32_t j : grouped) spare[count[(comers[j].bucket >> shift) & 255]++] = j;
+            grouped.swap(spare);
+        }
+        std::vector<size_t> starts;  // first position of each bucket's run, then m
+        for (size_t j = 0; j < m; ++j)
+            if (j == 0 || comers[grouped[j]].bucket != comers[grouped[j - 1]].bucket) starts.push_back(j);
+        starts.push_back(m);
         auto before = [&](int32_t a, int32_t b) {
             const float x = std::max(comers[a].score, 0.0f), y = std::max(comers[b].score, 0.0f);
             return x > y || (x == y && comers[a].id < comers[b].id);
         };
         std::vector<float> key(p.c);
         std::vector<int64_t> slot_order(p.c);
-        auto hi_next = [&](size_t lo) { return (size_t)first[comers[grouped[lo]].bucket + 1]; };
-        for (size_t lo = 0; lo < grouped.size();) {
-            const int64_t b = comers[grouped[lo]].bucket;
-            if (hi_next(lo) < grouped.size()) {  // the next bucket's slots
-                const int64_t nb = comers[grouped[hi_next(lo)]].bucket * p.c;
+        const size_t ahead = 8;  // buckets are random: fetch the slots of later buckets
+        for (size_t g = 0; g + 1 < starts.size(); ++g) {
+            if (g + ahead + 1 < starts.size()) {
+                const int64_t nb = comers[grouped[starts[g + ahead]]].bucket * p.c;
                 __builtin_prefetch(s.keys + nb);
                 __builtin_prefetch(s.scores + nb);
                 __builtin_prefetch(s.hot + nb);
             }
-            const size_t hi = (size_t)first[b + 1];
+            const size_t lo = starts[g], hi = starts[g + 1];
+            const int64_t b = comers[grouped[lo]].bucket;
             if (hi - lo > 1) std::sort(grouped.begin() + lo, grouped.begin() + hi, before);
             const int64_t base = b * p.c;
             float min_hot = INF;
@@ -255,7 +260,9 @@ void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, doubl
                 key[j] = evictable ? (empty ? -INF : s.scores[base + j]) : INF;
                 slot_order[j] = j;
             }
-            std::stable_sort(slot_order.begin(), slot_order.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+            for (int64_t j = 1; j < p.c; ++j)  // stable insertion sort of the c slots by key
+                for (int64_t i = j; i > 0 && key[slot_order[i - 1]] > key[slot_order[i]]; --i)
+                    std::swap(slot_order[i - 1], slot_order[i]);
             for (size_t r = 0; r < hi - lo && (int64_t)r < p.c; ++r) {
                 const Newcomer& nc = comers[grouped[lo + r]];
                 const int64_t slot = slot_order[r];
@@ -265,7 +272,6 @@ void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, doubl
                 s.scores[base + slot] = std::max(slot_score, 0.0f) + nc.score;
                 if (waiting.n_before >= 0) waiting.touched.push_back(base + slot);
             }
-            lo = hi;
         }
         *s.mass += mass_add;
     }
@@ -340,9 +346,13 @@ void hotsketch_query(const int32_t* hot, const float* scores, int64_t n, const i
     }
 }
 
+}  // extern "C"
+
+namespace {
+
 // mpcache's count-min sketch (depth rows of width int32 counters): rows 2j and 2j+1 take the low 31 and
 // the high 32 bits of ops.hash64(id, seed=j) modulo width.
-static inline int64_t hash64(int64_t x, int64_t seed) {
+inline int64_t hash64(int64_t x, int64_t seed) {
     uint64_t z = (uint64_t)x + (uint64_t)(seed + 1) * 0x9E3779B97F4A7C15ULL;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -350,31 +360,53 @@ static inline int64_t hash64(int64_t x, int64_t seed) {
     return (int64_t)(z & 0x7FFFFFFFFFFFFFFFULL);
 }
 
-static inline int64_t cms_column(int64_t h, int64_t r, int64_t width) {
+inline int64_t cms_column(int64_t h, int64_t r, int64_t width) {
     return ((r % 2 == 0) ? (h & 0x7FFFFFFF) : (h >> 31)) % width;
 }
 
-void cms_add(int32_t* sketch, int64_t depth, int64_t width, int64_t n, const int64_t* ids, const int64_t* counts) {
-    for (int64_t i = 0; i < n; ++i) {
+// Columns of ids[lo, hi) in each row, row-major in cols ((hi - lo) per row).
+void cms_columns(int64_t depth, int64_t width, int64_t lo, int64_t hi, const int64_t* ids, int64_t* cols) {
+    const int64_t m = hi - lo;
+    for (int64_t i = lo; i < hi; ++i) {
         int64_t h = 0;
         for (int64_t r = 0; r < depth; ++r) {
             if (r % 2 == 0) h = hash64(ids[i], r / 2);
-            sketch[r * width + cms_column(h, r, width)] += (int32_t)counts[i];
+            cols[r * m + (i - lo)] = r * width + cms_column(h, r, width);
         }
     }
 }
 
-void cms_estimate(const int32_t* sketch, int64_t depth, int64_t width, int64_t n, const int64_t* ids, int64_t* out) {
-    for (int64_t i = 0; i < n; ++i) {
-        int64_t h = 0;
-        int32_t best = 0;
+// Calls visit(counter, i) for each id i and row, walking the ids in blocks: the columns of a block first,
+// then its counters, each fetched ahead.
+template <typename Visit>
+void cms_walk(int32_t* sketch, int64_t depth, int64_t width, int64_t n, const int64_t* ids, Visit visit) {
+    const int64_t block = 4096, ahead = 16;
+    std::vector<int64_t> cols(depth * block);
+    for (int64_t lo = 0; lo < n; lo += block) {
+        const int64_t hi = std::min(n, lo + block), m = hi - lo;
+        cms_columns(depth, width, lo, hi, ids, cols.data());
         for (int64_t r = 0; r < depth; ++r) {
-            if (r % 2 == 0) h = hash64(ids[i], r / 2);
-            const int32_t v = sketch[r * width + cms_column(h, r, width)];
-            best = r == 0 ? v : std::min(best, v);
+            const int64_t* c = cols.data() + r * m;
+            for (int64_t i = 0; i < m; ++i) {
+                if (i + ahead < m) __builtin_prefetch(sketch + c[i + ahead]);
+                visit(sketch[c[i]], r, lo + i);
+            }
         }
-        out[i] = best;
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+void cms_add(int32_t* sketch, int64_t depth, int64_t width, int64_t n, const int64_t* ids, const int64_t* counts) {
+    cms_walk(sketch, depth, width, n, ids, [&](int32_t& v, int64_t, int64_t i) { v += (int32_t)counts[i]; });
+}
+
+void cms_estimate(int32_t* sketch, int64_t depth, int64_t width, int64_t n, const int64_t* ids, int64_t* out) {
+    cms_walk(sketch, depth, width, n, ids, [&](int32_t& v, int64_t r, int64_t i) {
+        out[i] = r == 0 ? (int64_t)v : std::min(out[i], (int64_t)v);
+    });
 }
 
 }  // extern "C"
