@@ -6,7 +6,9 @@
 Each (seed, config) trains DLRM with the training loop's defaults and prints one JSON line. With
 ``--holdout`` (the default) the last ``--holdout-fraction`` of the training rows are held out (the loop's
 ``val_fraction``) and the AUC printed is theirs, so defaults are chosen without the test rows.
-``--no-holdout`` trains on all training rows and prints the test AUC (for the final figure only). ``--summary FILE`` reads
+``--no-holdout`` trains on all training rows and prints the test AUC (for the final figure only).
+``--pair-init`` gives every method the same MLP initialisation at a seed (the training loop builds the
+table first, so tables that draw different amounts of random numbers otherwise shift the MLP's init). ``--summary FILE`` reads
 such JSON lines and prints each config's paired difference from ``full`` (mean, standard error, relative).
 """
 
@@ -41,7 +43,20 @@ def data_options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return {"min_count": args.min_count} if args.min_count else {}
 
 
+def pair_init() -> None:
+    """Build tables under a forked RNG, so that at one seed every method's MLPs start from the same weights."""
+    build_table = loop.build_table
+
+    def forked(*a: Any, **kw: Any) -> Any:
+        with torch.random.fork_rng():
+            return build_table(*a, **kw)
+
+    loop.build_table = forked
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.pair_init:
+        pair_init()
     configs = dict(CONFIGS)
     configs.update({k: (v[0], v[1], dict(v[2])) for k, v in json.loads(args.extra).items()})
     cache: dict[int, Dataset] = {}
@@ -62,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
             split = "val" if args.holdout else "test"
             emit({"benchmark": "tt_defaults", "data": args.data, "rows": ds.num_rows, "seed": seed, "config": label,
                   "method": method, "compression": ratio, "options": opts,
-                  "split": split, "auc": summary[f"{split}_auc"],
+                  "split": split, "pair_init": args.pair_init, "auc": summary[f"{split}_auc"],
                   "logloss": summary[f"{split}_logloss"], "rows_train": summary["rows_train"], "compression_actual": summary["compression_actual"],
                   "train_samples_per_s": summary["train_samples_per_s"], "table": table.extra_repr()})
 
@@ -74,7 +89,7 @@ def summarise(paths: list[str]) -> None:
         for line in open(path):
             if line.startswith("{"):
                 r = json.loads(line)
-                runs[(r["data"], r["rows"], r["split"])][r["config"]][r["seed"]] = r["auc"]
+                runs[(r["data"], r["rows"], r["split"], r.get("pair_init", False))][r["config"]][r["seed"]] = r["auc"]
     for key, by_config in runs.items():
         full = by_config.get("full", {})
         print(f"== {key}: full {' / '.join(f'{full[s]:.4f}' for s in sorted(full))}")
@@ -103,6 +118,8 @@ def main() -> None:
     ap.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--holdout-fraction", type=float, default=1 / 7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pair-init", action="store_true",
+                    help="same MLP initialisation for every method at a seed (the table's RNG use forked off)")
     ap.add_argument("--summary", nargs="*", help="JSON-lines files to summarise instead of running")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

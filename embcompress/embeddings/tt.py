@@ -1,54 +1,25 @@
 """``tt``: tensor-train embedding table with a cache of hot rows (TT-Rec, Yin et al., MLSys 2021).
 
-Layout (``layout="field"``, the default): every field large enough to gain gets its own TT over its
-local ids; fields whose raw rows are no larger than their TT would be are stored uncompressed and exact.
-All TTs share the number of cores T, the column modes q and the ranks, so their cores are stacked along
-the row-mode axis and one batched chain product (:func:`~.tt_cores.tt_rows`) serves every field at once.
-``layout="shared"`` puts all compressed fields into one TT over their concatenated id space instead.
-Why per field by default: at the same bytes a shared TT gets higher ranks (its p_t ~ N^(1/T) are paid
-once, not per field) but makes unrelated fields share core slices, and every lookup pays for the higher
-rank. Measured with benchmarks/tt.py (synthetic, 338k ids, 100x, 300k rows, one CPU thread): shared
-ranks (15, 14) vs per field (8, 7), test AUC 0.6696 vs 0.6685 (a difference inside run-to-run noise at
-this size) and DLRM training 0.44x vs 0.70x the speed of ``full`` (on a shared, loaded machine; the
-ranks alone make a shared TT row ~3.7x the multiply-adds). Equal accuracy, slower: per field wins.
+Layout: every field large enough to gain gets its own TT over its local ids (``layout="field"``), or all
+compressed fields share one TT over their concatenated ids (``"shared"``: the row modes are paid once, so
+it reaches ratios per-field TTs cannot on many small fields); ``"auto"`` (default) takes per field where
+it fits the budget. Fields whose raw rows are no larger than their TT are stored uncompressed. All TTs
+share T, the column modes q and the ranks, so their cores are stacked along the row-mode axis and one
+batched chain product (:func:`~.tt_cores.tt_rows`) serves every field.
 
-Forward: ids are deduplicated, each distinct row is computed once (cache hit: one row of ``cache_weight``;
-raw field: one row of ``raw_weight``; otherwise the TT chain product), then pooled: a gather when every bag
-holds one id (DLRM's (B*F, 1) input), else ``F.embedding_bag``. The chain product is a custom autograd
-Function (:func:`~.tt_cores.tt_rows`): products batch-last (vectorised along the ids, 5-7x faster than CPU
-``bmm`` on TT-Rec's tiny per-id matrices) and core gradients by hand (one ``index_add_`` per core); the raw
-and cache rows take sparse gradients. Measured (benchmarks/tt.py-style A/B in one process, 1 thread, 338k
-ids, 100x, batch 128 x 26 fields, Adagrad, load ~9 on 2 cores): table step (forward, backward, optimizer,
-hooks) 0.35x -> 0.47x the speed of ``full`` with the cache, 0.37x -> 0.45x without.
+Forward: ids are deduplicated and each distinct row is served once: a raw row, a cache row, or the TT
+chain product (batched matrix products over the distinct ids, core gradients by hand); raw and cache rows
+take sparse gradients.
 
-Cache of hot rows: ``cache_rows`` TT-served ids (about ``cache_fraction`` of the TT rows, see
-:func:`~.tt_cores.plan_for_budget`) are held uncompressed and trained directly. Training-mode forwards
-record (id, count) of the TT ids they saw; every ``track_every`` (10) optimizer steps ``after_optimizer_step``
-applies them with :meth:`TTEmbeddingBag.update_state` (decayed counts kept for the ``tracker_rows`` most
-frequent ids; one merge per 10 steps because the merge's sort costs more than a step's lookups) and every
-``refresh_every`` steps makes the cache hold the most counted ids. A newly admitted row starts as its
-current TT value, so admission does not change the model. Eviction: a cached row's learned value is
-*discarded* and the id is served by the TT again. Folding it back is impossible without moving other rows
-(a TT cannot store one row independently), so two rules keep evictions rare instead: a cached id keeps its
-place unless a candidate's count exceeds its own by ``hysteresis`` times, and counts decay slowly
-(``decay`` per step), so on stationary data the hot set settles after the first refreshes. ``stats``
-counts refreshes, admissions and evictions. Counting happens only in training mode; eval changes nothing.
-Optimizer state of a cache slot (Adagrad's sum, SparseAdam's moments) stays with the slot, so a newly
-admitted row inherits its predecessor's (under the default Adagrad: a grown sum, so smaller first steps).
+Cache: ``cache_rows`` TT-served ids are held uncompressed and trained directly. Training forwards record
+(id, count) of TT ids; every ``track_every`` optimizer steps the counts are merged into a decayed tracker
+of the ``tracker_rows`` most frequent ids, and every ``refresh_every`` steps the cache takes the most
+counted ids. An admitted row starts as its TT value (admission does not change the model); an evicted
+row's learned value is discarded (a TT cannot store one row independently), so a cached id keeps its place
+unless a candidate's count exceeds its own ``hysteresis`` times. Counting happens only in training mode.
 
-Budget (:func:`~.tt_cores.plan_for_budget`): ranks as large as fit, fields whose raw rows are cheaper than
-their TT stay raw, ``cache_fraction`` (default 1%) of the TT rows are cached (at most ``cache_max_share``,
-default 3/4, of the budget), and bytes left below the next rank step become more cache rows.
-``memory_bytes()`` counts cores, raw rows, cache rows and keys, the tracker and the index buffers:
-everything in ``state_dict()``.
-Why 3/4: benchmarks/tt.py, synthetic 1M rows (338k ids), 100x, Adagrad lr 0.05, seed 0, same data:
-``full`` 0.7404 test AUC; cache share 1/4 (350 rows, ranks 8/7) lost 1.24% (earlier run, lr 0.1); 1/2
-(1064 rows, ranks 6/5) 0.7372 (-0.43%); 3/4 (1575 rows, ranks 4/3) 0.7411 (+0.09%); 3/4 with one tracked id
-per cache row (1780 rows) 0.7407. Hot rows carry most of the signal; the TT mostly smooths the tail.
-``core_scale`` (a per-core learning-rate multiplier by reparametrisation) 0.3 / 3 gave 0.7351 / 0.7362 at
-share 1/2: worse than 1. ``init_scale`` (rows' init std multiplier) is there for such ablations, unmeasured.
-Explicit ``num_cores`` (2-4), ``q_shape``, ``ranks``, ``max_rank`` and ``layout`` options are accepted; the
-constructor takes groups and p shapes directly.
+Budget (:func:`~.tt_cores.plan_for_budget`): ranks as large as fit after the cache has its share;
+``memory_bytes()`` counts everything in ``state_dict()``. The defaults' measurements are in docs/tt.md.
 """
 
 from __future__ import annotations
@@ -80,8 +51,8 @@ _MAX_PENDING = 16  # training forwards recorded between optimizer steps before t
 class TTEmbeddingBag(CompressedEmbeddingBag):
     dedup = True
     OPTIONS = (
-        Option("layout", "str", "field", "one TT per compressed field, or one TT over all compressed fields",
-               choices=("field", "shared")),
+        Option("layout", "str", "auto", "one TT per compressed field, one TT over all compressed fields, or "
+               "auto: per field where that fits the budget, else shared", choices=("auto", "field", "shared")),
         Option("num_cores", "int", None, "TT cores T", low=2, high=4, auto="from the largest field's size"),
         Option("q_shape", "list[int]", None, "column modes, T factors whose product is the embedding dim",
                low=1, auto="the dim split into T near-equal factors"),
@@ -95,6 +66,8 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         Option("decay", "float", 0.999, "factor the tracked counts are multiplied by per step", low=0, high=1,
                low_open=True),
         Option("refresh_every", "int", 50, "optimizer steps between cache refreshes", low=1),
+        Option("cache_warmup", "bool", True, "before step refresh_every, merge counts every step and refresh "
+               "at steps 1, 2, 4, 8, ... (the cache serves hot rows from the first steps of short runs)"),
         Option("track_every", "int", 10, "optimizer steps whose counts are merged into the tracker at once",
                low=1),
         Option("hysteresis", "float", 2.0, "a candidate replaces a cached id only when its count is this many "
@@ -111,7 +84,8 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
                  p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int],
                  cache_rows: int = 0, tracker_rows: int | None = None, mode: str = "sum", sparse: bool = True,
                  decay: float = 0.999, refresh_every: int = 50, hysteresis: float = 2.0, seed: int | None = None,
-                 core_scale: float = 1.0, init_scale: float = 1.0, track_every: int = 10) -> None:
+                 core_scale: float = 1.0, init_scale: float = 1.0, track_every: int = 10,
+                 cache_warmup: bool = True) -> None:
         super().__init__(field_sizes, embedding_dim, mode)
         t_cores = len(q_shape)
         if len(ranks) != t_cores - 1 or any(len(p) != t_cores for p in p_shapes) or len(p_shapes) != len(groups):
@@ -129,6 +103,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         # the tracker merge (a sort of tracker + new ids) costs more than a step's lookups at small batches,
         # so the counts of track_every steps are merged at once
         self.track_every = max(1, int(track_every))
+        self.cache_warmup = bool(cache_warmup)
         cache_rows = int(cache_rows) if self.groups else 0
         if not cache_rows:
             tracker_rows = 0
@@ -193,29 +168,34 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         return self._rows(unique, counts if record else None)  # (u, D)
 
     def _rows(self, ids: Tensor, counts: Tensor | None = None) -> Tensor:
-        """Rows for distinct ids (n,) -> (n, D); ``counts`` given: record the TT ids' accesses."""
+        """Rows for distinct ids (n,) -> (n, D); ``counts`` given: record the TT ids' accesses.
+
+        Each id is served by exactly one of: its raw row, its cache slot, the TT chain product. The three
+        position lists come from one pass (no nested masks), and one gather puts the rows back in id order.
+        """
         n = ids.shape[0]
         f = field_of(ids, self.starts)
         group = self.field_group[f]
-        local = ids - self.starts[f] + self.field_base[f]  # raw row, or id within the TT group
+        local = ids + (self.field_base - self.starts)[f]  # raw row, or id within the TT group
         is_tt = group >= 0
-        raw_pos = torch.nonzero(~is_tt).squeeze(1)
-        tt_pos = torch.nonzero(is_tt).squeeze(1)
-        if counts is not None and tt_pos.numel():
-            self._record(ids[tt_pos], counts[tt_pos])
+        hit, slot = self._cache_find(ids)  # cache keys are TT ids only: raw ids never hit
+        if counts is not None:
+            tt_ids = torch.nonzero(is_tt).squeeze(1)
+            if tt_ids.numel():
+                self._record(ids.index_select(0, tt_ids), counts.index_select(0, tt_ids))
+        kinds = (("raw", torch.nonzero(~is_tt).squeeze(1)), ("cache", torch.nonzero(hit).squeeze(1)),
+                 ("tt", torch.nonzero(is_tt & ~hit).squeeze(1)))
         parts, positions = [], []
-        if raw_pos.numel():
-            parts.append(F.embedding(local[raw_pos], self.raw_weight, sparse=self.sparse))
-            positions.append(raw_pos)
-        if tt_pos.numel():
-            hit, slot = self._cache_find(ids[tt_pos])
-            if bool(hit.any()):
-                parts.append(F.embedding(slot[hit], self.cache_weight, sparse=self.sparse))
-                positions.append(tt_pos[hit])
-                tt_pos = tt_pos[~hit]
-            if tt_pos.numel():
-                parts.append(self._tt(group[tt_pos], local[tt_pos]))
-                positions.append(tt_pos)
+        for kind, pos in kinds:
+            if not pos.numel():
+                continue
+            if kind == "raw":
+                parts.append(F.embedding(local.index_select(0, pos), self.raw_weight, sparse=self.sparse))
+            elif kind == "cache":
+                parts.append(F.embedding(slot.index_select(0, pos), self.cache_weight, sparse=self.sparse))
+            else:
+                parts.append(self._tt(group.index_select(0, pos), local.index_select(0, pos)))
+            positions.append(pos)
         if not parts:
             return self.raw_weight.new_zeros(n, self.embedding_dim)
         if len(parts) == 1:
@@ -268,7 +248,8 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
             self._pending = []
             return
         self._unapplied += 1
-        if self._unapplied < self.track_every:  # counts of the last steps wait: one tracker merge per track_every
+        warming = self.cache_warmup and int(self.steps) < self.refresh_every
+        if self._unapplied < self.track_every and not warming:  # counts wait: one tracker merge per track_every
             return
         if self._pending:
             ids, counts = self._merge_pending()
@@ -287,7 +268,8 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
 
         Under distributed training :meth:`after_optimizer_step` gathers (ids, counts) from every rank first
         (duplicates are summed here), so every rank's tracker and cache stay identical. The tracker decays by
-        ``decay ** steps``; the cache is refreshed whenever the step count passes a multiple of refresh_every.
+        ``decay ** steps``; the cache is refreshed whenever the step count passes a multiple of refresh_every
+        (and, with ``cache_warmup``, a power of two below refresh_every).
         """
         before = int(self.steps)
         self.steps += steps
@@ -307,7 +289,9 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.track_counts.zero_()
         self.track_ids[:keep] = unique[top]
         self.track_counts[:keep] = summed[top]
-        if (before + steps) // self.refresh_every > before // self.refresh_every:
+        after = before + steps
+        warm = self.cache_warmup and before < self.refresh_every and after.bit_length() > before.bit_length()
+        if warm or after // self.refresh_every > before // self.refresh_every:
             self.refresh_cache()
 
     @torch.no_grad()

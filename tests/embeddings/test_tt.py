@@ -309,11 +309,30 @@ def test_tracking_every_k_steps_counts_like_every_step():
             t(ids, offsets).sum().backward()
             o.step()
     a, b = tables
-    assert a.steps.item() == b.steps.item() == 8 and b.stats[0].item() == a.stats[0].item() == 2
+    # refreshes at steps 1, 2 (cache warm-up: powers of two below refresh_every), 4 and 8
+    assert a.steps.item() == b.steps.item() == 8 and b.stats[0].item() == a.stats[0].item() == 4
     assert torch.equal(a.cache_keys, b.cache_keys) and (a.cache_keys != EMPTY).all()
     order_a, order_b = torch.argsort(a.track_ids), torch.argsort(b.track_ids)
     assert torch.equal(a.track_ids[order_a], b.track_ids[order_b])
     torch.testing.assert_close(a.track_counts[order_a], b.track_counts[order_b])
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_cache_warmup_refreshes_at_powers_of_two_then_every_refresh_every(warmup):
+    table = small_table(cache_rows=4, dtype=torch.float32, refresh_every=16, track_every=10, cache_warmup=warmup)
+    opt = torch.optim.SGD(table.parameters(), lr=0.0)
+    ec.attach(table, opt)
+    batch = torch.tensor([50, 51, 1600, 5000] * 2 + [7])[:, None]  # four hot TT ids and a colder one
+    refreshed = []
+    for step in range(1, 41):
+        table(batch).sum().backward()
+        opt.step()
+        if table.stats[0].item() > len(refreshed):
+            refreshed.append(step)
+    # after warm-up (and without it) counts are merged every track_every steps, and the cache is refreshed at
+    # the first merge past each multiple of refresh_every: steps 16 + 20 = 36; without warm-up 20 and 40
+    assert refreshed == ([1, 2, 4, 8, 16, 36] if warmup else [20, 40])
+    assert sorted(table.cache_keys.tolist()) == [50, 51, 1600, 5000]
 
 
 def test_core_scale_is_a_reparametrisation():
