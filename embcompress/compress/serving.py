@@ -5,8 +5,8 @@ parameters, no host syncs, exportable with ``torch.export``) taking ``(dense (B,
 ids)`` to logits (B,):
 
 * ``lowrank`` table: every field's k_f-dim codes come from ONE gather over a flat buffer (no loop over
-  rank groups); DLRM and DCN-v2 then map them to D dims with one batched matmul (codes zero-padded to
-  the largest rank).
+  rank groups, no per-call layout checks); DLRM and DCN-v2 then map them to D dims with one batched
+  matmul.
 * DeepFM: each field's map is rewritten to orthonormal form, e_f = u_f Q_fᵀ + c⊥_f with Q_fᵀQ_f = I and
   Q_fᵀc⊥_f = 0 (a QR of B_f, applied to the stored codes once). Then the FM's sum of squares is
   ||z||² + const, and the deep network's first layer, the FM's sum vector and the first-order term are all
@@ -197,7 +197,8 @@ def serving_model(model: nn.Module, batch_size: int | None = None) -> nn.Module:
     table is served as it is), the merge of factorised layers everywhere."""
     table = getattr(model, "embedding", None)
     lowrank = isinstance(table, LowRankEmbeddingBag)
-    if lowrank and type(model).__name__ == "DeepFM" and getattr(model, "first_order_arch", None) is None:
+    if (lowrank and type(model).__name__ == "DeepFM" and getattr(model, "first_order_arch", None) is None
+            and len(model.deep[0])):  # an FM term and a deep network with a hidden layer to fold into
         return _freeze(DeepFMServing(model, batch_size).eval())
     arches = [m for m in model.modules() if isinstance(m, SparseArch)]
     memo: dict[int, Any] = {id(a.embedding): None for a in arches} if lowrank else {}

@@ -124,3 +124,11 @@ def test_small_batch_form_merges_every_factorised_layer(kind):
     held_out = batches(seed=1)
     for served in (large, small):
         torch.testing.assert_close(served_outputs(served, held_out), outputs(new, held_out), atol=2e-5, rtol=1e-5)
+
+
+def test_deepfm_without_hidden_layers_is_served_generically():
+    torch.manual_seed(0)
+    model = DeepFM(make_table("full", SIZES, 8, compression=1), num_dense=13, deep=())
+    data = batches()
+    new, _ = compress_model(model, data, ratio=2.0)
+    torch.testing.assert_close(served_outputs(serving_model(new), data), outputs(new, data), atol=2e-5, rtol=1e-5)
