@@ -223,8 +223,29 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_training_args(g: Any) -> None:
+    """Model and training flags shared by ``train`` and ``sweep`` (``g``: a parser or argument group)."""
     from .models import MODELS
+    g.add_argument("--model", default="dlrm", choices=sorted(MODELS), help="model")
+    g.add_argument("--dim", type=positive_int, default=16, help="embedding dimension")
+    g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training rows")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (per rank)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=4096, help="evaluation batch size")
+    g.add_argument("--lr", type=positive_float, default=0.05, help="learning rate")
+    g.add_argument("--warmup-steps", type=nonnegative_int, default=300,
+                   help="steps over which the learning rate ramps up linearly, at most a tenth of the run's "
+                        "steps (0: none)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
+                   help="sgd (the DLRM reference, with --lr 0.1), adagrad, or adam (SparseAdam for the tables)")
+    g.add_argument("--shuffle", action="store_true", help="shuffle the batch order (default: time order)")
+    g.add_argument("--max-steps", type=positive_int, help="stop training after this many steps (default: no limit)")
+    g.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda,cuda:N}",
+                   help="where to train")
+    g.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     g = p.add_argument_group("table and model")
     g.add_argument("--method", default="full", type=method_arg, metavar="METHOD",
@@ -235,28 +256,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget-bytes", type=positive_int, help="byte budget for the table instead of a ratio")
     g.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable; VALUE in JSON (0.5, true, [4,4]); see: embcompress methods")
-    g.add_argument("--model", default="dlrm", choices=sorted(MODELS), help="model")
-    g.add_argument("--dim", type=positive_int, default=16, help="embedding dimension")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training rows")
-    g.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (per rank)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=4096, help="evaluation batch size")
-    g.add_argument("--lr", type=positive_float, default=0.05, help="learning rate")
-    g.add_argument("--warmup-steps", type=nonnegative_int, default=300,
-                   help="steps over which the learning rate ramps up linearly, at most a tenth of the run's "
-                        "steps (0: none)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
-                   help="sgd (the DLRM reference, with --lr 0.1), adagrad, or adam (SparseAdam for the tables)")
+    add_training_args(g)
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the model, the batch order and the random split")
-    g.add_argument("--shuffle", action="store_true", help="shuffle the batch order (default: time order)")
-    g.add_argument("--max-steps", type=positive_int, help="stop training after this many steps (default: no limit)")
     g.add_argument("--val-fraction", type=_number(float, 0, 0.99, name="fraction"), default=0.0, metavar="F",
                    help="hold out the last F of the training rows (time order with --split time) and report "
                         "val_auc / val_logloss: tune on these, not on the test rows (0: none)")
-    g.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda,cuda:N}",
-                   help="where to train")
-    g.add_argument("--threads", type=positive_int,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     g.add_argument("--dist-timeout", type=positive_float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before the run stops and says "
                         "which ranks did not answer")

@@ -71,7 +71,7 @@ def _option_actions(parser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                if name in ("train", "demo", "methods", "preprocess", "synth"):
+                if name in ("train", "demo", "methods", "preprocess", "synth", "sweep"):
                     yield from ((f"{name} {a.option_strings or a.dest}", a) for a in sub._actions)
         else:
             yield f"embcompress {action.option_strings}", action

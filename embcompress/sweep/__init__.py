@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    from ..cli import add_data_args
-    from ..train.loop import OPTIMIZERS
+    from ..cli import add_data_args, add_training_args
 
     p = subparsers.add_parser("sweep", help="train every method x compression ratio x seed and compare",
                               description=__doc__.splitlines()[0])
@@ -101,18 +100,6 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--baseline", default="hash",
                    help="results.md compares every method's test AUC with this method's, paired by seed "
                         "(default hash; 'none' leaves the comparison out)")
-    g.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("training (shared by every cell)")
-    g.add_argument("--model", default="dlrm")
-    g.add_argument("--dim", type=int, default=16)
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--eval-batch-size", type=int, default=4096)
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=300)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad")
-    g.add_argument("--shuffle", action="store_true")
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_training_args(p.add_argument_group("training (shared by every cell)"))
     p.set_defaults(func=run)
