@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("hotsketch_native.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 _state: dict[str, object] = {}
+_buffers = threading.local()  # per thread: calls from two threads never share a buffer
 
 
 def enabled() -> bool:
@@ -80,6 +82,15 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def _workspace(name: str, n: int) -> Tensor:
+    """A reused int64 buffer of n elements (fresh multi-megabyte buffers cost a map and unmap per call)."""
+    buf = getattr(_buffers, name, None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.int64)
+        setattr(_buffers, name, buf)
+    return buf[:n]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.hotsketch_insert.argtypes = [i32, p, p, p, p, p, i64, i64, i64, i64, f64, f64, f64, i32, i32, i64, p, p,
@@ -111,8 +122,8 @@ def _register(lib: ctypes.CDLL) -> None:
         Returns (promoted ids, their rows, demoted ids, their rows, waiting entries)."""
         w, c = keys.shape
         rows = row_used.numel()
-        out = torch.empty(4, 2 * rows + 1, dtype=torch.int64)
-        left = torch.empty(w * c, dtype=torch.int64)
+        out = _workspace("changes", 4 * (2 * rows + 1)).view(4, -1)  # results are copied out below
+        left = _workspace("waiting", w * c)
         counts = torch.zeros(3, dtype=torch.int64)
         waiting = None if waiting is None else waiting.contiguous()
         ids = ids.contiguous()
