@@ -38,6 +38,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--timing-batch-sizes", default="1,64,4096",
                    help="batch sizes the inference speed is measured at (comma-separated; '' skips timing)")
     p.add_argument("--timing-rows", type=int, default=8192, help="test rows the timing cuts its batches from")
+    from ..cli import positive_int
+
+    p.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (default: torch's choice; 1 times more steadily on a busy machine)")
     p.add_argument("--timing-batches", type=int, help=argparse.SUPPRESS)  # older spelling: rows = N x eval batch
     p.add_argument("--mlp-variance", type=float, default=MLP_VARIANCE,
                    help="with --ratio: a linear layer keeps at most the rank holding this fraction of its "
