@@ -40,19 +40,23 @@ class FactorizedLinear(nn.Sequential):
         return self.second.out_features if "second" in self._modules else self.first.out_features
 
 
-#: A rank-k factorisation (two products, k·(in + out) multiply-adds per row) is served as two products only
-#: when that is at most this fraction of one product's in·out, and only at batches above ``SMALL_BATCH``,
-#: where per-call overhead makes two products slower than one at any rank (timings: docs/lowrank.md).
+#: A rank-k factorisation (two products, k·(in + out) multiply-adds per row) is served as two products
+#: when that is at most this fraction of one product's in·out (the timed break-even at batch 4096).
 FACTORISED_MAX_COST = 0.7
+#: Up to SMALL_BATCH rows a call costs more than the arithmetic, and a product's time is its weights'
+#: reading: two products pay for their extra call only when they read SMALL_BATCH_MIN_SAVED fewer floats
+#: (256 KB). Timings: docs/lowrank.md.
 SMALL_BATCH = 16
+SMALL_BATCH_MIN_SAVED = 65536
 
 
 def factorised_is_cheaper(in_features: int, rank: int, out_features: int, batch_size: int | None = None) -> bool:
     """Whether ``Linear(in, k)`` then ``Linear(k, out)`` should beat one ``Linear(in, out)`` on the CPU at
     ``batch_size`` rows per call (None: large batches)."""
+    one, two = in_features * out_features, rank * (in_features + out_features)
     if batch_size is not None and batch_size <= SMALL_BATCH:
-        return False
-    return rank * (in_features + out_features) <= FACTORISED_MAX_COST * in_features * out_features
+        return one - two >= SMALL_BATCH_MIN_SAVED
+    return two <= FACTORISED_MAX_COST * one
 
 
 def linear_params(in_features: int, out_features: int, rank: int | None = None) -> int:

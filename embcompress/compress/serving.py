@@ -190,8 +190,8 @@ def _first_layer(deep: nn.Sequential, batch_size: int | None) -> tuple[nn.Linear
 def serving_model(model: nn.Module, batch_size: int | None = None) -> nn.Module:
     """A frozen copy of a (compressed) model that computes its logits with the factorisation's algebra.
 
-    ``batch_size``: the rows per call it will serve (None: large batches). Up to ``SMALL_BATCH`` rows
-    every factorised layer is merged back into one product (faster there, and larger).
+    ``batch_size``: the rows per call it will serve (None: large batches); it decides which factorised
+    layers are merged back into one product (:func:`~embcompress.compress.layers.factorised_is_cheaper`).
 
     ``model`` is not changed. The ``lowrank`` rewrites apply where its table is a ``lowrank`` one (any other
     table is served as it is), the merge of factorised layers everywhere."""
