@@ -338,6 +338,7 @@ DEMO_IDEAS = {
     "qr": "row = quotient row x remainder row",
     "cafe": "hot ids get own rows, the rest hash",
     "cafe-ml": "cafe + a second hash row for warm ids",
+    "zch": "hottest ids own rows (TorchRec's MCH)",
     "tt": "rows from small tensor-train cores",
     "lowrank": "rows in a low-rank subspace per field",
     "mpcache": "int8/int4 rows + a float cache",
