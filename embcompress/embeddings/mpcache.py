@@ -1,6 +1,6 @@
-"""``mpcache``: INT8/INT4 row-wise quantised rows with a float32 cache of hot rows (Yang et al., 2020).
+"""``mpcache``: INT8/INT4 row-wise quantised table with a full-precision cache of hot rows.
 
-Rows are stored in FBGEMM's fused row layouts (:mod:`.quant`); C cache rows (default 5% of rows at INT8,
+After "Mixed-Precision Embedding Using a Cache" (Yang et al., 2020). Rows are stored in FBGEMM's fused row layouts (:mod:`.quant`); C cache rows (default 5% of rows at INT8,
 1% at INT4) hold the hot rows in float32. In training the step's uncached rows are dequantised into
 staging rows of one sparse parameter (``cache_weight``: cache slots, then a staging workspace), so the
 user's optimizer updates every row; ``after_optimizer_step`` writes staged and evicted rows back with
