@@ -1,14 +1,15 @@
 """``mpcache``: INT8/INT4 row-wise quantised table with a full-precision cache of hot rows.
 
-After "Mixed-Precision Embedding Using a Cache" (Yang et al., 2020). Rows are stored in FBGEMM's fused row layouts (:mod:`.quant`); C cache rows (default 5% of rows at INT8,
-1% at INT4) hold the hot rows in float32. In training the step's uncached rows are dequantised into
-staging rows of one sparse parameter (``cache_weight``: cache slots, then a staging workspace), so the
-user's optimizer updates every row; ``after_optimizer_step`` writes staged and evicted rows back with
-stochastic rounding (on the row's old grid where it still fits: ``write_back``), admits rows by the
-policy (``lfu``: a count-min sketch; ``lru``) and moves each row's optimizer state with it
-(``optimizer_state``). A cached row's stored row holds its cache slot, marked by the sign bit of its
-scale, so a lookup needs no search; outside training on the CPU, lookups run PyTorch's quantized
-``embedding_bag`` ops. The rules, why each was chosen, and the memory formula: docs/native.md, "mpcache".
+After "Mixed-Precision Embedding Using a Cache" (Yang et al., 2020). Rows are stored in FBGEMM's fused row
+layouts (:mod:`.quant`); C cache rows (default 5% of rows at INT8, 1% at INT4) hold the hot rows in
+float32. In training the step's uncached rows are dequantised into staging rows of one sparse parameter
+(``cache_weight``: cache slots, then a staging workspace), so the user's optimizer updates every row;
+``after_optimizer_step`` writes staged and evicted rows back with stochastic rounding (on the row's old
+grid where it still fits: ``write_back``), admits rows by the policy (``lfu``: a count-min sketch;
+``lru``) and moves each row's optimizer state with it (``optimizer_state``). A cached row's stored row
+holds its cache slot, marked by the sign bit of its scale, so a lookup needs no search; outside training
+on the CPU, lookups run PyTorch's quantized ``embedding_bag`` ops. The rules, why each was chosen, and the
+memory formula: docs/native.md, "mpcache".
 """
 
 from __future__ import annotations
