@@ -70,7 +70,7 @@ def library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         try:
             lib = ctypes.CDLL(str(build()))
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             log.info("embcompress: no compiled kernels (%s %s); using the PyTorch path", e,
                      detail.decode(errors="replace")[:500])
