@@ -449,19 +449,21 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     def _replace(self, freed: Tensor, admitted: Tensor, keys: Tensor) -> None:
         """Swap entries at sorted positions ``freed`` for ``admitted`` ids (sorted), keeping id order."""
         self._index_version += 1
-        keep = torch.ones(self.num_cache_rows, dtype=torch.bool, device=freed.device)
+        c, dev = self.num_cache_rows, freed.device
+        keep = torch.ones(c, dtype=torch.bool, device=dev)
         keep[freed] = False
-        k_ids, k_slots, k_keys = self.cache_ids[keep], self.cache_slots[keep], self.cache_keys[keep]
-        slots = self.cache_slots[freed]
-        # merge two sorted, disjoint id lists by counting how many of the other list precede each element
-        ar_k = torch.arange(len(k_ids), device=freed.device)
-        ar_a = torch.arange(len(admitted), device=freed.device)
-        at_k = ar_k + torch.searchsorted(admitted, k_ids)
-        at_a = ar_a + torch.searchsorted(k_ids, admitted)
-        for buf, kept, new in ((self.cache_ids, k_ids, admitted), (self.cache_slots, k_slots, slots),
-                               (self.cache_keys, k_keys, keys)):
-            buf[at_k] = kept
-            buf[at_a] = new
+        kept = keep.nonzero().squeeze(1)  # positions of the staying entries, in id order
+        slots = self.cache_slots.index_select(0, freed)
+        # merge two sorted, disjoint id lists: an admitted id lands after the kept ids below it and the
+        # admitted ids before it; the kept entries fill the other positions in order
+        below = torch.searchsorted(self.cache_ids.index_select(0, kept), admitted)
+        at_a = torch.arange(len(admitted), device=dev) + below
+        taken = torch.zeros(c, dtype=torch.bool, device=dev)
+        taken[at_a] = True
+        at_k = (~taken).nonzero().squeeze(1)
+        for buf, new in ((self.cache_ids, admitted), (self.cache_slots, slots), (self.cache_keys, keys)):
+            buf.index_copy_(0, at_k, buf.index_select(0, kept))
+            buf.index_copy_(0, at_a, new)
         self._mark(admitted, slots)
 
     def _hashes(self, ids: Tensor) -> Tensor:
