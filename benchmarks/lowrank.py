@@ -65,7 +65,7 @@ def layer_rule(args: argparse.Namespace) -> None:
     shapes = [(512, 256), (367, 512), (429, 400), (400, 400)]
     for b in [int(x) for x in args.batch_sizes.split(",") if x]:
         for n_in, n_out in shapes:
-            for frac in (0.25, 0.5, 0.7, 0.8, 0.9, 1.0):
+            for frac in (0.02, 0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0):
                 k = max(1, round(frac * n_in * n_out / (n_in + n_out)))
                 one = torch.nn.Linear(n_in, n_out)
                 two = torch.nn.Sequential(torch.nn.Linear(n_in, k), torch.nn.Linear(k, n_out))

@@ -43,11 +43,12 @@ class FactorizedLinear(nn.Sequential):
 #: A rank-k factorisation (two products, k·(in + out) multiply-adds per row) is served as two products
 #: when that is at most this fraction of one product's in·out (the timed break-even at batch 4096).
 FACTORISED_MAX_COST = 0.7
-#: Up to SMALL_BATCH rows a call costs more than the arithmetic, and a product's time is its weights'
-#: reading: two products pay for their extra call only when they read SMALL_BATCH_MIN_SAVED fewer floats
-#: (256 KB). Timings: docs/lowrank.md.
+#: Up to SMALL_BATCH rows a call costs more than the arithmetic and a product's time is the reading of its
+#: weights: two products pay for their extra call only on a big layer (SMALL_BATCH_MIN_WEIGHTS) at a low
+#: cost fraction (SMALL_BATCH_MAX_COST). Timings: docs/lowrank.md.
 SMALL_BATCH = 16
-SMALL_BATCH_MIN_SAVED = 65536
+SMALL_BATCH_MAX_COST = 0.25
+SMALL_BATCH_MIN_WEIGHTS = 65536
 
 
 def factorised_is_cheaper(in_features: int, rank: int, out_features: int, batch_size: int | None = None) -> bool:
@@ -55,7 +56,7 @@ def factorised_is_cheaper(in_features: int, rank: int, out_features: int, batch_
     ``batch_size`` rows per call (None: large batches)."""
     one, two = in_features * out_features, rank * (in_features + out_features)
     if batch_size is not None and batch_size <= SMALL_BATCH:
-        return one - two >= SMALL_BATCH_MIN_SAVED
+        return one >= SMALL_BATCH_MIN_WEIGHTS and two <= SMALL_BATCH_MAX_COST * one
     return two <= FACTORISED_MAX_COST * one
 
 
