@@ -173,3 +173,27 @@ def _register(lib: ctypes.CDLL) -> None:
         out = torch.empty(ids.shape, dtype=torch.int64)
         lib.cms_estimate(sketch.data_ptr(), sketch.shape[0], sketch.shape[1], ids.numel(), ids.data_ptr(), out.data_ptr())
         return out
+
+    # Shapes for tracing (torch.compile / export): the insert's result sizes depend on the data.
+    @hotsketch_insert.register_fake
+    def _(keys, scores, hot_row, row_used, mass, ids, add, mass_add, seed_add, threshold, decay, decay_mass,
+          pressure_decay, preempt, flat, found, waiting):  # type: ignore[no-untyped-def]
+        ctx = torch.library.get_ctx()
+        p, d, k = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+        return tuple(keys.new_empty(n, dtype=torch.int64) for n in (p, p, d, d, k))
+
+    @hotsketch_locate.register_fake
+    def _(keys, ids, seed_add):  # type: ignore[no-untyped-def]
+        return torch.empty_like(ids), torch.empty_like(ids), torch.empty(ids.shape, dtype=torch.bool)
+
+    @hotsketch_query.register_fake
+    def _(hot_row, scores, flat, found):  # type: ignore[no-untyped-def]
+        return torch.empty(flat.shape, dtype=torch.int64), torch.empty(flat.shape, dtype=torch.float32)
+
+    @cms_add.register_fake
+    def _(sketch, ids, counts):  # type: ignore[no-untyped-def]
+        return None
+
+    @cms_estimate.register_fake
+    def _(sketch, ids):  # type: ignore[no-untyped-def]
+        return torch.empty(ids.shape, dtype=torch.int64)
