@@ -364,3 +364,17 @@ def test_native_falls_back_without_a_compiler(monkeypatch, tmp_path):
     assert not sk._native()
     sk.insert(torch.tensor([1, 1, 1, 2]))  # the PyTorch path
     assert sk.num_hot() == 1
+
+
+def test_custom_ops_agree_with_their_shape_functions(kernels):
+    """torch.library.opcheck: schema, fake (tracing) kernels and real kernels agree."""
+    if kernels == "pytorch":
+        pytest.skip("the compiled ops")
+    sk = HotSketch(64, 40, 5.0)
+    ids = _zipf(300, 1000, seed=0)
+    sk.insert(ids)
+    loc = sk.locate(ids)
+    ops = torch.ops.embcompress
+    torch.library.opcheck(ops.hotsketch_locate.default, (sk.keys, ids, sk.seed * 0x2545F491))
+    torch.library.opcheck(ops.hotsketch_query.default, (sk.hot_row, sk.scores, loc.flat, loc.found))
+    torch.library.opcheck(ops.cms_estimate.default, (torch.randint(0, 9, (2, 64), dtype=torch.int32), ids))
