@@ -23,7 +23,7 @@ import torch
 from .embeddings import BudgetError, methods
 from .train.checkpoint import CheckpointError, json_dumps
 from .train.distributed import RankStopped
-from .train.loop import OPTIMIZERS, TrainConfig, TrainingDiverged, run_training
+from .train.loop import OPTIMIZERS, WARMUP_MAX_SHARE, TrainConfig, TrainingDiverged, run_training
 
 log = logging.getLogger("embcompress")
 
@@ -233,8 +233,10 @@ def add_training_args(g: Any) -> None:
     g.add_argument("--eval-batch-size", type=positive_int, default=4096, help="evaluation batch size")
     g.add_argument("--lr", type=positive_float, default=0.05, help="learning rate")
     g.add_argument("--warmup-steps", type=nonnegative_int, default=300,
-                   help="steps over which the learning rate ramps up linearly, at most a tenth of the run's "
-                        "steps (0: none)")
+                   help="steps over which the learning rate ramps up linearly (0: none)")
+    g.add_argument("--warmup-max-share", type=positive_float, default=WARMUP_MAX_SHARE,
+                   help="the warm-up lasts at most this share of the run's steps (1: --warmup-steps whenever the "
+                        "run is that long)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
                    help="sgd (the DLRM reference, with --lr 0.1), adagrad, or adam (SparseAdam for the tables)")
     g.add_argument("--shuffle", action="store_true", help="shuffle the batch order (default: time order)")
@@ -300,7 +302,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         compression=args.compression, budget_bytes=args.budget_bytes, method_options=parse_options(args.option),
         model=args.model, embedding_dim=args.dim, epochs=args.epochs, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        optimizer=args.optimizer, seed=args.seed,
+        warmup_max_share=args.warmup_max_share, optimizer=args.optimizer, seed=args.seed,
         shuffle=args.shuffle, max_steps=args.max_steps, device=args.device, out=out,
         progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume is not None, deterministic=args.deterministic,
@@ -437,8 +439,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.format == "criteo":
         from .data.criteo import preprocess_criteo
-        stats = preprocess_criteo(args.path, args.out, min_count=args.min_count,
-                                  skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress)
+        stats = preprocess_criteo(args.path, args.out, min_count=args.min_count, skip_bad_lines=args.skip_bad_lines,
+                                  progress=not args.no_progress, overwrite=args.overwrite)
     else:
         from .data.csv import preprocess_csv
         if not args.label:
@@ -446,7 +448,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         stats = preprocess_csv(args.path, args.out, label=args.label, categorical=split_list(args.categorical) or [],
                                numeric=split_list(args.numeric) or [], delimiter=args.delimiter or ",",
                                min_count=args.min_count, skip_bad_lines=args.skip_bad_lines,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, overwrite=args.overwrite)
     print(json_dumps(stats))
     return 0
 
@@ -515,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categorical", help="csv: comma-separated categorical columns")
     p.add_argument("--numeric", help="csv: comma-separated numeric columns")
     p.add_argument("--delimiter", help="csv: field delimiter (default ',')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_preprocess)
 

@@ -107,3 +107,22 @@ def test_demo_prints_a_readable_table_and_what_to_try_next(capsys):
 def test_the_result_line_says_when_the_warm_up_was_capped(capsys):
     assert main(["train", "--rows", "3000", "--fields", "4", "--scale", "0.001", "--no-progress"]) == 0
     assert "warm-up 2 of 300 steps" in capsys.readouterr().out  # 2572 training rows: 21 steps of 128
+
+
+def test_warmup_max_share_sets_the_cap(capsys):
+    args = ["train", "--rows", "3000", "--fields", "4", "--scale", "0.001", "--no-progress", "--json"]
+    assert main([*args, "--warmup-max-share", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["warmup_steps_used"] == 10  # 21 steps
+    assert main([*args, "--warmup-max-share", "1", "--warmup-steps", "5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["warmup_steps_used"] == 5
+
+
+def test_preprocess_overwrite_replaces_an_existing_dataset(tmp_path, capsys):
+    from embcompress.data.synthetic import write_synthetic_tsv
+
+    raw = tmp_path / "raw.tsv"
+    write_synthetic_tsv(raw, 300, scale=0.001)
+    args = ["preprocess", "criteo", str(raw), "--out", str(tmp_path / "d"), "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from ..train.checkpoint import json_dumps
 
 
 def add_parser(subparsers: Any) -> None:
@@ -52,7 +53,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, default=str, allow_nan=False))
+    print(json_dumps(obj))
 
 
 def _score(args: argparse.Namespace, out: str | None) -> dict[str, Any]:

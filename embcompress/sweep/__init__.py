@@ -63,7 +63,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     train: dict[str, Any] = {"split": args.split, "model": args.model, "embedding_dim": args.dim,
                              "epochs": args.epochs, "batch_size": args.batch_size,
                              "eval_batch_size": args.eval_batch_size, "lr": args.lr,
-                             "warmup_steps": args.warmup_steps, "optimizer": args.optimizer,
+                             "warmup_steps": args.warmup_steps, "warmup_max_share": args.warmup_max_share,
+                             "optimizer": args.optimizer,
                              "shuffle": args.shuffle, "max_steps": args.max_steps, "device": args.device}
     first = args.first_seed
     return SweepConfig(out=args.out, methods=methods, ratios=ratios, seeds=list(range(first, first + args.seeds)),

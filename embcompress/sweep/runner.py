@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 STATUS_FINISHED = ("done", "skipped", "failed")
 # TrainConfig fields a sweep may set for all cells (the rest are per cell or fixed by the sweep).
 TRAIN_FIELDS = ("split", "model", "model_options", "embedding_dim", "epochs", "batch_size", "eval_batch_size", "lr",
-                "warmup_steps", "optimizer", "shuffle", "max_steps", "device")  # fmt: skip
+                "warmup_steps", "warmup_max_share", "optimizer", "shuffle", "max_steps", "device")  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)
