@@ -1,7 +1,7 @@
 """How well each table's selector picks the ids that get their own row, on the training ids of the
 sweep's synthetic data, without the model: the share of the hashed fields' lookups that own rows serve.
 
-    python benchmarks/zch_selectors.py --rows 1000000 --scale 0.02 --ratio 1000 --seeds 0,1,2
+    python benchmarks/zch_selectors.py --rows 1000000 --scale 0.02 --ratio 1000 --seeds 0,1,2 [--drift 0.5]
 
 Every table is built at the same byte budget and fed the training rows in order, batch by batch; its
 state is updated after each batch as in training (``cafe`` with ``importance=frequency``, since there
@@ -36,6 +36,8 @@ TABLES = {
                                                                 "pressure_decay": False}),
     "cafe buckets_per_row=0.5 pressure_decay=false threshold=100": (
         "cafe", {"importance": "frequency", "buckets_per_row": 0.5, "pressure_decay": False, "threshold": 100.0}),
+    "cafe buckets_per_row=0.5 pressure_decay=false threshold=30": (
+        "cafe", {"importance": "frequency", "buckets_per_row": 0.5, "pressure_decay": False, "threshold": 30.0}),
     "zch": ("zch", {}),
     "zch distance_lfu": ("zch", {"eviction_policy": "distance_lfu"}),
 }
@@ -49,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--scale", type=float, default=0.02)
+    ap.add_argument("--drift", type=float, default=0.0, help="popularity drift over time, 0..1 (make_synthetic)")
     ap.add_argument("--ratio", type=float, default=1000)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--dim", type=int, default=16)
@@ -58,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     apply_threads(args)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        ds = make_synthetic(rows=args.rows, scale=args.scale, seed=seed)
+        ds = make_synthetic(rows=args.rows, scale=args.scale, seed=seed, drift=args.drift)
         train_rows = ds.num_rows - ds.num_rows // 7  # the time split's training rows
         offsets = np.concatenate([[0], np.cumsum(ds.field_sizes)[:-1]])
         ids = torch.from_numpy(ds.sparse[:train_rows].astype(np.int64) + offsets)  # (rows, F) global ids
@@ -88,7 +91,7 @@ def main() -> None:
                 stats = table.training_stats()
                 admitted += int(stats.get("promoted", stats.get("admitted", 0)))
             best = counts.topk(own_rows(table)).values.sum().item() / counts.sum().item()
-            emit({"seed": seed, "table": label, "ratio": args.ratio, "bytes": table.memory_bytes(),
+            emit({"seed": seed, "table": label, "ratio": args.ratio, "drift": args.drift, "bytes": table.memory_bytes(),
                   "own_rows": own_rows(table), "served_share": round(served / lookups, 4),
                   "served_share_last_quarter": round(late_served / late_lookups, 4),
                   "best_fixed_share": round(best, 4), "admitted": admitted, "steps": len(batches)})
