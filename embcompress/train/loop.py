@@ -505,7 +505,7 @@ def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], view: Any, 
             rate = window_samples / max(now - window_start, 1e-9)
             bar.set_postfix(loss=f"{window / window_steps:.4f}")
             stats = table_stats(model)  # the table's own state over the window: cafe's hot share, ...
-            writer.metric(kind="train", epoch=pos.epoch, step=pos.step, loss=window / window_steps,
+            writer.metric(kind="train", epoch=pos.epoch, step=pos.step, steps=window_steps, loss=window / window_steps,
                           samples_per_s=rate, **({"table": stats} if stats else {}))
             window, window_steps, window_samples, window_start = 0.0, 0, 0, now
         # the end of an epoch is checkpointed by the caller, as the start of the next one
