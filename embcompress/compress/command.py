@@ -131,6 +131,7 @@ def finetune(model: nn.Module, cfg: Any, train: Any, steps: int, lr: float, batc
 
 def run(args: argparse.Namespace) -> int:
     from ..data import iterate_batches
+    from ..data.features import FEATURES_FILE, copy_run_features
     from ..train.checkpoint import save_checkpoint, write_json
     from ..train.loop import evaluate
     from .serving import serving_model
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         "compression": {"plan": report.plan(), "source_run": str(Path(args.run).resolve())},
     })
     write_json(out / "compression.json", report.to_dict())
+    if (Path(args.run) / FEATURES_FILE).is_file():  # the compressed run scores raw rows without its source
+        copy_run_features(args.run, out)
     summary = {
         "source_run": str(args.run),
         "model": cfg.model,

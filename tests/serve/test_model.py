@@ -55,14 +55,13 @@ def test_not_a_run(tmp_path):
 
 def test_compressed_run_loads_and_carries_the_source_features(tmp_path, criteo_dir):
     from embcompress.cli import main
-    from embcompress.data.features import copy_run_features
 
     _train(criteo_dir, tmp_path / "run", "hash")
     assert main(["compress-lowrank", "--run", str(tmp_path / "run"), "--ratio", "2", "--out", str(tmp_path / "c"),
                  "--calibration-batches", "2", "--timing-batches", "1"]) == 0
     source, compressed = load_model(tmp_path / "run"), load_model(tmp_path / "c")
     assert sum(p.numel() for p in compressed.parameters()) < sum(p.numel() for p in source.parameters())
-    copy_run_features(tmp_path / "run", tmp_path / "c")
+    assert (tmp_path / "c" / "features.json").is_file()  # compress-lowrank carries the source's feature map
     batch = next(iterate_batches(open_dataset(criteo_dir), 64))
     with torch.no_grad():
         expected = compressed(batch.dense, batch.sparse)
