@@ -132,10 +132,11 @@ def model_table(model: nn.Module) -> CompressedEmbeddingBag:
     return sparse_arches(model)[0].embedding
 
 
-def export_model(model: nn.Module) -> torch.export.ExportedProgram:
+def export_model(model: nn.Module, served: nn.Module | None = None) -> torch.export.ExportedProgram:
     """``torch.export`` of the inference model: ``(dense (B, I) float32, sparse (B, F) int64) -> logits (B,)``
-    with a dynamic batch dimension B >= 1."""
-    served = inference_model(model)
+    with a dynamic batch dimension B >= 1. ``served``: a frozen module computing ``model``'s logits to
+    export instead of :func:`inference_model` (e.g. the AFM serving form of a compressed model)."""
+    served = inference_model(model) if served is None else served
     device = next((t.device for t in served.state_dict().values()), torch.device("cpu"))
     args = example_inputs(model, device=device)
     batch = torch.export.Dim("batch", min=1)
@@ -171,14 +172,16 @@ def artifact_path(path: str | Path) -> Path:
     return path
 
 
-def save(model: nn.Module, path: str | Path, *, check_rows: int = 64, **extra: Any) -> torch.export.ExportedProgram:
-    """Export ``model``, check the artifact against the eager model on ``check_rows`` random rows, write it.
+def save(model: nn.Module, path: str | Path, *, served: nn.Module | None = None, check_rows: int = 64,
+         **extra: Any) -> torch.export.ExportedProgram:
+    """Export ``model`` (through ``served`` if given, see :func:`export_model`), check the artifact against
+    the eager model on ``check_rows`` random rows, write it.
 
     The check runs the program as saved (after a round trip through ``torch.export.load``) and raises if
     its logits differ from the eager model's beyond float rounding: an artifact that would serve other
     scores is never written."""
     path = artifact_path(path)
-    program = export_model(model)
+    program = export_model(model, served)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.pt2")
     torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(metadata(model, **extra))})
@@ -218,7 +221,11 @@ def cmd_export(args: Any) -> int:
     artifact_path(args.out)  # before the model is loaded
     model = load_model(args.run)  # eval mode, on the CPU
     table = model_table(model)
-    save(model, args.out, run=str(Path(args.run).resolve()))
+    served, form = None, "inference-form"
+    if (Path(args.run) / "compression.json").is_file():  # a compress-lowrank run: serve its algebra
+        from .compress.serving import serving_model
+        served, form = serving_model(model), "afm-serving"
+    save(model, args.out, served=served, run=str(Path(args.run).resolve()), form=form)
     print(f"wrote {args.out}: {table.name} {type(model).__name__}, inputs dense float32 (B, {num_dense_of(model)}) "
           f"+ sparse int64 (B, {len(table.field_sizes)}), output logits (B,); load with torch.export.load")
     return 0

@@ -206,6 +206,20 @@ def test_export_command_writes_a_checked_artifact(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("embcompress: error:")
 
 
+def test_a_compressed_run_exports_its_serving_form(tmp_path, capsys, one_thread):
+    from embcompress.cli import main
+
+    run, small = tmp_path / "run", tmp_path / "afm"
+    assert main(["train", "--rows", "3000", "--fields", "4", "--scale", "0.002", "--model", "deepfm",
+                 "--batch-size", "256", "--out", str(run), "--no-progress"]) == 0
+    assert main(["compress-lowrank", "--run", str(run), "--ratio", "2", "--out", str(small),
+                 "--calibration-batches", "2", "--timing-batches", "1"]) == 0
+    assert main(["export", "--run", str(small), "--out", str(tmp_path / "afm.pt2")]) == 0  # checked against eager
+    assert export.load_metadata(tmp_path / "afm.pt2")["form"] == "afm-serving"
+    assert export.load_metadata(tmp_path / "afm.pt2")["method"] == "lowrank"
+    capsys.readouterr()
+
+
 def test_the_training_tables_range_check_does_not_stop_export(one_thread):
     """check_ids reads the ids back in eager mode; traced, it becomes an assert inside the graph."""
     table = ec.make_table("hash", SIZES, DIM, compression=4)
