@@ -235,8 +235,8 @@ def add_training_args(g: Any) -> None:
     g.add_argument("--warmup-steps", type=nonnegative_int, default=300,
                    help="steps over which the learning rate ramps up linearly (0: none)")
     g.add_argument("--warmup-max-share", type=positive_float, default=WARMUP_MAX_SHARE,
-                   help="the warm-up lasts at most this share of the run's steps (1: --warmup-steps whenever the "
-                        "run is that long)")
+                   help="cap the warm-up at this share of the run's steps (default: no cap; a run shorter than "
+                        "its warm-up never reaches --lr, which is logged as a warning)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adagrad",
                    help="sgd (the DLRM reference, with --lr 0.1), adagrad, or adam (SparseAdam for the tables)")
     g.add_argument("--shuffle", action="store_true", help="shuffle the batch order (default: time order)")
@@ -314,6 +314,8 @@ def format_summary(s: dict[str, Any]) -> str:
     val = f"  val AUC {s['val_auc']:.4f}" if "val_auc" in s else ""
     used = s.get("warmup_steps_used", s.get("warmup_steps"))
     warm = f"  warm-up {used} of {s['warmup_steps']} steps" if used != s.get("warmup_steps") else ""
+    if s.get("lr_reached", 1.0) < 1.0:
+        warm += f"  lr reached {100 * s['lr_reached']:.0f}% of --lr (warm-up longer than the run)"
     return (f"{s['method']:>8} {s['compression_actual']:>10.1f}x  AUC {s['test_auc']:.4f}  "
             f"logloss {s['test_logloss']:.4f}{val}  table {s['embedding_bytes'] / 2**20:.2f} MiB  "
             f"train {s['train_samples_per_s']:,.0f}/s  eval {s['eval_samples_per_s']:,.0f}/s{warm}")

@@ -104,9 +104,12 @@ def test_demo_prints_a_readable_table_and_what_to_try_next(capsys):
     assert "embcompress methods cafe" in out and "Bayes-optimal" in out
 
 
-def test_the_result_line_says_when_the_warm_up_was_capped(capsys):
-    assert main(["train", "--rows", "3000", "--fields", "4", "--scale", "0.001", "--no-progress"]) == 0
+def test_the_result_line_says_when_the_warm_up_was_capped_or_outlasted_the_run(capsys):
+    args = ["train", "--rows", "3000", "--fields", "4", "--scale", "0.001", "--no-progress"]
+    assert main([*args, "--warmup-max-share", "0.1"]) == 0
     assert "warm-up 2 of 300 steps" in capsys.readouterr().out  # 2572 training rows: 21 steps of 128
+    assert main(args) == 0
+    assert "lr reached 7% of --lr" in capsys.readouterr().out
 
 
 def test_warmup_max_share_sets_the_cap(capsys):

@@ -263,15 +263,23 @@ def test_a_run_directory_holding_a_run_is_refused_unless_resume_or_overwrite(tmp
 
 
 def test_warm_up_is_capped_at_a_share_of_a_short_run_and_logged(small_synthetic, caplog):
-    from embcompress.train.loop import WARMUP_MAX_SHARE
-    cfg = TrainConfig(method="hash", compression=10, batch_size=512, progress=False, max_steps=30)
+    cfg = TrainConfig(method="hash", compression=10, batch_size=512, progress=False, max_steps=30,
+                      warmup_max_share=0.1)
     with caplog.at_level("INFO"):
         s = run_training(cfg, dataset=small_synthetic)
-    assert s["warmup_steps"] == 300 and s["warmup_steps_used"] == int(WARMUP_MAX_SHARE * 30)
-    assert f"learning-rate warm-up: {s['warmup_steps_used']} steps instead of 300" in caplog.text
+    assert s["warmup_steps"] == 300 and s["warmup_steps_used"] == 3 and s["lr_reached"] == 1.0
+    assert "learning-rate warm-up: 3 steps instead of 300" in caplog.text
     long = run_training(TrainConfig(method="hash", compression=10, batch_size=64, progress=False, warmup_steps=20,
-                                    max_steps=200), dataset=small_synthetic)
+                                    max_steps=200, warmup_max_share=0.1), dataset=small_synthetic)
     assert long["warmup_steps_used"] == 20  # a warm-up within the share is kept as given
+
+
+def test_a_warm_up_longer_than_the_run_is_kept_by_default_and_warned_about(small_synthetic, caplog):
+    cfg = TrainConfig(method="hash", compression=10, batch_size=512, progress=False, max_steps=30)
+    with caplog.at_level("WARNING"):
+        s = run_training(cfg, dataset=small_synthetic)
+    assert s["warmup_steps_used"] == 300 and s["lr_reached"] == pytest.approx(30 / 300)
+    assert "reaches only 10% of --lr" in caplog.text
 
 
 def test_single_class_labels_give_null_auc_in_valid_json(tmp_path, small_synthetic):
