@@ -99,8 +99,8 @@ def test_demo_prints_a_readable_table_and_what_to_try_next(capsys):
     assert main(["demo", "--rows", "3000", "--methods", "full,hash", "--compression", "10", "--no-progress"]) == 0
     out = capsys.readouterr().out
     table = out[out.index("method  "):out.index("What to try next:")].strip().splitlines()
-    assert table[0].split() == ["method", "idea", "ratio", "table", "test", "AUC", "vs", "full", "train", "speed"]
-    assert table[2].startswith("full ") and table[3].startswith("hash ") and "x full" in table[3]
+    assert table[0].split() == ["method", "idea", "ratio", "table", "test", "AUC", "vs", "full", "train", "samples/s"]
+    assert table[2].startswith("full ") and table[3].startswith("hash ") and " 10x " in table[3]
     assert "embcompress methods cafe" in out and "Bayes-optimal" in out
 
 
