@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
             cfg = loop.TrainConfig(method=method, compression=ratio, method_options=opts, seed=seed,
                                    progress=False, batch_size=args.batch_size,
                                    val_fraction=args.holdout_fraction if args.holdout else 0.0,
-                                   **({"lr": args.lr} if args.lr else {}))
+                                   warmup_max_share=args.warmup_max_share, **({"lr": args.lr} if args.lr else {}))
             summary, model = loop.train_model(cfg, ds)
             table = loop.embedding_tables(model)[0]
             split = "val" if args.holdout else "test"
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--holdout-fraction", type=float, default=1 / 7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup-max-share", type=float, help="cap the warm-up at this share of the run (default: none)")
     ap.add_argument("--pair-init", action="store_true",
                     help="same MLP initialisation for every method at a seed (the table's RNG use forked off)")
     ap.add_argument("--summary", nargs="*", help="JSON-lines files to summarise instead of running")

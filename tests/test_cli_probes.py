@@ -102,7 +102,7 @@ def test_probe_with_files(capsys, files, args, message):
     check_user_error(capsys, [a.format(root=files) for a in args], message)
 
 
-# Data-side probes (embcompress/data, H-model): xfail until fixed; strict, so a fix flips them to pass.
+# Data-side probes: a directory given as the input file, an integer too large for the dense columns.
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "criteo:{root}", "--method", "full", "--no-progress"], "is a directory"),
     (["train", "--data", "criteo:{root}/huge.tsv", "--method", "full", "--no-progress", "--cache-dir",
