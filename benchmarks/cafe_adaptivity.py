@@ -6,7 +6,7 @@
 Sketch part: two Zipf regimes over independent popularity orders (the new hot ids are mostly cold ids of
 the first regime), batches of ``--batch`` frequency scores (one training step each); we report after each
 step of the second regime the fraction of its true top-k that is hot, and the first step where it reaches
-80%, for each decay and with the pressure rule on and off (off: DESIGN.md's mass rule alone).
+80%, for each decay and with the pressure rule on and off (off: the paper's mass rule alone).
 
 DLRM part (``--dlrm``): progressive ("test-then-train") AUC on a synthetic stream whose popularity changes
 once, halfway (``make_synthetic(drift=1, drift_stages=2)``: every field's ids are drawn through a new
@@ -42,7 +42,7 @@ from embcompress.embeddings.hotsketch import HotSketch
 CONFIGS = {
     "hash": ("hash", {}),
     "cafe": ("cafe", {}),
-    "cafe-rules": ("cafe", {"pressure_decay": False, "preempt": False}),  # DESIGN.md's rules alone
+    "cafe-rules": ("cafe", {"pressure_decay": False, "preempt": False}),  # the paper's rules alone
     "cafe-freq": ("cafe", {"importance": "frequency"}),
     "full": ("full", {}),
 }

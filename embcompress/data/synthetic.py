@@ -1,4 +1,4 @@
-"""A Criteo-like synthetic data generator with a known answer (DESIGN.md §3).
+"""A Criteo-like synthetic data generator with a known answer (docs/design.md, "Data").
 
 Every categorical field f has n_f ids (the Kaggle cardinalities times ``scale``). A row draws a popularity
 rank per field from a truncated Zipf law (exponent ``skew``) and maps it to an id with a per-field affine
