@@ -129,3 +129,14 @@ def test_preprocess_overwrite_replaces_an_existing_dataset(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from embcompress.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.items() for a in sub._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing

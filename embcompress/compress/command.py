@@ -26,14 +26,16 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
+    from ..cli import positive_int
     p = subparsers.add_parser("compress-lowrank", help="AFM low-rank compression of a trained run (post-training)")
     p.add_argument("--run", required=True, help="run directory of a trained model (config.json, checkpoint.pt)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--ratio", type=float, help="whole-model parameter reduction, e.g. 3")
     target.add_argument("--variance", type=float, help="fraction of each layer's output variance to keep")
     p.add_argument("--out", required=True, help="directory for the compressed run")
-    p.add_argument("--calibration-batches", type=int, default=50)
-    p.add_argument("--calibration-batch-size", type=int, default=1024)
+    p.add_argument("--calibration-batches", type=positive_int, default=50,
+                   help="training batches streamed through the model to collect each layer's output statistics")
+    p.add_argument("--calibration-batch-size", type=positive_int, default=1024, help="rows per calibration batch")
     p.add_argument("--eval-batch-size", type=int, default=4096, help="batch size of the AUC evaluation")
     p.add_argument("--timing-batch-sizes", default="1,64,4096",
                    help="batch sizes the inference speed is measured at (comma-separated; '' skips timing)")

@@ -24,7 +24,8 @@ def add_parser(subparsers: Any) -> None:
         if name == "predict":
             p.add_argument("--out", required=True, help="output file: .csv or .parquet (one 'probability' column)")
         p.add_argument("--batch-size", type=positive_int, default=4096, help="rows per forward call (default 4096)")
-        p.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda,cuda:N}")
+        p.add_argument("--device", type=device_arg, default="cpu", metavar="{cpu,cuda,cuda:N}",
+                       help="where the model runs")
         p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
