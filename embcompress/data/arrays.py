@@ -23,7 +23,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,7 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     meta_path = root / "meta.json"
     if not meta_path.exists():
         raise DataError(f"{root} is not a complete dataset: meta.json is missing (unfinished or failed write?).")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{meta_path} is not valid JSON: {exc}.") from exc
+    meta = read_json(meta_path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{root} has format version {meta.get('format_version')!r}; this code reads {FORMAT_VERSION}.")
     names = list(_ARRAYS) + (["probs"] if meta.get("has_probs") else [])

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError
+from .errors import DataError, read_json
 
 FEATURES_FILE = "features.json"
 VOCAB_DIR = "vocab"
@@ -82,10 +82,7 @@ def read_feature_map(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path} does not exist: {directory} has no feature map (preprocessed or trained "
                         "by an older version?).")
-    try:
-        fmap = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}.") from exc
+    fmap = read_json(path)
     if not isinstance(fmap, dict) or fmap.get("format") != FORMAT:
         raise DataError(f"{path} is not an embcompress feature map.")
     if fmap.get("version") != VERSION:

@@ -3,13 +3,13 @@ directories (``sweep.json`` + ``cells/*.json``, one row per cell)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..data import DataError
+from ..data.errors import read_json
 from ..report import markdown_table
 
 # (row key, column title, format)
@@ -26,13 +26,6 @@ COLUMNS = (
     ("eval_samples_per_s", "eval samples/s", "{:,.0f}"),
     ("status", "status", "{}"),
 )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}.") from exc
 
 
 def _clean(x: Any) -> Any:
@@ -57,7 +50,7 @@ def row_of_summary(name: str, s: dict[str, Any], status: str = "done") -> dict[s
 def _sweep_rows(root: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted((root / "cells").glob("*.json")):
-        rec = _read_json(path)
+        rec = read_json(path)
         name = f"{root}/{rec.get('key', path.stem)}"
         if rec.get("status") == "done" and rec.get("summary"):
             rows.append(row_of_summary(name, rec["summary"]))
@@ -76,11 +69,11 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     for d in dirs:
         root = Path(d)
         if (root / "summary.json").is_file():
-            rows.append(row_of_summary(str(root), _read_json(root / "summary.json")))
+            rows.append(row_of_summary(str(root), read_json(root / "summary.json")))
         elif (root / "sweep.json").is_file():
             rows.extend(_sweep_rows(root))
         elif (root / "config.json").is_file():
-            cfg = _read_json(root / "config.json")
+            cfg = read_json(root / "config.json")
             rows.append({**{k: None for k, _, _ in COLUMNS}, "run": str(root), "method": cfg.get("method"),
                          "model": cfg.get("model"), "seed": cfg.get("seed"), "status": "unfinished",
                          "reason": "no summary.json yet"})

@@ -5,7 +5,6 @@ keeps working after its training data moved or was preprocessed again."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data import DataError, read_feature_map
+from ..data.errors import read_json
 from ..data.features import FEATURES_FILE, feature_map_of
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ def run_config(run_dir: str | os.PathLike) -> Any:
                         "config.json and checkpoint.pt of `embcompress train --out`).")
     if not path.is_file():
         raise DataError(f"{run} is not a run directory: it has no config.json (written by `embcompress train --out`).")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}.") from exc
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise DataError(f"{path} is not a run configuration.")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
