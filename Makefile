@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements-ci.txt requirements-torchrec.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/embcompress demo --out demo-out
+	$(BIN)/embcompress demo --out demo-out --overwrite
 
 # One torch thread per worker: two xdist workers with two threads each would oversubscribe two cores.
 test: $(STAMP)
