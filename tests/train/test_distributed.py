@@ -16,7 +16,7 @@ from embcompress.train import TrainConfig
 from embcompress.train.loop import train_model
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = {"hash": 10, "cafe": 10, "mpcache": 3}
+METHODS = {"hash": 10, "cafe": 10, "mpcache": 3, "zch": 10}
 ROWS, BATCH = 15_000, 32  # 12,857 training rows: 201 steps of 2 x 32 rows per method
 
 # Each rank joins one gloo group from Python (the same path torchrun takes, minus the launcher),
@@ -84,6 +84,9 @@ def test_two_ranks_end_bitwise_identical(two_rank_runs, method):
     if method == "mpcache":
         stats = next(v for k, v in a.items() if k.endswith("stats"))
         assert stats[0] > 100 and stats[1] > 0  # steps and cache hits, counted over both ranks
+    if method == "zch":
+        counts = next(v for k, v in a.items() if k.endswith("_mch_counts"))
+        assert (counts > 0).sum() > 100  # slots were taken by counted ids
 
 
 @pytest.mark.parametrize("method", list(METHODS))
