@@ -21,6 +21,7 @@ from typing import Any, Callable, NoReturn, Sequence
 import torch
 
 from .embeddings import BudgetError, methods
+from .report import text_table
 from .train.checkpoint import CheckpointError, json_dumps
 from .train.distributed import RankStopped
 from .train.loop import OPTIMIZERS, WARMUP_MAX_SHARE, TrainConfig, TrainingDiverged, run_training
@@ -375,10 +376,7 @@ def demo_table(rows: Sequence[dict[str, Any]]) -> str:
               and math.isfinite(r["test_auc"] + full["test_auc"]) else "")
         lines.append((r["method"], idea, f"{r['compression_actual']:,.0f}x", _size(r["embedding_bytes"]),
                       f"{r['test_auc']:.4f}", vs, f"{r['train_samples_per_s']:,.0f}"))
-    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(x) for x in lines)])
+    return text_table(head, lines, left=2, rule=True)
 
 
 def _size(n: float) -> str:

@@ -33,3 +33,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
              "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], lines: Sequence[Sequence[Any]], left: int = 1, rule: bool = False) -> str:
+    """Aligned plain text: the first ``left`` columns left-aligned, the rest right-aligned; ``rule`` puts a
+    line of dashes under the header."""
+    cells = [[str(c) for c in line] for line in [header, *lines]]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    if rule:
+        cells.insert(1, ["-" * w for w in widths])
+    return "\n".join("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     .rstrip() for line in cells)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from ..data import DataError
 from ..data.errors import read_json
-from ..report import markdown_table
+from ..report import markdown_table, text_table
 
 # (row key, column title, format)
 COLUMNS = (
@@ -87,8 +87,5 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     if markdown:
         return markdown_table(rows, COLUMNS)
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    cells = [[title for _, title, _ in cols]]
-    cells += [["" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in cols] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     .rstrip() for line in cells)
+    lines = [["" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in cols] for r in rows]
+    return text_table([title for _, title, _ in cols], lines, left=3)
