@@ -42,20 +42,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EMBCOMPRESS_NATIVE_DIR", default))
 
 
-def build(directory: Path | None = None) -> Path:
-    """Compile the library (if not built yet) and return its path; raises OSError / CalledProcessError."""
+def build(directory: Path | None = None, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (default: this library; also ``mpcache_native.cpp``) if not built yet and return
+    its path; raises OSError / CalledProcessError."""
     compiler = os.environ.get("CXX", "g++")
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    text = source.read_bytes()
+    tag = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     directory = directory or cache_dir()
-    target = directory / f"hotsketch_native-{tag}.so"
+    target = directory / f"{source.stem}-{tag}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=300)
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(source)], check=True, capture_output=True, timeout=300)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -68,18 +69,23 @@ def library() -> ctypes.CDLL | None:
     if not enabled():
         return None
     if "lib" not in _state:
-        try:
-            lib = ctypes.CDLL(str(build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            log.info("embcompress: no compiled kernels (%s %s); using the PyTorch path", e,
-                     detail.decode(errors="replace")[:500])
-            lib = None
+        lib = load()
         if lib is not None:
             _declare(lib)
             _register(lib)
         _state["lib"] = lib
     return _state["lib"]  # type: ignore[return-value]
+
+
+def load(source: Path = SOURCE) -> ctypes.CDLL | None:
+    """``source`` built (:func:`build`) and loaded, or None where that fails (logged; callers keep the result)."""
+    try:
+        return ctypes.CDLL(str(build(source=source)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.info("embcompress: no compiled kernels (%s %s); using the PyTorch path", e,
+                 detail.decode(errors="replace")[:500])
+        return None
 
 
 def _workspace(name: str, n: int) -> Tensor:
