@@ -335,7 +335,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- demo
-DEMO_METHODS = ("full", "hash", "qr", "cafe", "cafe-ml", "zch", "tt", "lowrank")
+DEMO_METHODS = ("full", "hash", "qr", "cafe", "cafe-ml", "zch", "tt", "cafe-tt", "lowrank")
 #: the demo table's one-line idea of each method (others: the first words of their module's docstring)
 DEMO_IDEAS = {
     "full": "one row per id: the baseline",
@@ -345,6 +345,7 @@ DEMO_IDEAS = {
     "cafe-ml": "cafe + a second hash row for warm ids",
     "zch": "hottest ids own rows (TorchRec's MCH)",
     "tt": "rows from small tensor-train cores",
+    "cafe-tt": "hot ids own rows, the rest TT rows",
     "lowrank": "rows in a low-rank subspace per field",
     "mpcache": "int8/int4 rows + a float cache",
 }

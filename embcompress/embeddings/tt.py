@@ -148,23 +148,28 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.raw_weight = nn.Parameter(torch.empty(sum(raw_sizes), self.embedding_dim))
         uniform_rows_(self.raw_weight, raw_sizes, gen)
 
-        # cache of hot TT rows: slot-major weights, plus ids sorted for searchsorted and each id's slot
+        # cache of hot TT rows: slot-major weights; which id holds which slot is the cache index's business
         self.cache_weight = nn.Parameter(torch.zeros(cache_rows, self.embedding_dim))
+        self._init_cache_index(cache_rows, tracker_rows)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._unapplied = 0  # optimizer steps whose counts wait in _pending (not checkpointed: < track_every steps)
+
+    def _init_cache_index(self, cache_rows: int, tracker_rows: int) -> None:
+        """The buffers that say which TT ids the cache holds: ids sorted for searchsorted, each id's
+        slot, and the tracker of candidate ids with their decayed counts."""
         self.register_buffer("cache_keys", torch.full((cache_rows,), EMPTY, dtype=torch.int64))
         self.register_buffer("cache_slots", torch.arange(cache_rows, dtype=torch.int64))
         self.register_buffer("track_ids", torch.full((tracker_rows,), EMPTY, dtype=torch.int64))
         self.register_buffer("track_counts", torch.zeros(tracker_rows))
         self.register_buffer("steps", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("stats", torch.zeros(3, dtype=torch.int64))  # refreshes, admissions, evictions
-        self._pending: list[tuple[Tensor, Tensor]] = []
-        self._unapplied = 0  # optimizer steps whose counts wait in _pending (not checkpointed: < track_every steps)
 
     # ------------------------------------------------------------------ lookup
     def lookup(self, ids: Tensor) -> Tensor:
         return self._rows(ids)
 
     def lookup_unique(self, unique: Tensor, counts: Tensor) -> Tensor:
-        record = self.training and self.cache_keys.numel() > 0
+        record = self.training and self.cache_weight.shape[0] > 0
         return self._rows(unique, counts if record else None)  # (u, D)
 
     def _rows(self, ids: Tensor, counts: Tensor | None = None) -> Tensor:
@@ -222,6 +227,13 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         f = field_of(ids, self.starts)
         return self._tt(self.field_group[f], ids - self.starts[f] + self.field_base[f])
 
+    def cached_rows(self) -> tuple[Tensor, Tensor]:
+        """(ids the cache holds, sorted; their rows), detached: what serving reads."""
+        held = torch.nonzero(self.cache_keys != EMPTY).squeeze(1)
+        keys = self.cache_keys[held]
+        order = torch.argsort(keys)
+        return keys[order], self.cache_weight.detach()[self.cache_slots[held][order]]
+
     def _cache_find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """(hit mask, cache slot) per id; cache_keys is sorted with EMPTY (never a valid id) at the end."""
         if self.cache_keys.numel() == 0:
@@ -237,7 +249,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
 
     def _merge_pending(self, dedup: bool = False) -> tuple[Tensor, Tensor]:
         ids = torch.cat([p[0] for p in self._pending])
-        counts = torch.cat([p[1] for p in self._pending]).to(self.track_counts.dtype)
+        counts = torch.cat([p[1] for p in self._pending]).float()
         if not dedup or len(self._pending) == 1:  # update_state sums duplicates itself
             return ids, counts
         unique, inverse = torch.unique(ids, return_inverse=True)
@@ -361,7 +373,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
     def extra_repr(self) -> str:
         tt = sum(tt_params(p, self.q_shape, self.ranks) for p in self.p_shapes)
         return (f"{super().extra_repr()}, groups={len(self.groups)}, q={self.q_shape}, ranks={self.ranks}, "
-                f"core_floats={tt}, raw_rows={self.raw_weight.shape[0]}, cache_rows={self.cache_keys.numel()}")
+                f"core_floats={tt}, raw_rows={self.raw_weight.shape[0]}, cache_rows={self.cache_weight.shape[0]}")
 
     def inference_form(self) -> "TTInference":
         """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
@@ -392,11 +404,7 @@ class TTInference(nn.Module):
         self.shapes = [tuple(c.shape) for c in cores]
         for t, c in enumerate(cores):
             self.register_buffer(f"core{t}", c.detach().reshape(c.shape[0], -1).clone())  # (P_t, r q r')
-        held = torch.nonzero(table.cache_keys != EMPTY).squeeze(1)
-        keys = table.cache_keys[held]
-        order = torch.argsort(keys)
-        rows = table.cache_weight.detach()[table.cache_slots[held][order]]
-        keys = keys[order]
+        keys, rows = table.cached_rows()
         if not len(keys):  # one entry that no id matches, so the search needs no branch
             keys, rows = torch.full((1,), -1), rows.new_zeros(1, self.dim)
         self.register_buffer("cache_ids", keys.clone())
