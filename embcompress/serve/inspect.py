@@ -1,7 +1,8 @@
 """What a trained table holds, per field, in the raw values of the run's vocabulary.
 
-- ``cafe`` / ``cafe-ml``: the ids the hot-id sketch holds, their importance scores, which of them have a
-  hot row (the others wait below the threshold), and the hash rows each field has.
+- ``cafe`` / ``cafe-ml`` / ``cafe-tt``: the ids the hot-id sketch holds, their importance scores (lookup
+  counts for ``cafe-tt``), which of them have a hot row (the others wait below the threshold), and for
+  ``cafe`` and ``cafe-ml`` the hash rows each field has.
 - ``mpcache``: the ids whose rows the full-precision cache holds, with the priority the cache ranks them by.
 - ``tt``: the ids whose rows the uncompressed cache holds, with their tracked lookup counts.
 - other methods keep no per-id state; the report says so.
@@ -40,7 +41,7 @@ def _value(vocab: np.ndarray | None, local: int, criteo: bool) -> str | None:
 def _held(table: torch.nn.Module) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, str] | None:
     """(kind, global ids held, their score, whether each serves lookups, score's meaning) or None."""
     sketch = getattr(table, "sketch", None)
-    if sketch is not None and hasattr(sketch, "hot_row") and hasattr(table, "num_hash_rows"):  # cafe, cafe-ml
+    if sketch is not None and hasattr(sketch, "hot_row"):  # cafe, cafe-ml, cafe-tt
         keys, hot, scores = (sketch.keys.reshape(-1).long(), sketch.hot_row.reshape(-1),
                              sketch.scores.reshape(-1).float())
         keep = keys >= 0
@@ -138,7 +139,7 @@ def inspect_run(run_dir: str | os.PathLike, *, fields: Sequence[int] | None = No
                      "score": None if np.isnan(scores[i]) else float(scores[i]), "serving": bool(serving[i])}
                     for i in order],
         }
-        if hashed is not None:
+        if hashed is not None and hasattr(table, "rows"):  # cafe, cafe-ml
             entry["whole"] = not bool(hashed[f])  # a field small enough to have a row per id needs no hot rows
             entry["hash_rows"] = int(table.rows[f])
         if shares is not None:

@@ -22,7 +22,8 @@ def _train(criteo_dir, out, method, ratio, **options):
 
 
 @pytest.mark.parametrize("method,ratio,options", [("cafe", 3.0, {}), ("cafe-ml", 3.0, {}), ("mpcache", 3.0, {}),
-                                                  ("tt", 3.0, {"refresh_every": 5})])
+                                                  ("tt", 3.0, {"refresh_every": 5}),
+                                                  ("cafe-tt", 3.0, {"threshold": 2.0})])
 def test_held_ids_and_served_share_match_the_table(tmp_path, criteo_dir, criteo_tsv, method, ratio, options):
     run = _train(criteo_dir, tmp_path / method, method, ratio, **options)
     report = inspect_run(run, top=5, data=str(criteo_tsv))
