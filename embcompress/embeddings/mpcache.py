@@ -8,16 +8,19 @@ float32. In training the step's uncached rows are dequantised into staging rows 
 grid where it still fits: ``write_back``), admits rows by the policy (``lfu``: a count-min sketch;
 ``lru``) and moves each row's optimizer state with it (``optimizer_state``). A cached row's stored row
 holds its cache slot, marked by the sign bit of its scale, so a lookup needs no search; outside training
-on the CPU, lookups run PyTorch's quantized ``embedding_bag`` ops. The rules, why each was chosen, and the
-memory formula: docs/native.md, "mpcache".
+on the CPU, one compiled pass reads each id's cache row or stored row (``mpcache_native.cpp``; without a
+compiler, PyTorch's quantized ``embedding_bag`` ops). The rules, why each was chosen, and the memory
+formula: docs/native.md, "mpcache".
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -255,26 +258,32 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
 
     def forward(self, input: Tensor, offsets: Tensor | None = None,
                 per_sample_weights: Tensor | None = None) -> Tensor:
-        """Outside training on the CPU, bags are pooled by PyTorch's quantized ``embedding_bag`` over
-        the stored rows (cached rows weighted 0) plus an ``embedding_bag`` over the cache (the others
-        weighted 0): no sort, no search."""
-        if (self.training and torch.is_grad_enabled()) or not self._marked or self.codes.device.type != "cpu":
+        """Outside training on the CPU, one compiled pass pools each id's cache row or decoded stored row
+        (:func:`lookup_op`); without it, PyTorch's quantized ``embedding_bag`` over the stored rows (cached
+        rows weighted 0) plus an ``embedding_bag`` over the cache (the others weighted 0). No sort, no search."""
+        if (self.training and torch.is_grad_enabled()) or self.codes.device.type != "cpu":
             return super().forward(input, offsets, per_sample_weights)
+        kernel = lookup_op() if (self._marked or not self.num_cache_rows) and \
+            self.cache_weight.dtype == torch.float32 else None
+        if kernel is None and not self._marked:
+            return super().forward(input, offsets, per_sample_weights)
+        one = input.dim() == 2 and input.shape[1] == 1  # one id per bag, as the models look up: no pooling
+        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
+        if self.validate_ids:
+            self.check_ids(ids)
+        if kernel is not None:
+            marks = (self._marker_byte, self._slot_at, self._slot_bytes if self._marked else 0)
+            return kernel(self.codes, self.cache_weight.detach(), ids, None if one else offsets,
+                          None if psw is None else psw.float(), self.embedding_dim, self.bits, *marks,
+                          self.mode == "mean")
         op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if self.bits == 8
               else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
-        if (input.dim() == 2 and input.shape[1] == 1 and offsets is None and per_sample_weights is None
-                and input.dtype == torch.int64):  # one id per bag, as the models look up: no pooling
-            ids = input.view(-1)
-            if self.validate_ids:
-                self.check_ids(ids)
+        if one and psw is None and ids.dtype == torch.int64:
             hit, slots = self._cached(ids)
             out = F.embedding(slots, self.cache_weight.detach())  # cache rows, then the misses' rows
             miss = torch.nonzero(~hit).squeeze(1)
             rows = op(self.codes, ids.index_select(0, miss), torch.arange(len(miss)))[:, :self.embedding_dim]
             return out.index_copy_(0, miss, rows)
-        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
-        if self.validate_ids:
-            self.check_ids(ids)
         hit, slots = self._cached(ids)
         cache_w = hit.float() if psw is None else torch.where(hit, psw.float(), 0.0)
         codes_w = (~hit).float() if psw is None else torch.where(hit, 0.0, psw.float())
@@ -617,6 +626,64 @@ def _isin_sorted(ids: Tensor, sorted_query: Tensor, positions: bool = False) -> 
     """Mask of ``ids`` found in ``sorted_query``; with ``positions``, (mask, index in it)."""
     at, found = _locate(sorted_query, ids)
     return (found, at) if positions else found
+
+
+_kernel: dict[str, Any] = {}
+
+
+def lookup_op() -> Callable[..., Tensor] | None:
+    """``torch.ops.embcompress.mpcache_lookup`` (``mpcache_native.cpp``, built on first use by
+    :func:`native.load`), or None where it is turned off (``EMBCOMPRESS_NATIVE=0``) or cannot be built.
+
+    ``mpcache_lookup(codes, cache, ids, offsets, weights, dim, bits, marker_byte, slot_at, slot_bytes,
+    mean)``: each id's cache row when its stored row is marked (``slot_bytes`` > 0), else its stored row
+    decoded; pooled into the bags that ``offsets`` starts (None: one id per bag), times ``weights``
+    (optional), divided by the bag length when ``mean``. (bags, dim) float32."""
+    if not native.enabled():
+        return None
+    if "op" not in _kernel:
+        lib = native.load(Path(__file__).with_name("mpcache_native.cpp"))
+        _kernel["op"] = None if lib is None else _register_lookup(lib)
+    return _kernel["op"]
+
+
+def _register_lookup(lib: ctypes.CDLL) -> Callable[..., Tensor]:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mpcache_lookup.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, i32, i64, p, i64, p, p, i32, p]
+    lib.mpcache_lookup.restype = i64
+    if hasattr(torch.ops.embcompress, "mpcache_lookup"):
+        return torch.ops.embcompress.mpcache_lookup
+
+    @torch.library.custom_op("embcompress::mpcache_lookup", mutates_args=(), device_types="cpu")
+    def mpcache_lookup(codes: Tensor, cache: Tensor, ids: Tensor, offsets: Tensor | None, weights: Tensor | None,
+                       dim: int, bits: int, marker_byte: int, slot_at: int, slot_bytes: int, mean: bool) -> Tensor:
+        if codes.dtype != torch.uint8 or cache.dtype != torch.float32 or ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("mpcache_lookup: codes uint8, cache float32, ids int32 or int64")
+        if row_bytes(bits, dim) != codes.shape[1] or cache.shape[1] != dim:
+            raise ValueError(f"mpcache_lookup: rows of {codes.shape[1]} bytes and a cache of width "
+                             f"{cache.shape[1]} do not hold {bits}-bit rows of {dim}")
+        ids, codes, cache = ids.contiguous(), codes.contiguous(), cache.contiguous()
+        offsets = None if offsets is None else offsets.long().contiguous()
+        weights = None if weights is None else weights.float().contiguous()
+        if weights is not None and weights.numel() != ids.numel():
+            raise ValueError(f"mpcache_lookup: {weights.numel()} weights for {ids.numel()} ids")
+        bags = ids.numel() if offsets is None else offsets.numel()
+        out = torch.empty(bags, dim)
+        bad = lib.mpcache_lookup(codes.data_ptr(), codes.shape[0], codes.shape[1], dim, bits, cache.data_ptr(),
+                                 marker_byte, slot_at, slot_bytes, ids.element_size(), ids.numel(), ids.data_ptr(),
+                                 bags, None if offsets is None else offsets.data_ptr(),
+                                 None if weights is None else weights.data_ptr(), int(mean), out.data_ptr())
+        if bad == -2:
+            raise ValueError("mpcache_lookup: offsets must be non-decreasing within [0, number of ids]")
+        if bad >= 0:
+            raise IndexError(f"mpcache_lookup: id {int(ids[bad])} is outside [0, {codes.shape[0]})")
+        return out
+
+    @mpcache_lookup.register_fake
+    def _(codes, cache, ids, offsets, weights, dim, bits, marker_byte, slot_at, slot_bytes, mean):  # type: ignore[no-untyped-def]
+        return cache.new_empty(ids.numel() if offsets is None else offsets.numel(), dim)
+
+    return torch.ops.embcompress.mpcache_lookup
 
 
 class MPCacheInference(nn.Module):

@@ -421,11 +421,23 @@ def _reference_rows(table):
     return rows
 
 
-@pytest.mark.parametrize("precision,dim", [("int8", 16), ("int8", 6), ("int4", 7), ("int4", 4)])
-def test_eval_lookup_matches_cache_and_stored_rows(precision, dim):
-    """The eval path (slot read from the stored row, PyTorch's quantized embedding_bag for the rest)
-    returns what the sorted cache index and the dequantised rows say, for one-id bags, pooled bags with
-    weights, and mean pooling."""
+@pytest.fixture(params=["native", "pytorch"])
+def lookup_kernel(request, monkeypatch):
+    """The eval lookup on the compiled kernel (where a compiler exists) and on the PyTorch path."""
+    from embcompress.embeddings.mpcache import lookup_op
+
+    if request.param == "pytorch":
+        monkeypatch.setenv("EMBCOMPRESS_NATIVE", "0")
+    elif lookup_op() is None:
+        pytest.skip("no C++ compiler: the compiled lookup is not built")
+    return request.param
+
+
+@pytest.mark.parametrize("precision,dim", [("int8", 16), ("int8", 6), ("int4", 7), ("int4", 4), ("int4", 32)])
+def test_eval_lookup_matches_cache_and_stored_rows(precision, dim, lookup_kernel):
+    """The eval path (slot read from the stored row; the compiled pass, or PyTorch's quantized
+    embedding_bag for the uncached rows) returns what the sorted cache index and the dequantised rows
+    say, for one-id bags, pooled bags with weights, and mean pooling."""
     table = _trained(precision, dim, cache_rows=40)
     assert table._marked and int((table.cache_ids < 800).sum()) == 40
     ref = _reference_rows(table)
@@ -437,8 +449,11 @@ def test_eval_lookup_matches_cache_and_stored_rows(precision, dim):
     w = torch.rand(50, generator=torch.Generator().manual_seed(4))
     expected = torch.nn.functional.embedding_bag(flat, ref, offsets, mode="sum", per_sample_weights=w)
     torch.testing.assert_close(table(flat, offsets, w), expected)
+    torch.testing.assert_close(table(ids[:, None], per_sample_weights=w[:1].expand(800, 1)), ref * w[0])
+    torch.testing.assert_close(table(ids.int()[:, None]), ref)
     table.mode = "mean"
     torch.testing.assert_close(table(flat, offsets), torch.nn.functional.embedding_bag(flat, ref, offsets, mode="mean"))
+    assert table(flat[:0], torch.tensor([0, 0])).shape == (2, dim) and not table(flat[:0], torch.tensor([0, 0])).any()
     # the hit mask and slots agree with the sorted index for every id
     hit, slot = table._cached(ids)
     cached = table.cache_ids < 800
@@ -475,3 +490,59 @@ def test_checkpoint_without_markers_loads_and_looks_up_alike():
         fresh.load_state_dict(state)
         fresh.eval()
         torch.testing.assert_close(fresh(torch.arange(800)[:, None]), out)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim", [16, 7, 32, 5])
+def test_compiled_lookup_decodes_stored_rows_as_dequantize(bits, dim, lookup_kernel):
+    """Without a cache every lookup decodes its stored row: code * scale + bias in float32, fp16 scale and
+    bias (subnormal ones too: the rows span 1e-4 to 1) for INT4, as quant.dequantize_rows."""
+    table = MPCacheEmbeddingBag([40, 24], dim, precision=f"int{bits}", cache_rows=0)
+    table.codes.copy_(quantize_rows(_rows(64, dim), bits))
+    table.eval()
+    ids = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    expected = dequantize_rows(table.codes, bits, dim)[ids]
+    torch.testing.assert_close(table(ids[:, None]), expected, rtol=1e-6, atol=0)
+
+
+def test_compiled_lookup_rejects_bad_ids_and_offsets(lookup_kernel):
+    table = _trained("int8", 16, cache_rows=40)
+    table.eval()
+    with pytest.raises(ValueError, match="outside the valid range"):
+        table(torch.tensor([[3], [800]]))
+    table.validate_ids = False  # the kernel still never reads outside the table
+    if lookup_kernel == "native":
+        with pytest.raises(IndexError, match="id -1 is outside"):
+            table(torch.tensor([[3], [-1]]))
+        with pytest.raises(ValueError, match="offsets"):
+            table(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1]))
+
+
+def test_lookup_op_agrees_with_its_shape_function():
+    """torch.library.opcheck: schema, fake (tracing) kernel and real kernel agree."""
+    from embcompress.embeddings.mpcache import lookup_op
+
+    op = lookup_op()
+    if op is None:
+        pytest.skip("no C++ compiler: the compiled lookup is not built")
+    table = _trained("int8", 16, cache_rows=40)
+    marks = (table._marker_byte, table._slot_at, table._slot_bytes)
+    ids = torch.randint(0, 800, (30,), generator=torch.Generator().manual_seed(5))
+    cache = table.cache_weight.detach()
+    for offsets, weights, mean in ((None, None, False), (torch.tensor([0, 4, 4, 17]), torch.rand(30), False),
+                                   (torch.tensor([0, 9]), None, True)):
+        torch.library.opcheck(op, (table.codes, cache, ids, offsets, weights, 16, 8, *marks, mean))
+    torch.testing.assert_close(op(table.codes, cache, ids.int(), None, None, 16, 8, *marks, False),
+                               _reference_rows(table)[ids])  # int32 ids
+
+
+def test_lookup_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    from embcompress.embeddings import mpcache
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("EMBCOMPRESS_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(mpcache, "_kernel", {})
+    assert mpcache.lookup_op() is None
+    table = _trained("int8", 16, cache_rows=40)
+    table.eval()
+    torch.testing.assert_close(table(torch.arange(800)[:, None]), _reference_rows(table))
