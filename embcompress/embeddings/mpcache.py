@@ -267,8 +267,11 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
             self.cache_weight.dtype == torch.float32 else None
         if kernel is None and not self._marked:
             return super().forward(input, offsets, per_sample_weights)
-        one = input.dim() == 2 and input.shape[1] == 1  # one id per bag, as the models look up: no pooling
-        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
+        one = input.dim() == 2 and input.shape[1] == 1 and offsets is None  # one id per bag: no pooling
+        if one and per_sample_weights is None:  # checked as 1-D ids: the (B,) offsets of bags are not needed
+            ids, _, psw = self._flatten(input.reshape(-1), _NO_OFFSETS, None)
+        else:
+            ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
         if self.validate_ids:
             self.check_ids(ids)
         if kernel is not None:
@@ -278,7 +281,7 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
                           self.mode == "mean")
         op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if self.bits == 8
               else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
-        if one and psw is None and ids.dtype == torch.int64:
+        if one and psw is None:
             hit, slots = self._cached(ids)
             out = F.embedding(slots, self.cache_weight.detach())  # cache rows, then the misses' rows
             miss = torch.nonzero(~hit).squeeze(1)
@@ -629,6 +632,7 @@ def _isin_sorted(ids: Tensor, sorted_query: Tensor, positions: bool = False) -> 
 
 
 _kernel: dict[str, Any] = {}
+_NO_OFFSETS = torch.zeros(1, dtype=torch.int64)
 
 
 def lookup_op() -> Callable[..., Tensor] | None:

@@ -6,6 +6,11 @@
 // code * scale + bias in float32, as quant.dequantize_rows computes it; the PyTorch path in mpcache.py
 // stays the reference (tests/embeddings/test_mpcache.py compares the two).
 // Plain C ABI on raw buffers: built with g++ alone (no PyTorch headers) and called through ctypes.
+//
+// The kernel below MPCACHE_KERNEL is compiled twice, this file including itself: for the baseline ISA,
+// and on x86-64 with GCC for AVX2 (picked at run time when the CPU has it), so the build flags stay
+// portable. Neither version contracts a multiply and an add (no FMA), so both round as PyTorch does.
+#ifndef MPCACHE_KERNEL
 #include <cstdint>
 #include <cstring>
 
@@ -30,6 +35,68 @@ inline float half_to_float(uint16_t h) {
     std::memcpy(&f, &bits, 4);
     return f;
 }
+
+struct Call {
+    const uint8_t* codes;
+    int64_t rows, row_bytes, dim, bits;
+    const float* cache;
+    int64_t marker_byte, slot_at;
+    uint32_t slot_mask;
+    int id_bytes;
+    int64_t n;
+    const void* ids;
+    int64_t bags;
+    const int64_t* offsets;
+    const float* weights;
+    int mean;
+    float* out;
+};
+
+}  // namespace
+
+#define MPCACHE_KERNEL
+namespace baseline {
+#include __FILE__
+}  // namespace baseline
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MPCACHE_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#include __FILE__
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+static int baseline_only = 0;
+
+extern "C" {
+
+// Tests: 1 makes mpcache_lookup run the baseline version on every CPU, 0 the best one the CPU has.
+void mpcache_baseline_only(int on) { baseline_only = on; }
+
+// Rows of ids (int32 or int64: id_bytes) of a table of `rows` stored rows of `bits` (8 or 4), pooled
+// into bags (offsets: each bag's first id, non-decreasing, within [0, n]; nullptr: one id per bag), each
+// id's row times its weight (weights: nullptr for 1), divided by the bag's length when mean is set. A
+// stored row with bit 7 of byte marker_byte set is cached: the little-endian slot_bytes (1-4; 0: no row
+// is) at slot_at name its row of cache. out: (bags, dim) float32.
+// Returns -1; or, with out not filled, the position of an id outside [0, rows), or -2 for bad offsets.
+int64_t mpcache_lookup(const uint8_t* codes, int64_t rows, int64_t row_bytes, int64_t dim, int64_t bits,
+                       const float* cache, int64_t marker_byte, int64_t slot_at, int64_t slot_bytes, int id_bytes,
+                       int64_t n, const void* ids, int64_t bags, const int64_t* offsets, const float* weights,
+                       int mean, float* out) {
+    const uint32_t mask = slot_bytes >= 4 ? 0xFFFFFFFFu : (uint32_t)((1ull << (8 * slot_bytes)) - 1);
+    const Call a{codes, rows, row_bytes, dim, bits, cache, marker_byte, slot_at, mask, id_bytes, n, ids, bags,
+                 offsets, weights, mean, out};
+#ifdef MPCACHE_AVX2
+    if (!baseline_only && __builtin_cpu_supports("avx2")) return avx2::run_any(a);
+#endif
+    return baseline::run_any(a);
+}
+
+}  // extern "C"
+
+#else  // MPCACHE_KERNEL: the kernel, compiled once per ISA
 
 // Bits 8 or 4; Dim > 0 fixes the row width at compile time (the common widths), 0 reads it from dim.
 template <int Bits, int Dim>
@@ -166,22 +233,6 @@ int64_t lookup(const Table<Bits, Dim>& t, int64_t rows, int64_t n, const I* ids,
     return -1;
 }
 
-struct Call {
-    const uint8_t* codes;
-    int64_t rows, row_bytes, dim;
-    const float* cache;
-    int64_t marker_byte, slot_at;
-    uint32_t slot_mask;
-    int id_bytes;
-    int64_t n;
-    const void* ids;
-    int64_t bags;
-    const int64_t* offsets;
-    const float* weights;
-    int mean;
-    float* out;
-};
-
 template <int Bits, int Dim>
 int64_t run(const Call& a) {
     const int64_t sb_at = Bits == 8 ? a.dim : (a.dim + 1) / 2;
@@ -203,24 +254,6 @@ int64_t run_bits(const Call& a) {
     }
 }
 
-}  // namespace
+int64_t run_any(const Call& a) { return a.bits == 8 ? run_bits<8>(a) : run_bits<4>(a); }
 
-extern "C" {
-
-// Rows of ids (int32 or int64: id_bytes) of a table of `rows` stored rows of `bits` (8 or 4), pooled
-// into bags (offsets: each bag's first id, non-decreasing, within [0, n]; nullptr: one id per bag), each
-// id's row times its weight (weights: nullptr for 1), divided by the bag's length when mean is set. A
-// stored row with bit 7 of byte marker_byte set is cached: the little-endian slot_bytes (1-4; 0: no row
-// is) at slot_at name its row of cache. out: (bags, dim) float32.
-// Returns -1; or, with out not filled, the position of an id outside [0, rows), or -2 for bad offsets.
-int64_t mpcache_lookup(const uint8_t* codes, int64_t rows, int64_t row_bytes, int64_t dim, int64_t bits,
-                       const float* cache, int64_t marker_byte, int64_t slot_at, int64_t slot_bytes, int id_bytes,
-                       int64_t n, const void* ids, int64_t bags, const int64_t* offsets, const float* weights,
-                       int mean, float* out) {
-    const uint32_t mask = slot_bytes >= 4 ? 0xFFFFFFFFu : (uint32_t)((1ull << (8 * slot_bytes)) - 1);
-    const Call a{codes, rows, row_bytes, dim, cache, marker_byte, slot_at, mask, id_bytes, n, ids, bags,
-                 offsets, weights, mean, out};
-    return bits == 8 ? run_bits<8>(a) : run_bits<4>(a);
-}
-
-}  // extern "C"
+#endif  // MPCACHE_KERNEL

@@ -505,6 +505,29 @@ def test_compiled_lookup_decodes_stored_rows_as_dequantize(bits, dim, lookup_ker
     torch.testing.assert_close(table(ids[:, None]), expected, rtol=1e-6, atol=0)
 
 
+def test_compiled_lookup_baseline_version_gives_the_same_rows():
+    """The kernel is also compiled for AVX2 where the CPU has it; its baseline version gives the same
+    rows (one-id bags, pooled weighted bags) on the same table."""
+    from embcompress.embeddings import mpcache
+
+    op = mpcache.lookup_op()
+    if op is None:
+        pytest.skip("no C++ compiler: the compiled lookup is not built")
+    lib = mpcache.native.load(mpcache.Path(mpcache.__file__).with_name("mpcache_native.cpp"))
+    table = _trained("int4", 32, cache_rows=40)
+    table.eval()
+    ids = torch.randint(0, 800, (500,), generator=torch.Generator().manual_seed(6))
+    offsets, w = torch.tensor([0, 7, 7, 300]), torch.rand(500)
+    best = table(ids[:, None]), table(ids, offsets, w)
+    lib.mpcache_baseline_only(1)
+    try:
+        baseline = table(ids[:, None]), table(ids, offsets, w)
+    finally:
+        lib.mpcache_baseline_only(0)
+    for a, b in zip(best, baseline):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 def test_compiled_lookup_rejects_bad_ids_and_offsets(lookup_kernel):
     table = _trained("int8", 16, cache_rows=40)
     table.eval()
