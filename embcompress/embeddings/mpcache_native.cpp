@@ -55,15 +55,20 @@ struct Call {
 }  // namespace
 
 #define MPCACHE_KERNEL
+#ifdef __FILE_NAME__  // this file, found beside itself however the compiler was given its path
+#define MPCACHE_SELF __FILE_NAME__
+#else
+#define MPCACHE_SELF __FILE__
+#endif
 namespace baseline {
-#include __FILE__
+#include MPCACHE_SELF
 }  // namespace baseline
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MPCACHE_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace avx2 {
-#include __FILE__
+#include MPCACHE_SELF
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -80,7 +85,8 @@ void mpcache_baseline_only(int on) { baseline_only = on; }
 // id's row times its weight (weights: nullptr for 1), divided by the bag's length when mean is set. A
 // stored row with bit 7 of byte marker_byte set is cached: the little-endian slot_bytes (1-4; 0: no row
 // is) at slot_at name its row of cache. out: (bags, dim) float32.
-// Returns -1; or, with out not filled, the position of an id outside [0, rows), or -2 for bad offsets.
+// Returns -1; or, with out partly written, the position of an id outside [0, rows) (whose row is never
+// read), or -2 for bad offsets (nothing read).
 int64_t mpcache_lookup(const uint8_t* codes, int64_t rows, int64_t row_bytes, int64_t dim, int64_t bits,
                        const float* cache, int64_t marker_byte, int64_t slot_at, int64_t slot_bytes, int id_bytes,
                        int64_t n, const void* ids, int64_t bags, const int64_t* offsets, const float* weights,
@@ -172,16 +178,19 @@ struct Table {
 const int64_t CHUNK = 32;
 const int64_t AHEAD = 96;
 
-// Calls emit(i, stored row, cache row or nullptr) for i in [lo, n), in order.
+// Calls emit(i, stored row, cache row or nullptr) for i in [lo, n), in order, and returns -1; or stops
+// at the first id outside [0, rows), a chunk before it would be emitted, and returns its position.
 template <int Bits, int Dim, typename I, typename Emit>
-void pipeline(const Table<Bits, Dim>& t, int64_t lo, int64_t n, const I* ids, Emit emit) {
+int64_t pipeline(const Table<Bits, Dim>& t, int64_t rows, int64_t lo, int64_t n, const I* ids, Emit emit) {
     const uint8_t* stored[2][CHUNK];
     const float* cached[2][CHUNK];
-    for (int64_t i = lo; i < lo + AHEAD && i < n; ++i) t.prefetch((int64_t)ids[i]);
-    auto resolve = [&](int64_t base, int k) {
+    for (int64_t i = lo; i < lo + AHEAD && i < n; ++i) t.prefetch((int64_t)ids[i]);  // (a prefetch never faults)
+    auto resolve = [&](int64_t base, int k) -> int64_t {
         for (int64_t j = 0; j < CHUNK && base + j < n; ++j) {
             if (base + j + AHEAD < n) t.prefetch((int64_t)ids[base + j + AHEAD]);
-            const uint8_t* r = t.row((int64_t)ids[base + j]);
+            const int64_t id = (int64_t)ids[base + j];
+            if ((uint64_t)id >= (uint64_t)rows) return base + j;
+            const uint8_t* r = t.row(id);
             const float* c = t.cached(r);
             stored[k][j] = r;
             cached[k][j] = c;
@@ -190,47 +199,47 @@ void pipeline(const Table<Bits, Dim>& t, int64_t lo, int64_t n, const I* ids, Em
                 __builtin_prefetch(c + t.dim() - 1);
             }
         }
+        return -1;
     };
-    if (lo < n) resolve(lo, 0);
-    for (int64_t base = lo, k = 0; base < n; base += CHUNK, k ^= 1) {
-        if (base + CHUNK < n) resolve(base + CHUNK, k ^ 1);
+    int64_t bad = lo < n ? resolve(lo, 0) : -1;
+    for (int64_t base = lo, k = 0; base < n && bad < 0; base += CHUNK, k ^= 1) {
+        if (base + CHUNK < n) bad = resolve(base + CHUNK, k ^ 1);
         for (int64_t j = 0; j < CHUNK && base + j < n; ++j) emit(base + j, stored[k][j], cached[k][j]);
     }
+    return bad;
 }
 
-// Returns -1; or, having read nothing, the position of the first id outside [0, rows), or -2 for
-// offsets that are not non-decreasing within [0, n].
+// Returns -1; or (out then partly written) the position of an id outside [0, rows), which no row is
+// read for, or -2 for offsets that are not non-decreasing within [0, n].
 template <int Bits, int Dim, typename I>
 int64_t lookup(const Table<Bits, Dim>& t, int64_t rows, int64_t n, const I* ids, int64_t bags,
                const int64_t* offsets, const float* weights, int mean, float* out) {
-    for (int64_t i = 0; i < n; ++i)  // every id is checked before any row is read
-        if ((uint64_t)(int64_t)ids[i] >= (uint64_t)rows) return i;
     for (int64_t b = 0; offsets && b < bags; ++b)
         if (offsets[b] < 0 || offsets[b] > (b + 1 < bags ? offsets[b + 1] : n)) return -2;
     const int64_t d = t.dim();
     const size_t row_size = (size_t)d * sizeof(float);
     if (!offsets && !weights) {  // one id per bag, as the models look up
-        pipeline(t, 0, n, ids, [&](int64_t i, const uint8_t* r, const float* c) {
+        return pipeline(t, rows, 0, n, ids, [&](int64_t i, const uint8_t* r, const float* c) {
             t.template read<false>(r, c, 1.0f, out + i * d);
         });
-    } else if (!offsets) {
-        pipeline(t, 0, n, ids, [&](int64_t i, const uint8_t* r, const float* c) {
+    }
+    if (!offsets) {
+        return pipeline(t, rows, 0, n, ids, [&](int64_t i, const uint8_t* r, const float* c) {
             std::memset(out + i * d, 0, row_size);
             t.template read<true>(r, c, weights[i], out + i * d);
         });
-    } else {
-        std::memset(out, 0, (size_t)bags * row_size);
-        int64_t b = 0, end = bags > 1 ? offsets[1] : n;
-        pipeline(t, bags ? offsets[0] : n, n, ids, [&](int64_t i, const uint8_t* r, const float* c) {
-            while (i >= end) end = ++b + 1 < bags ? offsets[b + 1] : n;
-            t.template read<true>(r, c, weights ? weights[i] : 1.0f, out + b * d);
-        });
-        for (int64_t k = 0; mean && k < bags; ++k) {
-            const int64_t len = (k + 1 < bags ? offsets[k + 1] : n) - offsets[k];
-            for (int64_t j = 0; len > 1 && j < d; ++j) out[k * d + j] /= (float)len;
-        }
     }
-    return -1;
+    std::memset(out, 0, (size_t)bags * row_size);
+    int64_t b = 0, end = bags > 1 ? offsets[1] : n;
+    const int64_t bad = pipeline(t, rows, bags ? offsets[0] : n, n, ids, [&](int64_t i, const uint8_t* r, const float* c) {
+        while (i >= end) end = ++b + 1 < bags ? offsets[b + 1] : n;
+        t.template read<true>(r, c, weights ? weights[i] : 1.0f, out + b * d);
+    });
+    for (int64_t k = 0; mean && bad < 0 && k < bags; ++k) {
+        const int64_t len = (k + 1 < bags ? offsets[k + 1] : n) - offsets[k];
+        for (int64_t j = 0; len > 1 && j < d; ++j) out[k * d + j] /= (float)len;
+    }
+    return bad;
 }
 
 template <int Bits, int Dim>
