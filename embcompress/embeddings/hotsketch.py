@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,11 @@ KEY_DTYPES = (torch.int32, torch.int64)
 def slot_bytes(key_dtype: torch.dtype = torch.int64) -> int:
     """Bytes of one slot: the id (``key_dtype``), its float32 score and its int32 hot row."""
     return key_dtype.itemsize + 4 + 4
+
+
+def slot_words(key_dtype: torch.dtype = torch.int64) -> int:
+    """int32 words of one slot in :attr:`HotSketch.table`: 4 with int64 ids, 3 with int32."""
+    return slot_bytes(key_dtype) // 4
 
 
 SLOT_BYTES = slot_bytes(torch.int64)
@@ -59,6 +65,20 @@ def bucket_of(ids: Tensor, num_buckets: int, seed: int = DEFAULT_SEED) -> Tensor
     z.add_(1 << 30)
     z.mul_(num_buckets)
     return z.bitwise_right_shift_(31)
+
+
+def int32_range_error(lo: int, hi: int) -> str:
+    """The message for ids (smallest ``lo``, largest ``hi``) that int32 keys cannot hold."""
+    return f"HotSketch with int32 keys holds ids in [0, 2^31); got {lo if lo < 0 else hi}"
+
+
+def slot_views(table: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(keys, scores, hot_row): the (w, c) views of a table of int32 words (w, c, 4 or 3)."""
+    if table.shape[-1] == 4:  # words 0-1: the int64 id
+        keys = table[..., 0:2].view(torch.int64).squeeze(-1)
+    else:
+        keys = table[..., 0]
+    return keys, table[..., -2].view(torch.float32), table[..., -1]
 
 
 def pick_ranked(order_key: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,14 +112,49 @@ def pick_ranked(order_key: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     return row.long(), key
 
 
-@dataclass
 class Located:
-    """Where the ids of a batch live in the sketch, valid while ``generation`` is the sketch's."""
+    """Where the ids of a batch live in the sketch, valid while ``generation`` is the sketch's.
 
-    bucket: Tensor  # (n,) int64
-    flat: Tensor  # (n,) flat slot index; the bucket's first slot where not found
-    found: Tensor  # (n,) bool
-    generation: int
+    ``bucket`` (n,) int64; ``flat`` (n,) the flat slot index, the bucket's first slot where not found;
+    ``found`` (n,) bool; ``code`` (n,) the compiled kernels' form of the same: the slot where found,
+    else -1 - bucket. Each is derived from the other form on first use. The compiled locate also
+    answers the query (hot row, score) for :meth:`HotSketch.query` to hand out once.
+    """
+
+    def __init__(self, bucket: Tensor | None, flat: Tensor | None, found: Tensor | None, generation: int,
+                 code: Tensor | None = None, slots: int = 1,
+                 answer: tuple[Tensor, Tensor] | None = None) -> None:
+        self._bucket, self._flat, self._found, self._code = bucket, flat, found, code
+        self.generation, self.slots, self.answer = generation, slots, answer
+
+    def __len__(self) -> int:
+        return (self._code if self._code is not None else self._flat).shape[0]  # type: ignore[union-attr]
+
+    @property
+    def found(self) -> Tensor:
+        if self._found is None:
+            self._found = self._code >= 0  # type: ignore[operator]
+        return self._found
+
+    @property
+    def bucket(self) -> Tensor:
+        if self._bucket is None:
+            code = self._code
+            self._bucket = torch.where(code >= 0, code.div(self.slots, rounding_mode="floor"), -1 - code)  # type: ignore[union-attr]
+        return self._bucket
+
+    @property
+    def flat(self) -> Tensor:
+        if self._flat is None:
+            code = self._code
+            self._flat = torch.where(code >= 0, code, (-1 - code) * self.slots)  # type: ignore[operator]
+        return self._flat
+
+    @property
+    def code(self) -> Tensor:
+        if self._code is None:
+            self._code = torch.where(self.found, self.flat, -1 - self.bucket)
+        return self._code
 
 
 @dataclass
@@ -150,22 +205,56 @@ class HotSketch(nn.Module):
         self.seed = int(seed)
         self.bucket_cells = True  # aggregate newcomers per bucket cell (False: sort them all; same result)
         self.native = True  # compiled kernels where available (False: the vectorised PyTorch path; same result)
-        self._waiting_left: tuple[int, Tensor | None] = (-1, None)  # (generation, waiting slots) after a compiled insert
-        self.register_buffer("keys", torch.full((num_buckets, slots), EMPTY, dtype=key_dtype))
-        self.register_buffer("scores", torch.zeros(num_buckets, slots, dtype=torch.float32))
-        self.register_buffer("hot_row", torch.full((num_buckets, slots), EMPTY, dtype=torch.int32))
+        # (generation, waiting slots, rows in use) after a compiled insert, handed to the next one (a
+        # preemption both promotes and demotes: the rows in use change by promoted - demoted)
+        self._waiting_left: tuple[int, Tensor | None, int] = (-1, None, -1)
+        # One buffer of int32 words, slot by slot (id, score bits, hot row): a bucket's c slots are one
+        # stretch of memory (one 64-byte line with int64 ids and c = 4), where three arrays cost the
+        # compiled kernels three cache misses per bucket. keys / scores / hot_row are views of it.
+        self.register_buffer("table", torch.zeros(num_buckets, slots, slot_words(key_dtype), dtype=torch.int32))
+        self._view_cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self.keys.fill_(EMPTY)
+        self.hot_row.fill_(EMPTY)
         self.register_buffer("row_used", torch.zeros(num_hot_rows, dtype=torch.bool))  # the free-row list
         self.register_buffer("mass", torch.zeros((), dtype=torch.float64))  # inserted since last decay
         self.generation = 0  # bumped by every change of keys/scores/rows; invalidates Located
 
+    # ------------------------------------------------------------------ the slots
+    def _views(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys, scores, hot_row) as (w, c) views of :attr:`table` (made once per table tensor)."""
+        table = self.table
+        cache = self._view_cache
+        if cache is None or cache[0] is not table:
+            cache = self._view_cache = (table, *slot_views(table))
+        return cache[1], cache[2], cache[3]
+
+    @property
+    def keys(self) -> Tensor:
+        """(w, c) id of each slot (``key_dtype``), -1 when empty: a view of :attr:`table`."""
+        return self._views()[0]
+
+    @property
+    def scores(self) -> Tensor:
+        """(w, c) float32 importance score of each slot (0 when empty): a view of :attr:`table`."""
+        return self._views()[1]
+
+    @property
+    def hot_row(self) -> Tensor:
+        """(w, c) int32 hot row of each slot, -1 when not hot: a view of :attr:`table`."""
+        return self._views()[2]
+
     # ------------------------------------------------------------------ sizes
     @property
     def num_buckets(self) -> int:
-        return self.keys.shape[0]
+        return self.table.shape[0]
 
     @property
     def slots(self) -> int:
-        return self.keys.shape[1]
+        return self.table.shape[1]
+
+    @property
+    def key_dtype(self) -> torch.dtype:
+        return torch.int64 if self.table.shape[-1] == 4 else torch.int32
 
     @property
     def num_hot_rows(self) -> int:
@@ -184,9 +273,18 @@ class HotSketch(nn.Module):
         return (f"buckets={self.num_buckets}, slots={self.slots}, hot_rows={self.num_hot_rows}, "
                 f"threshold={self.threshold}, decay={self.decay}")
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self.generation += 1
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Also loads checkpoints that hold the slots as three tensors (``keys``, ``scores``, ``hot_row``)."""
+        self._bump()
+        parts = [prefix + name for name in ("keys", "scores", "hot_row")]
+        if prefix + "table" not in state_dict and all(k in state_dict for k in parts):
+            keys, scores, hot = (state_dict.pop(k) for k in parts)
+            if keys.shape == self.keys.shape:  # (otherwise the table is reported missing, as for a bad shape)
+                table = torch.empty_like(self.table)
+                for view, old in zip(slot_views(table), (keys, scores, hot)):
+                    view.copy_(old)
+                state_dict[prefix + "table"] = table
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.generation += 1  # .to(device) etc. replace the buffers
@@ -195,19 +293,36 @@ class HotSketch(nn.Module):
     def _native(self) -> bool:
         """Whether the compiled kernels serve this sketch: on the CPU, with ``native`` left on and a
         library built (see :mod:`.native`)."""
-        return (self.native and self.keys.device.type == "cpu" and self.bucket_cells
-                and native.library() is not None)
+        return self._native_table() is not None
+
+    def _native_table(self) -> Tensor | None:
+        """:attr:`table` where the compiled kernels serve this sketch, else None. (Buffers read from
+        ``_buffers``: nn.Module.__getattr__ costs ~0.5 us a read, and a batch makes a few dozen.)"""
+        table = self._buffers["table"]
+        if self.native and self.bucket_cells and table.is_cpu and native.library() is not None:  # type: ignore[union-attr]
+            return table
+        return None
+
+    def _bump(self) -> int:
+        """Mark a change of the slots (invalidates every Located); returns the new generation. (Plain
+        attribute write: nn.Module.__setattr__ costs ~1 us, paid several times per batch.)"""
+        generation = self.generation + 1
+        object.__setattr__(self, "generation", generation)
+        return generation
 
     # ------------------------------------------------------------------ reading
     def bucket(self, ids: Tensor) -> Tensor:
         return bucket_of(ids.long(), self.num_buckets, self.seed)
 
     def locate(self, ids: Tensor, bucket: Tensor | None = None) -> Located:
-        """Bucket, flat slot index and found mask of each id (``bucket`` if already known)."""
+        """Bucket, flat slot index and found mask of each id (``bucket`` if already known). The compiled
+        locate also reads each id's hot row and score (same slot, same cache line), which the next
+        :meth:`query` with this ``Located`` returns without another pass."""
         ids = ids.reshape(-1).long()
-        if bucket is None and self._native():
-            b, flat, found = torch.ops.embcompress.hotsketch_locate(self.keys, ids, self.seed * 0x2545F491)
-            return Located(b, flat, found, self.generation)
+        table = self._native_table() if bucket is None else None
+        if table is not None:
+            code, rows, scores = native.op("hotsketch_locate")(table, ids, self.seed * 0x2545F491)
+            return Located(None, None, None, self.generation, code, table.shape[1], (rows, scores))
         b = self.bucket(ids) if bucket is None else bucket
         c = self.slots
         base = b * c
@@ -226,7 +341,7 @@ class HotSketch(nn.Module):
         return Located(b, base, found, self.generation)
 
     def _valid(self, located: Located | None, ids: Tensor) -> Located:
-        if located is None or located.bucket.shape != ids.shape:
+        if located is None or len(located) != ids.numel():
             return self.locate(ids)
         if located.generation == self.generation:
             return located
@@ -235,9 +350,13 @@ class HotSketch(nn.Module):
     def query(self, ids: Tensor, located: Located | None = None) -> tuple[Tensor, Tensor]:
         """Hot row (int64, -1 if not hot) and score (float32, 0 if absent) of each id. Changes nothing."""
         ids = ids.reshape(-1).long()
-        loc = self._valid(located, ids)
+        if located is not None and located.answer is not None and located.generation == self.generation:
+            answer, located.answer = located.answer, None  # handed out once: the caller owns the tensors
+            if answer[0].numel() == ids.numel():
+                return answer
         if self._native():
-            return torch.ops.embcompress.hotsketch_query(self.hot_row, self.scores, loc.flat, loc.found)
+            return self.locate(ids).answer  # type: ignore[return-value]
+        loc = self._valid(located, ids)
         rows = torch.where(loc.found, self.hot_row.view(-1).index_select(0, loc.flat), EMPTY).long()
         scores = self.scores.view(-1).index_select(0, loc.flat) * loc.found  # (masked_fill_ is 3x slower)
         return rows, scores
@@ -266,18 +385,21 @@ class HotSketch(nn.Module):
         s = None if scores is None else scores.reshape(-1).float()
         if s is not None and s.shape != ids.shape:
             raise ValueError(f"scores shape {tuple(s.shape)} differs from ids shape {tuple(ids.shape)}")
-        if self._native():  # the same rule compiled (native.py)
-            self._as_key(ids)  # the int32-key range check
-            mass_add = float(ids.numel()) if s is None else float(s.sum(dtype=torch.float64))
-            fresh = located is not None and located.generation == self.generation and located.flat.shape == ids.shape
-            gen, waiting = self._waiting_left
-            *changes, waiting = torch.ops.embcompress.hotsketch_insert(
-                self.keys, self.scores, self.hot_row, self.row_used, self.mass, ids, s, mass_add,
-                self.seed * 0x2545F491, self.threshold, self.decay, self.decay_mass, self.pressure_decay, self.preempt,
-                located.flat if fresh else None, located.found if fresh else None,
-                waiting if gen == self.generation else None)
-            self.generation += 1
-            self._waiting_left = (self.generation, waiting)
+        table = self._native_table()
+        if table is not None:  # the same rule compiled (native.py); it checks the int32-key range itself
+            n = ids.numel()
+            mass_add = float(n) if s is None else float(s.sum(dtype=torch.float64))
+            fresh = located is not None and located.generation == self.generation and len(located) == n
+            gen, waiting, used = self._waiting_left
+            row_used = self._buffers["row_used"]
+            if gen != self.generation:
+                waiting, used = None, int(row_used.sum())  # type: ignore[union-attr]
+            *changes, waiting = native.op("hotsketch_insert")(
+                table, row_used, self._buffers["mass"], ids, s, mass_add, self.seed * 0x2545F491, self.threshold,
+                self.decay, self.decay_mass, self.pressure_decay, self.preempt, located.code if fresh else None,
+                waiting, used)
+            object.__setattr__(self, "_waiting_left",
+                               (self._bump(), waiting, used + changes[0].numel() - changes[2].numel()))
             return SketchUpdate(*changes)
         if ids.numel() > 0:
             loc = self._valid(located, ids)
@@ -290,7 +412,7 @@ class HotSketch(nn.Module):
                 s_new = torch.ones(new.shape, device=ids.device) if s is None else s.index_select(0, new)
                 self._insert_newcomers(ids.index_select(0, new), s_new, loc.bucket.index_select(0, new))
             self.mass += ids.numel() if s is None else s.sum(dtype=torch.float64)
-            self.generation += 1
+            self._bump()
         return self._maintain()
 
     def _insert_newcomers(self, ids: Tensor, s: Tensor, b: Tensor) -> None:
@@ -323,7 +445,7 @@ class HotSketch(nn.Module):
             return ids
         lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read back (a sync on CUDA), not two
         if lo < 0 or hi > torch.iinfo(torch.int32).max:
-            raise ValueError(f"HotSketch with int32 keys holds ids in [0, 2^31); got {lo if lo < 0 else hi}")
+            raise ValueError(int32_range_error(lo, hi))
         return ids.to(torch.int32)
 
     def _newcomers_by_bucket(self, ids: Tensor, s: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -445,14 +567,14 @@ class HotSketch(nn.Module):
         rows = flat_rows.index_select(0, lose)
         flat_rows.index_fill_(0, lose, EMPTY)
         flat_rows.index_copy_(0, win, rows)
-        self.generation += 1
+        self._bump()
         return flat_keys.index_select(0, win).long(), flat_keys.index_select(0, lose).long(), rows.long()
 
     def apply_decay(self) -> tuple[Tensor, Tensor]:
         """Multiply every score by ``decay`` and demote hot entries below T; returns (ids, rows) demoted."""
         self.scores.mul_(self.decay)
         self.mass.zero_()
-        self.generation += 1
+        self._bump()
         flat_rows = self.hot_row.view(-1)
         out = torch.nonzero((flat_rows >= 0) & (self.scores.view(-1) < self.threshold)).squeeze(1)
         ids, rows = self.keys.view(-1).index_select(0, out).long(), flat_rows.index_select(0, out).long()
@@ -475,5 +597,5 @@ class HotSketch(nn.Module):
         cand, rows = order[:k], free[:k]
         self.hot_row.view(-1).index_copy_(0, cand, rows.int())
         self.row_used.index_fill_(0, rows, True)
-        self.generation += 1
+        self._bump()
         return self.keys.view(-1).index_select(0, cand).long(), rows

@@ -1,5 +1,5 @@
-// HotSketch locate and insert (with its maintenance) for the CPU, one pass per batch; mpcache's
-// count-min sketch update and estimate.
+// HotSketch locate (with the query's answer) and insert (with its maintenance) for the CPU, one pass
+// per batch each; mpcache's count-min sketch update and estimate.
 //
 // The same batch rule, float sums and tie-breaks as the vectorised PyTorch path in hotsketch.py, which
 // stays the reference (tests/embeddings/test_hotsketch.py compares the two states after every batch).
@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -17,6 +16,7 @@ namespace {
 const uint64_t MIX1 = 0x9E3779B97F4A7C15ULL;
 const uint64_t MIX2 = 0xBF58476D1CE4E5B9ULL;
 const float INF = std::numeric_limits<float>::infinity();
+const int64_t AHEAD = 64;  // ids (or buckets) between a prefetch and its use
 
 // hotsketch.bucket_of: int64 products wrap, shifts are arithmetic, as torch's int64 ops.
 inline int64_t bucket_of(int64_t id, int64_t w, int64_t seed_add) {
@@ -29,6 +29,36 @@ inline int64_t bucket_of(int64_t id, int64_t w, int64_t seed_add) {
     return (z * w) >> 31;
 }
 
+// One slot of HotSketch.table (int32 words: the id in one or two, the score's bits, the hot row), so
+// the c slots of a bucket are one stretch of memory: one cache line with int64 ids and c = 4.
+template <typename K>
+struct Slot {
+    K key;
+    float score;
+    int32_t hot;
+};
+static_assert(sizeof(Slot<int64_t>) == 16 && sizeof(Slot<int32_t>) == 12, "slots are 4 or 3 int32 words");
+
+template <typename K>
+inline void prefetch_bucket(const Slot<K>* b, int64_t c) {
+    __builtin_prefetch(b);
+    __builtin_prefetch((const char*)(b + c) - 1);  // a bucket may straddle two lines
+}
+
+// Slot (< c) of bucket b that holds id, or -1. Branch-free for c = 4 (which slot holds a found id is
+// random, so an early exit mispredicts about once per id).
+template <typename K>
+inline int64_t find(const Slot<K>* b, int64_t c, int64_t id) {
+    if (c == 4) {
+        const unsigned m = (unsigned)((int64_t)b[0].key == id) | (unsigned)((int64_t)b[1].key == id) << 1 |
+                           (unsigned)((int64_t)b[2].key == id) << 2 | (unsigned)((int64_t)b[3].key == id) << 3;
+        return m ? __builtin_ctz(m) : -1;
+    }
+    for (int64_t j = 0; j < c; ++j)
+        if ((int64_t)b[j].key == id) return j;
+    return -1;
+}
+
 struct Params {
     int64_t w, c, rows, seed_add;
     double threshold_d;  // as given; scores compare with it in float32, as torch compares a float32 tensor
@@ -39,21 +69,30 @@ struct Params {
 
 template <typename K>
 struct Sketch {
-    K* keys;
-    float* scores;
-    int32_t* hot;
+    Slot<K>* t;  // w * c slots, bucket-major
     uint8_t* used;
     double* mass;
     const Params& p;
-
-    // flat slot holding id in bucket b, or -1
-    inline int64_t find(int64_t id, int64_t b) const {
-        const int64_t base = b * p.c;
-        for (int64_t j = 0; j < p.c; ++j)
-            if ((int64_t)keys[base + j] == id) return base + j;
-        return -1;
-    }
 };
+
+// code[i]: the flat slot holding ids[i], or -1 - its bucket when the sketch does not hold it. With rows
+// and scores: the query's answer (hot row or -1, score or 0).
+template <typename K>
+void locate(const Sketch<K>& s, int64_t n, const int64_t* ids, int64_t* code, int64_t* rows, float* scores) {
+    const int64_t c = s.p.c;
+    for (int64_t i = 0; i < n; ++i) code[i] = bucket_of(ids[i], s.p.w, s.p.seed_add);
+    for (int64_t i = 0; i < n; ++i) {
+        if (i + AHEAD < n) prefetch_bucket(s.t + code[i + AHEAD] * c, c);
+        const int64_t b = code[i];
+        const int64_t j = find(s.t + b * c, c, ids[i]);
+        const Slot<K>& x = s.t[b * c + (j < 0 ? 0 : j)];
+        code[i] = j >= 0 ? b * c + j : -1 - b;
+        if (rows) {
+            rows[i] = j >= 0 ? x.hot : -1;
+            scores[i] = j >= 0 ? x.score : 0.0f;
+        }
+    }
+}
 
 // Output lists of what the hot set did (int64 ids and rows).
 struct Changes {
@@ -62,11 +101,12 @@ struct Changes {
 };
 
 // Waiting entries (non-hot, score >= T) left after the previous call: given when nothing else changed
-// the sketch since, so that only they and the slots this batch touched need looking at (no scan).
+// the sketch since, so that only they and the slots this batch raised to T need looking at (no scan).
 struct Waiting {
     const int64_t* before = nullptr;  // ascending
     int64_t n_before = -1;  // -1: unknown, scan
-    std::vector<int64_t> touched;
+    int64_t used = -1;  // rows in use (-1: unknown, count them)
+    std::vector<int64_t> touched;  // slots this batch left non-hot at score >= T
     int64_t* after = nullptr;  // out: the waiting entries left, ascending
     int64_t n_after = 0;
 };
@@ -74,6 +114,7 @@ struct Waiting {
 template <typename K>
 void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
     const Params& p = s.p;
+    Slot<K>* t = s.t;
     const int64_t total = p.w * p.c;
     std::vector<int64_t> wait, hot;  // waiting and hot slots
     bool hot_listed = false;
@@ -82,27 +123,29 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
         hot.clear();
         hot.reserve(p.rows);
         for (int64_t f = 0; f < total; ++f) {
-            if (s.hot[f] >= 0) hot.push_back(f);
-            else if (s.scores[f] >= p.threshold) wait.push_back(f);
+            if (t[f].hot >= 0) hot.push_back(f);
+            else if (t[f].score >= p.threshold) wait.push_back(f);
         }
         hot_listed = true;
     };
     auto list_hot = [&]() {
         hot.clear();
         for (int64_t f = 0; f < total; ++f)
-            if (s.hot[f] >= 0) hot.push_back(f);
+            if (t[f].hot >= 0) hot.push_back(f);
         hot_listed = true;
     };
     int64_t used = 0;
     if (waiting.n_before >= 0) {
         auto consider = [&](int64_t f) {
-            if (s.hot[f] < 0 && s.scores[f] >= p.threshold) wait.push_back(f);
+            if (t[f].hot < 0 && t[f].score >= p.threshold) wait.push_back(f);
         };
         for (int64_t i = 0; i < waiting.n_before; ++i) consider(waiting.before[i]);
         for (int64_t f : waiting.touched) consider(f);
         std::sort(wait.begin(), wait.end());
         wait.erase(std::unique(wait.begin(), wait.end()), wait.end());
-        for (int64_t r = 0; r < p.rows; ++r) used += s.used[r] != 0;
+        used = waiting.used;
+        if (used < 0)
+            for (int64_t r = 0; r < p.rows; ++r) used += s.used[r] != 0;
     } else {
         scan();
         used = (int64_t)hot.size();  // every used row belongs to one hot slot
@@ -111,14 +154,14 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
     if (!decay && p.pressure_decay && p.decay < 1) decay = (int64_t)wait.size() > p.rows - used;
     if (decay) {
         if (!hot_listed) list_hot();
-        for (int64_t f = 0; f < total; ++f) s.scores[f] *= p.decay;
+        for (int64_t f = 0; f < total; ++f) t[f].score *= p.decay;
         *s.mass = 0;
         for (int64_t f : hot) {
-            if (s.scores[f] < p.threshold) {
-                out.dem_ids[out.n_dem] = (int64_t)s.keys[f];
-                out.dem_rows[out.n_dem++] = s.hot[f];
-                s.used[s.hot[f]] = 0;
-                s.hot[f] = -1;
+            if (t[f].score < p.threshold) {
+                out.dem_ids[out.n_dem] = (int64_t)t[f].key;
+                out.dem_rows[out.n_dem++] = t[f].hot;
+                s.used[t[f].hot] = 0;
+                t[f].hot = -1;
             }
         }
         scan();
@@ -127,16 +170,18 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
     std::vector<int64_t> left;  // waiting entries after promotion and preemption
     if (!wait.empty()) {
         // highest score first, ties by slot position (wait is ascending)
-        std::stable_sort(wait.begin(), wait.end(), [&](int64_t a, int64_t b) { return s.scores[a] > s.scores[b]; });
+        std::stable_sort(wait.begin(), wait.end(), [&](int64_t a, int64_t b) { return t[a].score > t[b].score; });
         size_t k = 0;
         for (int64_t r = 0; r < p.rows && k < wait.size() && used < p.rows; ++r) {  // free rows, smallest first
-            if (s.used[r]) continue;
+            const void* free = std::memchr(s.used + r, 0, (size_t)(p.rows - r));
+            if (!free) break;
+            r = (const uint8_t*)free - s.used;
             const int64_t f = wait[k++];
-            s.hot[f] = (int32_t)r;
+            t[f].hot = (int32_t)r;
             s.used[r] = 1;
             ++used;
             if (hot_listed) hot.push_back(f);  // preemption ranks hot entries by (score, slot): order is free
-            out.prom_ids[out.n_prom] = (int64_t)s.keys[f];
+            out.prom_ids[out.n_prom] = (int64_t)t[f].key;
             out.prom_rows[out.n_prom++] = r;
         }
         size_t swapped = 0;
@@ -145,21 +190,21 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
             if (!hot_listed) list_hot();
             const size_t n = std::min(wait.size() - k, hot.size());
             auto lower = [&](int64_t a, int64_t b) {
-                const float x = s.scores[a] + 0.0f, y = s.scores[b] + 0.0f;
+                const float x = t[a].score + 0.0f, y = t[b].score + 0.0f;
                 return x < y || (x == y && a < b);
             };
             std::partial_sort(hot.begin(), hot.begin() + n, hot.end(), lower);
             for (; swapped < n; ++swapped) {
                 const int64_t win = wait[k + swapped], lose = hot[swapped];
-                if (!(s.scores[win] * p.decay > s.scores[lose])) break;  // the swaps are a prefix
-                const int32_t row = s.hot[lose];
-                s.hot[lose] = -1;
-                s.hot[win] = row;
-                out.prom_ids[out.n_prom] = (int64_t)s.keys[win];
+                if (!(t[win].score * p.decay > t[lose].score)) break;  // the swaps are a prefix
+                const int32_t row = t[lose].hot;
+                t[lose].hot = -1;
+                t[win].hot = row;
+                out.prom_ids[out.n_prom] = (int64_t)t[win].key;
                 out.prom_rows[out.n_prom++] = row;
-                out.dem_ids[out.n_dem] = (int64_t)s.keys[lose];
+                out.dem_ids[out.n_dem] = (int64_t)t[lose].key;
                 out.dem_rows[out.n_dem++] = row;
-                if (s.scores[lose] >= p.threshold) left.push_back(lose);
+                if (t[lose].score >= p.threshold) left.push_back(lose);
             }
         }
         left.insert(left.end(), wait.begin() + k + swapped, wait.end());
@@ -171,106 +216,125 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
     }
 }
 
+// The order in which a bucket's slots take newcomers (step 3 of the batch rule): evictable slots by key
+// (empty: -inf, else the score) ascending, ties by slot index, then the others (key +inf). Counts each
+// slot's position instead of sorting: data-dependent branches of a 4-element sort mispredicted several
+// times per bucket. C: c at compile time (0: use c).
+template <typename K, int C>
+inline void rank_slots(const Slot<K>* bk, int64_t c, float* key, int64_t* order) {
+    const int64_t cc = C ? C : c;
+    float min_hot = INF;
+    for (int64_t j = 0; j < cc; ++j) min_hot = std::min(min_hot, bk[j].hot >= 0 ? bk[j].score : INF);
+    for (int64_t j = 0; j < cc; ++j) {
+        const bool empty = bk[j].key < 0;
+        const bool evictable = empty || (bk[j].hot < 0 && bk[j].score <= min_hot);
+        key[j] = evictable ? (empty ? -INF : bk[j].score) : INF;
+    }
+    for (int64_t j = 0; j < cc; ++j) {
+        int64_t pos = 0;
+        for (int64_t k = 0; k < cc; ++k) pos += k < j ? key[k] <= key[j] : key[k] < key[j];
+        order[pos] = j;
+    }
+}
+
 struct Newcomer {
     int64_t bucket, id;
     float score;
 };
 
+// An occurrence of an id the sketch does not hold.
+struct Occurrence {
+    int64_t id;
+    float score;
+    uint32_t bucket;
+};
+
 template <typename K>
 void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, double mass_add,
-            const int64_t* given_flat, const uint8_t* given_found, Changes& out, Waiting& waiting) {
+            const int64_t* given_code, Changes& out, Waiting& waiting) {
     const Params& p = s.p;
+    Slot<K>* t = s.t;
+    const int64_t c = p.c;
+    const bool track = waiting.n_before >= 0;
     if (n > 0) {
-        std::vector<int64_t> flat(n);  // slot of a found id; -1 - bucket for a newcomer
+        std::vector<int64_t> own;
+        const int64_t* code = given_code;
+        if (!code) {
+            own.resize(n);
+            locate(s, n, ids, own.data(), nullptr, nullptr);
+            code = own.data();
+        }
+        // 1. scores of ids already in the sketch, in batch order; the newcomers listed (id, score,
+        // bucket). Without branches on found / not found (one id in six is new, at random): a newcomer
+        // adds to a scratch slot that is never a candidate.
+        std::vector<Occurrence> fresh(n), spare;
+        size_t m = 0;
+        Slot<K> scratch{};
+        scratch.hot = 0;
         for (int64_t i = 0; i < n; ++i) {
-            if (given_flat) {
-                flat[i] = given_found[i] ? given_flat[i] : -1 - given_flat[i] / p.c;
-            } else {
-                const int64_t b = bucket_of(ids[i], p.w, p.seed_add);
-                const int64_t f = s.find(ids[i], b);
-                flat[i] = f >= 0 ? f : -1 - b;
-            }
+            if (i + AHEAD < n && code[i + AHEAD] >= 0) __builtin_prefetch(t + code[i + AHEAD]);
+            const int64_t f = code[i];
+            const float a = add ? add[i] : 1.0f;
+            fresh[m] = {ids[i], a, (uint32_t)(-1 - f)};
+            m += f < 0;
+            Slot<K>* x = f >= 0 ? t + f : &scratch;
+            x->score += a;
+            if (track && x->hot < 0 && x->score >= p.threshold) waiting.touched.push_back(f);
         }
-        // 1. scores of ids already in the sketch, in batch order
-        for (int64_t i = 0; i < n; ++i) {
-            if (i + 16 < n && flat[i + 16] >= 0) __builtin_prefetch(s.scores + flat[i + 16]);
-            if (flat[i] >= 0) s.scores[flat[i]] += add ? add[i] : 1.0f;
-        }
-        if (waiting.n_before >= 0) {
-            waiting.touched.reserve(n);
-            for (int64_t i = 0; i < n; ++i)
-                if (flat[i] >= 0) waiting.touched.push_back(flat[i]);
-        }
-        // 2. newcomers aggregated per id in an open-addressing table (sums in batch order)
-        size_t size = 16;
-        while (size < 2 * (size_t)n) size <<= 1;
-        std::vector<int32_t> table(size, -1);  // index into comers
-        std::vector<Newcomer> comers;
-        for (int64_t i = 0; i < n; ++i) {
-            if (flat[i] >= 0) continue;
-            const int64_t id = ids[i];
-            size_t h = (size_t)(((uint64_t)id * MIX1) >> 20) & (size - 1);
-            while (table[h] >= 0 && comers[table[h]].id != id) h = (h + 1) & (size - 1);
-            if (table[h] < 0) {
-                table[h] = (int32_t)comers.size();
-                comers.push_back({-1 - flat[i], id, 0.0f});
-            }
-            comers[table[h]].score += add ? add[i] : 1.0f;
-        }
-        // 3. per bucket (grouped by a radix sort on the bucket): newcomers by score (desc; ties: smaller
-        // id) against the evictable slots
-        const size_t m = comers.size();
-        std::vector<int32_t> grouped(m), spare(m);
-        for (size_t j = 0; j < m; ++j) grouped[j] = (int32_t)j;
-        for (int64_t shift = 0; (p.w - 1) >> shift; shift += 8) {  // stable LSD passes, one per byte
+        // 2. newcomers grouped by bucket, in batch order within a bucket (stable LSD radix passes over the
+        // bucket's bytes), so that each bucket's newcomers and then its slots are read in sequence
+        fresh.resize(m);
+        spare.resize(m);
+        for (int64_t shift = 0; (p.w - 1) >> shift; shift += 8) {
             size_t count[257] = {0};
-            for (int32_t j : grouped) ++count[((comers[j].bucket >> shift) & 255) + 1];
+            for (const Occurrence& o : fresh) ++count[((o.bucket >> shift) & 255) + 1];
             for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
-            for (int32_t j : grouped) spare[count[(comers[j].bucket >> shift) & 255]++] = j;
-            grouped.swap(spare);
+            for (const Occurrence& o : fresh) spare[count[(o.bucket >> shift) & 255]++] = o;
+            fresh.swap(spare);
         }
-        std::vector<size_t> starts;  // first position of each bucket's run, then m
-        for (size_t j = 0; j < m; ++j)
-            if (j == 0 || comers[grouped[j]].bucket != comers[grouped[j - 1]].bucket) starts.push_back(j);
-        starts.push_back(m);
-        auto before = [&](int32_t a, int32_t b) {
-            const float x = std::max(comers[a].score, 0.0f), y = std::max(comers[b].score, 0.0f);
-            return x > y || (x == y && comers[a].id < comers[b].id);
+        // 3. per bucket: its newcomers aggregated per id (scores summed in batch order), ranked by score
+        // (desc; ties: smaller id), against the evictable slots
+        std::vector<Newcomer> group;  // one bucket's distinct newcomers
+        std::vector<float> key(c);
+        std::vector<int64_t> slot_order(c);
+        for (int64_t j = 0; j < c; ++j) slot_order[j] = j;
+        auto before = [](const Newcomer& a, const Newcomer& b) {
+            const float x = std::max(a.score, 0.0f), y = std::max(b.score, 0.0f);
+            return x > y || (x == y && a.id < b.id);
         };
-        std::vector<float> key(p.c);
-        std::vector<int64_t> slot_order(p.c);
-        const size_t ahead = 8;  // buckets are random: fetch the slots of later buckets
-        for (size_t g = 0; g + 1 < starts.size(); ++g) {
-            if (g + ahead + 1 < starts.size()) {
-                const int64_t nb = comers[grouped[starts[g + ahead]]].bucket * p.c;
-                __builtin_prefetch(s.keys + nb);
-                __builtin_prefetch(s.scores + nb);
-                __builtin_prefetch(s.hot + nb);
+        for (size_t lo = 0, hi; lo < m; lo = hi) {
+            if (lo + AHEAD < m) prefetch_bucket(t + (int64_t)fresh[lo + AHEAD].bucket * c, c);
+            const uint32_t b = fresh[lo].bucket;
+            for (hi = lo + 1; hi < m && fresh[hi].bucket == b; ++hi) {}
+            group.clear();
+            if (hi - lo <= 64) {  // few occurrences (the usual): a linear search for each one's id
+                for (size_t q = lo; q < hi; ++q) {
+                    size_t e = 0;
+                    while (e < group.size() && group[e].id != fresh[q].id) ++e;
+                    if (e == group.size()) group.push_back({(int64_t)b, fresh[q].id, 0.0f});
+                    group[e].score += fresh[q].score;
+                }
+            } else {  // many (newcomers outnumber the buckets): by id, batch order kept within an id
+                std::stable_sort(fresh.begin() + lo, fresh.begin() + hi,
+                                 [](const Occurrence& x, const Occurrence& y) { return x.id < y.id; });
+                for (size_t q = lo; q < hi; ++q) {
+                    if (group.empty() || group.back().id != fresh[q].id) group.push_back({(int64_t)b, fresh[q].id, 0.0f});
+                    group.back().score += fresh[q].score;
+                }
             }
-            const size_t lo = starts[g], hi = starts[g + 1];
-            const int64_t b = comers[grouped[lo]].bucket;
-            if (hi - lo > 1) std::sort(grouped.begin() + lo, grouped.begin() + hi, before);
-            const int64_t base = b * p.c;
-            float min_hot = INF;
-            for (int64_t j = 0; j < p.c; ++j)
-                if (s.hot[base + j] >= 0) min_hot = std::min(min_hot, s.scores[base + j]);
-            for (int64_t j = 0; j < p.c; ++j) {
-                const bool empty = s.keys[base + j] < 0;
-                const bool evictable = empty || (s.hot[base + j] < 0 && s.scores[base + j] <= min_hot);
-                key[j] = evictable ? (empty ? -INF : s.scores[base + j]) : INF;
-                slot_order[j] = j;
-            }
-            for (int64_t j = 1; j < p.c; ++j)  // stable insertion sort of the c slots by key
-                for (int64_t i = j; i > 0 && key[slot_order[i - 1]] > key[slot_order[i]]; --i)
-                    std::swap(slot_order[i - 1], slot_order[i]);
-            for (size_t r = 0; r < hi - lo && (int64_t)r < p.c; ++r) {
-                const Newcomer& nc = comers[grouped[lo + r]];
-                const int64_t slot = slot_order[r];
-                const float slot_score = key[slot];
+            const size_t placed = std::min(group.size(), (size_t)c);  // at most c newcomers can be placed
+            if (group.size() > 1) std::partial_sort(group.begin(), group.begin() + placed, group.end(), before);
+            Slot<K>* bk = t + (int64_t)b * c;
+            if (c == 4) rank_slots<K, 4>(bk, c, key.data(), slot_order.data());
+            else rank_slots<K, 0>(bk, c, key.data(), slot_order.data());
+            for (size_t r = 0; r < placed; ++r) {
+                const Newcomer& nc = group[r];
+                const int64_t j = slot_order[r];
+                const float slot_score = key[j];
                 if (!(slot_score < INF) || !(r == 0 || nc.score > slot_score)) continue;
-                s.keys[base + slot] = (K)nc.id;
-                s.scores[base + slot] = std::max(slot_score, 0.0f) + nc.score;
-                if (waiting.n_before >= 0) waiting.touched.push_back(base + slot);
+                bk[j].key = (K)nc.id;
+                bk[j].score = std::max(slot_score, 0.0f) + nc.score;
+                if (track && bk[j].hot < 0 && bk[j].score >= p.threshold) waiting.touched.push_back((int64_t)b * c + j);
             }
         }
         *s.mass += mass_add;
@@ -278,71 +342,74 @@ void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, doubl
     maintain(s, out, waiting);
 }
 
-template <typename K>
-void locate(const Sketch<K>& s, int64_t n, const int64_t* ids, int64_t* bucket, int64_t* flat, uint8_t* found) {
-    const int64_t ahead = 16;  // buckets are random: fetch the keys of later ids while comparing
-    for (int64_t i = 0; i < n; ++i) bucket[i] = bucket_of(ids[i], s.p.w, s.p.seed_add);
-    for (int64_t i = 0; i < n; ++i) {
-        if (i + ahead < n) __builtin_prefetch(s.keys + bucket[i + ahead] * s.p.c);
-        const int64_t f = s.find(ids[i], bucket[i]);
-        found[i] = f >= 0;
-        flat[i] = f >= 0 ? f : bucket[i] * s.p.c;
-    }
-}
-
 }  // namespace
 
 extern "C" {
 
-// key_bytes: 8 (int64 keys) or 4 (int32). flat, found: from hotsketch_locate on this state, or null.
-// wait_before (n_wait_before of them): the waiting entries wait_after returned by the previous call if
-// nothing else changed the sketch since; n_wait_before = -1 when unknown. counts out: [promoted, demoted, waiting].
-void hotsketch_insert(int key_bytes, void* keys, float* scores, int32_t* hot, uint8_t* used, double* mass,
-                      int64_t w, int64_t c, int64_t rows, int64_t seed_add, double threshold, double decay,
-                      double decay_mass, int pressure_decay, int preempt, int64_t n, const int64_t* ids,
-                      const float* add, double mass_add, const int64_t* flat, const uint8_t* found,
-                      const int64_t* wait_before, int64_t n_wait_before, int64_t* wait_after,
-                      int64_t* prom_ids, int64_t* prom_rows, int64_t* dem_ids, int64_t* dem_rows, int64_t* counts) {
+// HotSketch.table holds w * c slots of key_bytes (8: int64 ids, 4: int32) + 8 bytes. code: from
+// hotsketch_locate on this state, or null. wait_before (n_wait_before of them): the waiting entries
+// the previous call returned if nothing else changed the sketch since; else n_wait_before = -1 (every
+// slot is scanned). rows_used: the rows in use, or -1 (counted). out (room for 8 * rows + 4 + w * c):
+// the promoted ids, their rows, the demoted ids, their rows and the waiting entries left, one after the
+// other; counts out: how many [promoted, demoted, waiting], or [-1, smallest id, largest id] for int32
+// ids out of range (nothing changed).
+void hotsketch_insert(int key_bytes, void* table, uint8_t* used, double* mass, int64_t w, int64_t c, int64_t rows,
+                      int64_t seed_add, double threshold, double decay, double decay_mass, int pressure_decay,
+                      int preempt, int64_t n, const int64_t* ids, const float* add, double mass_add,
+                      const int64_t* code, const int64_t* wait_before, int64_t n_wait_before, int64_t rows_used,
+                      int64_t* out, int64_t* counts) {
+    const int64_t room = 2 * rows + 1;  // promotions (and demotions) per call: rows + preemptions
+    int64_t *prom_ids = out, *prom_rows = out + room, *dem_ids = out + 2 * room, *dem_rows = out + 3 * room;
+    int64_t* wait_after = out + 4 * room;
+    if (key_bytes == 4 && n > 0) {  // int32 ids hold [0, 2^31): refuse the batch before any change
+        int64_t lo = ids[0], hi = ids[0];
+        for (int64_t i = 1; i < n; ++i) {
+            lo = std::min(lo, ids[i]);
+            hi = std::max(hi, ids[i]);
+        }
+        if (lo < 0 || hi > std::numeric_limits<int32_t>::max()) {
+            counts[0] = -1;
+            counts[1] = lo;
+            counts[2] = hi;
+            return;
+        }
+    }
     Params p{w, c, rows, seed_add, threshold, (float)threshold, (float)decay, decay_mass, pressure_decay, preempt};
-    Changes out{prom_ids, prom_rows, dem_ids, dem_rows};
+    Changes changes{prom_ids, prom_rows, dem_ids, dem_rows};
     Waiting waiting;
     waiting.before = wait_before;
     waiting.n_before = n_wait_before;
+    waiting.used = rows_used;
     waiting.after = wait_after;
     if (key_bytes == 8) {
-        Sketch<int64_t> s{(int64_t*)keys, scores, hot, used, mass, p};
-        insert(s, n, ids, add, mass_add, flat, found, out, waiting);
+        Sketch<int64_t> s{(Slot<int64_t>*)table, used, mass, p};
+        insert(s, n, ids, add, mass_add, code, changes, waiting);
     } else {
-        Sketch<int32_t> s{(int32_t*)keys, scores, hot, used, mass, p};
-        insert(s, n, ids, add, mass_add, flat, found, out, waiting);
+        Sketch<int32_t> s{(Slot<int32_t>*)table, used, mass, p};
+        insert(s, n, ids, add, mass_add, code, changes, waiting);
     }
-    counts[0] = out.n_prom;
-    counts[1] = out.n_dem;
-    counts[2] = waiting.n_after;
+    // one after the other (each destination starts at or before its source)
+    const int64_t p_ = changes.n_prom, d_ = changes.n_dem, k_ = waiting.n_after;
+    std::memmove(out + p_, prom_rows, p_ * sizeof(int64_t));
+    std::memmove(out + 2 * p_, dem_ids, d_ * sizeof(int64_t));
+    std::memmove(out + 2 * p_ + d_, dem_rows, d_ * sizeof(int64_t));
+    std::memmove(out + 2 * p_ + 2 * d_, wait_after, k_ * sizeof(int64_t));
+    counts[0] = p_;
+    counts[1] = d_;
+    counts[2] = k_;
 }
 
-void hotsketch_locate(int key_bytes, void* keys, int64_t w, int64_t c, int64_t seed_add, int64_t n,
-                      const int64_t* ids, int64_t* bucket, int64_t* flat, uint8_t* found) {
+// HotSketch.locate and .query in one pass: code (slot, or -1 - bucket), and where rows is not null the
+// hot row (-1 if not hot) and score (0 if absent) of each id.
+void hotsketch_locate(int key_bytes, void* table, int64_t w, int64_t c, int64_t seed_add, int64_t n,
+                      const int64_t* ids, int64_t* code, int64_t* rows, float* scores) {
     Params p{w, c, 0, seed_add, 0, 0, 0, 0, 0, 0};
     if (key_bytes == 8) {
-        Sketch<int64_t> s{(int64_t*)keys, nullptr, nullptr, nullptr, nullptr, p};
-        locate(s, n, ids, bucket, flat, found);
+        Sketch<int64_t> s{(Slot<int64_t>*)table, nullptr, nullptr, p};
+        locate(s, n, ids, code, rows, scores);
     } else {
-        Sketch<int32_t> s{(int32_t*)keys, nullptr, nullptr, nullptr, nullptr, p};
-        locate(s, n, ids, bucket, flat, found);
-    }
-}
-
-// HotSketch.query on located ids: hot row (-1 if not hot) and score (0 if absent).
-void hotsketch_query(const int32_t* hot, const float* scores, int64_t n, const int64_t* flat, const uint8_t* found,
-                     int64_t* rows, float* out_scores) {
-    for (int64_t i = 0; i < n; ++i) {
-        if (i + 16 < n) {
-            __builtin_prefetch(hot + flat[i + 16]);
-            __builtin_prefetch(scores + flat[i + 16]);
-        }
-        rows[i] = found[i] ? hot[flat[i]] : -1;
-        out_scores[i] = found[i] ? scores[flat[i]] : 0.0f;
+        Sketch<int32_t> s{(Slot<int32_t>*)table, nullptr, nullptr, p};
+        locate(s, n, ids, code, rows, scores);
     }
 }
 
