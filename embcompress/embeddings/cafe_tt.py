@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .cafe import reference_defaults, sketch_buckets, sketch_key_dtype
+from .cafe import BUCKETS_PER_ROW, PRESSURE_DECAY, reference_defaults, sketch_buckets, sketch_key_dtype
 from .base import FLOAT_BYTES, BudgetError
 from .hotsketch import HotSketch, slot_bytes
 from .options import Option
@@ -61,10 +61,10 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
                low_open=True),
         Option("decay_mass", "float", 10.0, "decay once the score mass inserted since the last decay exceeds "
                "decay_mass x buckets x T", low=0, low_open=True),
-        Option("pressure_decay", "bool", False, "also decay when more features reach T than hot rows are free"),
+        Option("pressure_decay", "bool", PRESSURE_DECAY, "also decay when more features reach T than hot rows are free"),
         Option("preempt", "bool", True, "a feature waiting for a hot row takes the row of a hot feature it outscores"),
         Option("slots", "int", 4, "sketch slots per bucket", low=1),
-        Option("buckets_per_row", "float", 0.5, "sketch buckets per hot row", low=0, low_open=True),
+        Option("buckets_per_row", "float", BUCKETS_PER_ROW, "sketch buckets per hot row", low=0, low_open=True),
         Option("key_dtype", "str", "auto", "id type of the sketch; auto: int32 when every id fits, else int64",
                choices=("auto", "int32", "int64")),
         *(_tt_option(name) for name in ("layout", "num_cores", "q_shape", "ranks", "max_rank", "core_scale",
@@ -73,8 +73,8 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, *, groups: Sequence[Sequence[int]],
                  p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int], hot_rows: int,
-                 threshold: float, buckets_per_row: float = 0.5, slots: int = 4, decay: float = 0.98,
-                 decay_mass: float = 10.0, pressure_decay: bool = False, preempt: bool = True,
+                 threshold: float, buckets_per_row: float = BUCKETS_PER_ROW, slots: int = 4, decay: float = 0.98,
+                 decay_mass: float = 10.0, pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True,
                  key_dtype: str = "auto", **options: Any) -> None:
         self._sketch_args = dict(buckets=sketch_buckets(buckets_per_row, max(1, int(hot_rows))), threshold=threshold,
                                  slots=slots, decay=decay, decay_mass=decay_mass, pressure_decay=pressure_decay,
@@ -148,13 +148,13 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
     def _hot_row_bytes(field_sizes: Sequence[int], dim: int, options: dict[str, Any]) -> float:
         """A hot row's weights plus its share of the sketch and its free-row mask byte."""
         key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
-        return dim * FLOAT_BYTES + options.get("buckets_per_row", 0.5) * options.get("slots", 4) * slot_bytes(key) + 1
+        return dim * FLOAT_BYTES + options.get("buckets_per_row", BUCKETS_PER_ROW) * options.get("slots", 4) * slot_bytes(key) + 1
 
     @staticmethod
     def table_bytes(plan: TTPlan, hot_rows: int, options: dict[str, Any]) -> int:
         """Exact ``memory_bytes()`` of the table built from ``plan`` with ``hot_rows`` hot rows."""
         key = sketch_key_dtype(plan.field_sizes, options.get("key_dtype", "auto"))
-        buckets = sketch_buckets(options.get("buckets_per_row", 0.5), hot_rows)
+        buckets = sketch_buckets(options.get("buckets_per_row", BUCKETS_PER_ROW), hot_rows)
         tt = plan_bytes(plan.field_sizes, plan.dim, plan.groups, plan.p_shapes, plan.q_shape, plan.ranks, 0, 0)
         tt -= 4 * 8  # plan_bytes counts tt's step and statistics counters, which this table does not hold
         return (tt + hot_rows * plan.dim * FLOAT_BYTES

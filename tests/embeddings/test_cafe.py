@@ -110,7 +110,7 @@ def test_cafe_ml_second_table_from_the_hash_rows_or_from_the_hot_rows(ratio):
         table("cafe-ml", ratio, medium_source="cold")
     shared = table("cafe-ml", ratio, medium_source="shared")  # no second table: cafe's rows, cafe's bytes
     assert int(shared.rows2.sum()) == 0 and (shared.rows - cafe.rows).abs().max() <= 1
-    assert abs(shared.num_hot_rows - cafe.num_hot_rows) <= 1
+    assert abs(shared.num_hot_rows - cafe.num_hot_rows) <= 2  # its 64 bytes of per-field buffers: <= 2 hot rows
 
 
 def test_small_fields_stay_whole_and_are_never_sketched():
@@ -287,7 +287,8 @@ def test_a_reused_hot_row_restarts_from_the_served_row_with_its_optimizer_state(
     step."""
     torch.manual_seed(0)
     t = CafeEmbeddingBag(FIELDS, DIM, [4, 50, 100, 100], num_hot_rows=1, threshold=4.0, decay=0.5,
-                         importance="frequency", optimizer_state=optimizer_state, sparse=sparse)
+                         importance="frequency", optimizer_state=optimizer_state, sparse=sparse,
+                         pressure_decay=True)  # the decay that demotes A below
     opt = torch.optim.Adagrad(t.parameters(), lr=0.1)
     ec.attach(t, opt)
     a, b = 100, 30_000
