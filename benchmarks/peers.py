@@ -10,7 +10,8 @@ Rows (each prints one JSON line per thread count; ``ratio_*`` is our speed over 
   (no cache: the floor of any INT8 lookup).
 - ``train``: one training step (lookup, backward, update) of mpcache INT8 + SGD (hooks attached) against
   ``full`` + SGD and FBGEMM's fp32 TBE with exact SGD fused into its backward.
-- ``sketch``: HotSketch query + insert against the CAFE authors' C++ sketch (``--cafe-sketch``: their
+- ``sketch``: HotSketch query + insert (with int64 ids, and int32 ids as cafe stores them) against the
+  CAFE authors' C++ sketch (``--cafe-sketch``: their
   ``ArtifactEvaluation/embeddings/sketch.cpp`` from github HugoZHL/CAFE, built by the user outside this
   repository with their README's ``g++ -fPIC -shared --std=c++17 -O3 -fopenmp``; skipped without it),
   called through ctypes as their embedding calls it (insert then query, at most 16,384 ids a call), and
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import itertools
 import os
 import statistics
 import sys
@@ -278,6 +280,8 @@ def add_sketch_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cafe-sketch", default=None,
                     help="shared library built from CAFE's ArtifactEvaluation/embeddings/sketch.cpp (skipped without)")
     ap.add_argument("--sketch-batches", default="16384,106496")
+    ap.add_argument("--sketch-key-dtypes", default="int64,int32",
+                    help="HotSketch id dtypes to measure (int32: 12-byte slots, as cafe uses for ids below 2^31)")
     ap.add_argument("--sketch-buckets", type=int, default=65536)
     ap.add_argument("--sketch-threshold", type=float, default=20.0)
     ap.add_argument("--sketch-stream", type=int, default=4_000_000, help="ids per timed stream")
@@ -347,9 +351,9 @@ def sketch_row(args: argparse.Namespace) -> Callable[[], list[dict]] | None:
                         lib.batch_query(p_, len(part), idx)
         return run
 
-    def ours(batches: list[torch.Tensor]) -> Run:
+    def ours(batches: list[torch.Tensor], key_dtype: torch.dtype) -> Run:
         def run() -> None:
-            sk = ours_sketch[0] = HotSketch(w, k, threshold=t)
+            sk = ours_sketch[0] = HotSketch(w, k, threshold=t, key_dtype=key_dtype)
             for b in batches:
                 loc = sk.locate(b)
                 sk.query(b, loc)
@@ -369,14 +373,16 @@ def sketch_row(args: argparse.Namespace) -> Callable[[], list[dict]] | None:
 
     def measure() -> list[dict]:
         records = []
-        for size in [int(x) for x in args.sketch_batches.split(",")]:
+        for size, key in itertools.product([int(x) for x in args.sketch_batches.split(",")],
+                                           args.sketch_key_dtypes.split(",")):
             nb = len(stream) // size
             np_batches = [np.ascontiguousarray(stream[i * size:(i + 1) * size]) for i in range(nb)]
             t_batches = [torch.from_numpy(b.astype(np.int64)) for b in np_batches]
-            s = interleaved({"hotsketch": ours(t_batches), "cafe_cpp": theirs(np_batches)}, args.rounds)
+            s = interleaved({"hotsketch": ours(t_batches, getattr(torch, key)), "cafe_cpp": theirs(np_batches)},
+                            args.rounds)
             ours_hot = set(ours_sketch[0].hot_entries()[0].tolist())
             theirs_hot = their_hot((instances[0] - 1) % 26)
-            records.append({"unit": "ids (query + insert)", "batch": size, "buckets": w, "hot_rows": k,
+            records.append({"unit": "ids (query + insert)", "batch": size, "key_dtype": key, "buckets": w, "hot_rows": k,
                             "threshold": t, "top_k": k_true, "hot_hotsketch": len(ours_hot), "hot_cafe_cpp": len(theirs_hot),
                             "recall_hotsketch": round(len(ours_hot & true_top) / k_true, 4),
                             "recall_cafe_cpp": round(len(theirs_hot & true_top) / k_true, 4),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -155,6 +155,21 @@ class Located:
         if self._code is None:
             self._code = torch.where(self.found, self.flat, -1 - self.bucket)
         return self._code
+
+    def index_select(self, index: Tensor) -> Located:
+        """The entries at ``index`` (same generation), kept in the form this one holds."""
+        if self._code is not None:
+            return Located(None, None, None, self.generation, self._code.index_select(0, index), self.slots)
+        return Located(*(t.index_select(0, index) for t in (self.bucket, self.flat, self.found)), self.generation)
+
+    @staticmethod
+    def cat(parts: Sequence[Located]) -> Located:
+        """The entries of ``parts`` (all of one generation) one after the other."""
+        first = parts[0]
+        if all(p._code is not None for p in parts):
+            return Located(None, None, None, first.generation, torch.cat([p.code for p in parts]), first.slots)
+        return Located(*(torch.cat([getattr(p, k) for p in parts]) for k in ("bucket", "flat", "found")),
+                       first.generation)
 
 
 @dataclass

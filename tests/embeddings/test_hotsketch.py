@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from embcompress.embeddings import hotsketch
-from embcompress.embeddings.hotsketch import HotSketch, pick_ranked
+from embcompress.embeddings.hotsketch import HotSketch, Located, pick_ranked
 
 
 def one_bucket(slots: int = 4, hot_rows: int = 2, threshold: float = 100.0, decay_mass: float = 1e9,
@@ -175,6 +175,45 @@ def test_query_changes_nothing_and_state_dict_round_trip():
     assert sum(t.numel() * t.element_size() for t in before.values()) == HotSketch.memory_bytes_for(64, 16)
 
 
+@pytest.mark.parametrize("key_dtype", [torch.int64, torch.int32])
+def test_slots_are_views_of_one_interleaved_table(key_dtype):
+    """keys / scores / hot_row are (w, c) views of ``table``, slot by slot (a bucket's slots are one
+    stretch of memory), and writing through them writes the table."""
+    sk = HotSketch(8, 4, 2.0, key_dtype=key_dtype)
+    words = 4 if key_dtype == torch.int64 else 3
+    assert sk.table.shape == (8, 4, words) and sk.table.dtype == torch.int32 and sk.table.is_contiguous()
+    for view in (sk.keys, sk.scores, sk.hot_row):
+        assert view.shape == (8, 4) and view.untyped_storage().data_ptr() == sk.table.untyped_storage().data_ptr()
+    assert sk.keys.dtype == key_dtype and sk.scores.dtype == torch.float32 and sk.hot_row.dtype == torch.int32
+    sk.keys[3, 2], sk.scores[3, 2], sk.hot_row[3, 2] = -5, 1.5, 7
+    word = sk.table[3, 2]
+    assert int(word[0]) == -5 and int(word[1]) == (-1 if words == 4 else 1069547520) and int(word[-1]) == 7
+    assert word[-2:-1].view(torch.float32).item() == 1.5
+    assert set(sk.state_dict()) == {"table", "row_used", "mass"}
+
+
+@pytest.mark.parametrize("key_dtype", [torch.int64, torch.int32])
+def test_checkpoint_with_separate_slot_tensors_loads(key_dtype):
+    """A state_dict that holds the slots as three tensors (keys, scores, hot_row) loads into the table."""
+    ids = zipf_stream(20_000, 5_000, 1.1, seed=7)
+    sk = HotSketch(64, 32, 20.0, key_dtype=key_dtype)
+    for chunk in ids.split(2_000):
+        sk.insert(chunk)
+    old = {"keys": sk.keys.clone(), "scores": sk.scores.clone(), "hot_row": sk.hot_row.clone(),
+           "row_used": sk.row_used.clone(), "mass": sk.mass.clone()}
+    other = HotSketch(64, 32, 20.0, key_dtype=key_dtype)
+    other.load_state_dict(old)
+    for name, t in sk.state_dict().items():
+        assert torch.equal(t, other.state_dict()[name]), name
+    probe = ids[:3000]
+    assert all(torch.equal(a, b) for a, b in zip(sk.query(probe), other.query(probe)))
+    # as a submodule (the state_dict keys carry a prefix), and the next insert agrees
+    wrapped = torch.nn.ModuleDict({"s": HotSketch(64, 32, 20.0, key_dtype=key_dtype)})
+    wrapped.load_state_dict({f"s.{k}": v for k, v in old.items()})
+    up_a, up_b = sk.insert(ids[:2000]), wrapped["s"].insert(ids[:2000])
+    assert torch.equal(up_a.promoted_ids, up_b.promoted_ids) and torch.equal(sk.table, wrapped["s"].table)
+
+
 def test_buckets_spread_sequential_ids():
     sk = HotSketch(100, 1, 1.0)
     counts = torch.bincount(sk.bucket(torch.arange(100_000)), minlength=100)
@@ -260,6 +299,25 @@ def test_located_slots_are_reused_only_while_the_sketch_is_unchanged():
         stale = loc
     for name, t in a.state_dict().items():
         assert torch.equal(t, b.state_dict()[name]), name
+
+
+def test_located_parts_select_and_concatenate_in_either_form():
+    """Located.index_select / Located.cat keep the slots of the ids they keep (what a table does with
+    the lookups of some fields, or of several forwards), whichever form (code or bucket/flat/found)."""
+    sk = HotSketch(64, 32, 5.0)
+    ids = zipf_stream(4000, 500, 1.1, seed=8)
+    sk.insert(ids[:2000])
+    loc = sk.locate(ids)
+    keep = torch.nonzero(ids % 3 == 0).squeeze(1)
+    for part in (loc.index_select(keep), Located(loc.bucket, loc.flat, loc.found, loc.generation).index_select(keep)):
+        whole = sk.locate(ids.index_select(0, keep))
+        for k in ("bucket", "flat", "found", "code"):
+            assert torch.equal(getattr(part, k), getattr(whole, k)), k
+    joined = Located.cat([sk.locate(ids[:1000]), sk.locate(ids[1000:])])
+    assert all(torch.equal(getattr(joined, k), getattr(loc, k)) for k in ("bucket", "flat", "found", "code"))
+    reference = copy.deepcopy(sk)
+    up, ref_up = sk.insert(ids, located=joined), reference.insert(ids)  # the slots found are reused alike
+    assert torch.equal(sk.table, reference.table) and torch.equal(up.promoted_ids, ref_up.promoted_ids)
 
 
 @pytest.mark.parametrize("c", [1, 2, 3, 4, 8, 9])
