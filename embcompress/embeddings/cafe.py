@@ -5,17 +5,19 @@ are hot (one sketch for all fields: the CAFE paper found per-field sketches wors
 per-field hash rows (``hash``'s layout) and then the hot rows; a lookup is one ``embedding_bag`` over it,
 so the only extra cost over ``hash`` is the sketch query.
 
-Training: forward only queries the sketch; train-mode forwards record each hashed-field lookup and the
-norm of its embedding gradient (a hook on the output). ``before_optimizer_step`` (``embcompress.attach``)
-normalises the norms per field and batch to mean 1 (``importance="frequency"``: 1 per lookup), inserts
-them into the sketch and migrates rows: a promoted feature's hot row starts as the hashed row that served
+Training: forward only queries the sketch; train-mode forwards record their lookups and the norm of
+each lookup's embedding gradient (a hook on the output), with no compaction and no read back, so the
+forward and backward wait on no host sync. ``before_optimizer_step`` (``embcompress.attach``)
+normalises the norms per field and batch to mean 1 (``importance="frequency"``: 1 per lookup), keeps
+the hashed fields' lookups (one ``nonzero``; the sketch insert itself has data-dependent sizes),
+inserts them into the sketch and migrates rows: a promoted feature's hot row starts as the hashed row that served
 it, a demoted one goes back to its hashed row. Under data parallelism the (ids, scores) of all ranks are
 gathered first, in rank order, so every rank applies the same update. Eval forwards change nothing.
 
 Budget: ``memory_bytes`` is the state dict. A hot row costs 4·D bytes plus its share of the sketch,
 ``buckets_per_row`` buckets of ``slots`` slots of 12 bytes (int32 id, float32 score, int32 row) and a
-byte of free-row mask: 4·D + 25 with the defaults (half a bucket per row; 4·D + 33 with int64 ids, above
-2^31 ids or with ``key_dtype="int64"``). ``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch;
+byte of free-row mask: 4·D + 49 with the defaults (int64 ids, 16-byte slots, above 2^31 ids or with
+``key_dtype="int64"``). ``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch;
 ``threshold`` and ``hash_rate`` default to the CAFE artifact's values for the nearest compression ratio.
 """
 
@@ -47,9 +49,6 @@ REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.
 _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
 _ROUNDING_SLACK = SLOT_BYTES * 4  # a bucket of int64 slots: room for round(buckets_per_row * hot rows)
 _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
-#: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
-BUCKETS_PER_ROW = 0.5
-PRESSURE_DECAY = False
 
 
 def sketch_key_dtype(field_sizes: Sequence[int], key_dtype: str = "auto") -> torch.dtype:
@@ -78,25 +77,29 @@ def reference_defaults(ratio: float) -> tuple[float, float]:
 
 @dataclass
 class _Pending:
-    """Lookups of hashed fields seen by one training forward, waiting for their gradient norms."""
+    """Every lookup of one training forward, waiting for its gradient norm; the hashed fields' lookups
+    are picked out at the optimizer step, so the forward adds no compaction of its own."""
 
-    ids: Tensor  # (m,) global ids
-    field: Tensor  # (m,) field index
-    located: Located | None = None  # where the forward found them in the sketch
-    bag: Tensor | None = None  # (m,) bag of each lookup
-    scale: Tensor | None = None  # (m,) |per-sample weight| (or 1/bag length in mean mode)
-    norms: Tensor | None = None  # (m,) set by the backward hook
+    ids: Tensor  # (n,) global ids
+    field: Tensor  # (n,) field index
+    located: Located  # where the forward found them in the sketch
+    hot: Tensor  # () hot rows that served these lookups (training_stats)
+    bag: Tensor | None = None  # (n,) bag of each lookup; None: lookup i is bag i
+    scale: Tensor | None = None  # (n,) |per-sample weight| (or 1/bag length in mean mode)
+    norms: Tensor | None = None  # (n,) set by the backward hook
 
     def capture(self, grad: Tensor) -> None:
-        norms = grad.detach().norm(dim=1).index_select(0, self.bag)
+        norms = torch.linalg.vector_norm(grad.detach(), dim=1)
+        if self.bag is not None:
+            norms = norms.index_select(0, self.bag)
         self.norms = norms if self.scale is None else norms * self.scale
 
 
 @register("cafe")
 class CafeEmbeddingBag(IndexedEmbeddingBag):
     """CAFE table. Options: ``threshold``, ``hash_rate``, ``decay`` (0.98), ``importance``
-    (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (0.5), ``decay_mass`` (10),
-    ``pressure_decay`` (False) and ``preempt`` (True; :mod:`.hotsketch` explains both), ``key_dtype``
+    (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (1), ``decay_mass`` (10),
+    ``pressure_decay`` and ``preempt`` (True; :mod:`.hotsketch` explains both), ``key_dtype``
     (``"auto"`` | ``"int32"`` | ``"int64"``: the sketch's ids, module doc "Budget") and
     ``optimizer_state`` (what a hot row handed to a new feature starts with, under a stateful optimizer
     bound by :func:`~embcompress.attach`: ``"slot"`` keeps the row's state, ``"copy"`` takes that of
@@ -113,12 +116,12 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                low_open=True),
         Option("decay_mass", "float", 10.0, "decay once the score mass inserted since the last decay exceeds "
                "decay_mass x buckets x T", low=0, low_open=True),
-        Option("pressure_decay", "bool", PRESSURE_DECAY, "also decay when more features reach T than hot rows are free"),
+        Option("pressure_decay", "bool", True, "also decay when more features reach T than hot rows are free"),
         Option("preempt", "bool", True, "a feature waiting for a hot row takes the row of a hot feature it outscores"),
         Option("importance", "str", "gradient", "what a lookup adds to its feature's score: its gradient norm "
                "(normalised per field and batch) or 1", choices=("gradient", "frequency")),
         Option("slots", "int", 4, "sketch slots per bucket", low=1),
-        Option("buckets_per_row", "float", BUCKETS_PER_ROW, "sketch buckets per hot row", low=0, low_open=True),
+        Option("buckets_per_row", "float", 1.0, "sketch buckets per hot row", low=0, low_open=True),
         Option("key_dtype", "str", "auto", "id type of the sketch; auto: int32 when every id fits, else int64 "
                "(int64 reproduces tables built before 4-byte ids and loads their checkpoints)",
                choices=("auto", "int32", "int64")),
@@ -130,8 +133,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
-                 slots: int = 4, buckets_per_row: float = BUCKETS_PER_ROW, decay_mass: float = 10.0,
-                 pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True, optimizer_state: str = "slot",
+                 slots: int = 4, buckets_per_row: float = 1.0, decay_mass: float = 10.0,
+                 pressure_decay: bool = True, preempt: bool = True, optimizer_state: str = "slot",
                  key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum", seed: int = 0,
                  sparse: bool = True) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
@@ -162,8 +165,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         self._pending: list[_Pending] = []
         self._warned = False
         # training_stats counters (not state): hashed-field lookups, how many of them hot rows served
-        # (a tensor, so the forward never reads back), hot-set changes
-        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, None, 0, 0
+        # (tensors, so a step never reads back), hot-set changes
+        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, [], 0, 0
+        self._all_hashed = bool(self.field_hashed.all())  # no whole field: every lookup goes to the sketch
 
     @property
     def num_hot_rows(self) -> int:
@@ -200,13 +204,11 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         rows, field, score, located = self._route(ids)
         out = self._pool(ids, rows, score, field, offsets, psw)  # (B, D)
         if self.training and torch.is_grad_enabled() and ids.numel() > 0:
-            self._record(out, ids, field, offsets, psw, located, input.dim() == 2 and input.shape[1] == 1)
-            hot = (rows >= self.num_hash_rows).sum()  # only hashed fields' features hold hot rows
-            self._stat_hot = hot if self._stat_hot is None else self._stat_hot.add_(hot)
+            self._record(out, ids, field, offsets, psw, located, input.dim() == 2 and input.shape[1] == 1, rows)
         return out
 
     def _record(self, out: Tensor, ids: Tensor, field: Tensor, offsets: Tensor, psw: Tensor | None,
-                located: Located, one_per_bag: bool = False) -> None:
+                located: Located, one_per_bag: bool = False, rows: Tensor | None = None) -> None:
         if len(self._pending) >= _MAX_PENDING:
             if not self._warned:
                 log.warning("%s: %d training forwards without an optimizer step; call "
@@ -214,23 +216,18 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                             self._label(), len(self._pending))
                 self._warned = True
             self._pending.pop(0)
-        keep = torch.nonzero(self.field_hashed.index_select(0, field)).squeeze(1)
-        sub = Located(*(t.index_select(0, keep) for t in (located.bucket, located.flat, located.found)),
-                      located.generation)
-        entry = _Pending(ids=ids.index_select(0, keep), field=field.index_select(0, keep), located=sub)
-        self._stat_lookups += keep.numel()
+        if rows is None:
+            rows = self._route(ids)[0]
+        # only hashed fields' features hold hot rows, so this counts the hashed lookups hot rows served
+        entry = _Pending(ids=ids, field=field, located=located, hot=(rows >= self.num_hash_rows).sum())
         if self.importance == "gradient" and out.requires_grad:
             n = ids.numel()
-            if one_per_bag:  # (B, 1) input, how the models look up fields: lookup i is bag i
-                bag = keep
-            else:
-                bag = bag_of_lookups(offsets, n).index_select(0, keep)
-            scale = None
+            if not one_per_bag:  # (B, 1) input, how the models look up fields: lookup i is bag i
+                entry.bag = bag_of_lookups(offsets, n)
             if psw is not None:
-                scale = psw.detach().abs().index_select(0, keep)
+                entry.scale = psw.detach().abs()
             elif self.mode == "mean":
-                scale = mean_weights(offsets, bag, n)
-            entry.bag, entry.scale = bag, scale
+                entry.scale = mean_weights(offsets, bag_of_lookups(offsets, n), n)
             out.register_hook(entry.capture)
         self._pending.append(entry)
 
@@ -240,34 +237,52 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         pending, self._pending = self._pending, []
         ids, scores, used = [], [], []
         for e in pending:
-            if self.importance == "frequency":
-                ids.append(e.ids)
-                scores.append(torch.ones(e.ids.shape, device=e.ids.device))
-            elif e.norms is not None:  # forwards whose output got no gradient carry no importance
-                ids.append(e.ids)
-                scores.append(self._normalise(e.norms, e.field))
-            else:
+            self._stat_hot.append(e.hot)
+            if self.importance == "gradient" and e.norms is None:
+                # forwards whose output got no gradient carry no importance
+                self._stat_lookups += int(self.field_hashed.index_select(0, e.field).sum())
                 continue
-            used.append(e.located)
+            score = None if self.importance == "frequency" else self._normalise(e.norms, e.field)
+            e_ids, e_score, located = self._hashed_lookups(e, score)
+            self._stat_lookups += e_ids.numel()
+            ids.append(e_ids)
+            scores.append(e_score)
+            used.append(located)
+        if len(self._stat_hot) > _MAX_PENDING:  # keep the list short between training_stats calls
+            self._stat_hot = [torch.stack(self._stat_hot).sum()]
         if len(ids) == 1:  # the usual step: one forward (a cat would copy)
             self.apply_importance(ids[0], scores[0], used[0])
         elif ids:
             located = None
-            if all(loc is not None and loc.generation == used[0].generation for loc in used):
+            if all(loc.generation == used[0].generation for loc in used):
                 located = Located(*(torch.cat([getattr(loc, k) for loc in used]) for k in ("bucket", "flat", "found")),
                                   used[0].generation)
             self.apply_importance(torch.cat(ids), torch.cat(scores), located)
 
+    def _hashed_lookups(self, e: _Pending, score: Tensor | None) -> tuple[Tensor, Tensor, Located]:
+        """(ids, scores, sketch slots) of the lookups of hashed fields among ``e``'s, in lookup order;
+        ``score`` None: 1 each. Whole fields never need a hot row, so their lookups stay out of the sketch."""
+        ids, located = e.ids, e.located
+        if not self._all_hashed:
+            keep = torch.nonzero(self.field_hashed.index_select(0, e.field)).squeeze(1)
+            ids = ids.index_select(0, keep)
+            score = None if score is None else score.index_select(0, keep)
+            located = Located(*(t.index_select(0, keep) for t in (located.bucket, located.flat, located.found)),
+                              located.generation)
+        return ids, torch.ones(ids.shape, device=ids.device) if score is None else score, located
+
     def _normalise(self, norms: Tensor, field: Tensor) -> Tensor:
         """Per field, scale norms to mean 1; a field whose gradients are all zero counts 1 per lookup."""
-        nf = len(self.field_sizes)
-        # index_add_ rather than bincount, which reads the largest field back to the host (a CUDA sync)
-        count = torch.zeros(nf, device=norms.device).index_add_(0, field, torch.ones_like(norms, dtype=torch.float32))
-        total = torch.zeros(nf, device=norms.device).index_add_(0, field, norms.float())
+        nf, dev = len(self.field_sizes), norms.device
+        if dev.type == "cpu":
+            count = torch.bincount(field, minlength=nf)  # exact integers, so count / total as below
+        else:  # bincount reads the largest field back to the host (a CUDA sync)
+            count = torch.zeros(nf, device=dev).index_add_(0, field, torch.ones_like(norms, dtype=torch.float32))
+        total = torch.zeros(nf, device=dev).index_add_(0, field, norms.float())
         zero = total == 0  # per field (nf values): every norm of the field is 0
         factor = torch.where(zero, 0.0, count / total.clamp(min=1e-30))
-        # zero-gradient fields: norm 0 times factor 0, plus 1
-        return (norms * factor.index_select(0, field)).add_(zero.index_select(0, field))
+        # zero-gradient fields: norm 0 times factor 0, plus 1 (either way the sum is exact, so one addcmul)
+        return torch.addcmul(zero.float().index_select(0, field), norms, factor.index_select(0, field))
 
     @torch.no_grad()
     def apply_importance(self, ids: Tensor, scores: Tensor, located: Located | None = None) -> None:
@@ -289,7 +304,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         self._stat_demoted += update.demoted_ids.numel()
         if update.promoted_ids.numel():
             hot = update.promoted_rows + self.num_hash_rows
-            self.weight[hot] = self.cold_embedding(update.promoted_ids)
+            self.weight.index_copy_(0, hot, self.cold_embedding(update.promoted_ids))
             if self.optimizer_state != "slot":
                 self._restart_rows(hot, self.hashed_row(update.promoted_ids))
 
@@ -322,9 +337,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         stats: dict[str, float] = {"hot_rows_used": self.sketch.num_hot() / self.num_hot_rows,
                                    "promoted": self._stat_promoted, "demoted": self._stat_demoted}
         if self._stat_lookups:
-            hot = 0 if self._stat_hot is None else int(self._stat_hot)  # one read back per call
+            hot = int(torch.stack(self._stat_hot).sum()) if self._stat_hot else 0  # one read back per call
             stats["hot_share"] = hot / self._stat_lookups
-        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, None, 0, 0
+        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, [], 0, 0
         return stats
 
     def cold_embedding(self, ids: Tensor) -> Tensor:
@@ -340,7 +355,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def _hot_row_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, options: dict[str, Any]) -> float:
         """A hot row's weights plus its share of the sketch: ``buckets_per_row`` buckets and a mask byte."""
         key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
-        sketch = options.get("buckets_per_row", BUCKETS_PER_ROW) * options.get("slots", 4) * slot_bytes(key)
+        sketch = options.get("buckets_per_row", 1.0) * options.get("slots", 4) * slot_bytes(key)
         return embedding_dim * FLOAT_BYTES + sketch + 1
 
     @classmethod
@@ -357,7 +372,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                                  options: dict[str, Any]) -> int:
         """Exact bytes of a table with ``hot_rows`` hot rows, less its hash rows (no rounding slack)."""
         key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
-        buckets = sketch_buckets(options.get("buckets_per_row", BUCKETS_PER_ROW), hot_rows)
+        buckets = sketch_buckets(options.get("buckets_per_row", 1.0), hot_rows)
         sketch = HotSketch.memory_bytes_for(buckets, hot_rows, options.get("slots", 4), key)  # with its counter
         return cls._field_buffer_bytes(field_sizes) + hot_rows * embedding_dim * FLOAT_BYTES + sketch
 
