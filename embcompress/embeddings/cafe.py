@@ -16,8 +16,8 @@ gathered first, in rank order, so every rank applies the same update. Eval forwa
 
 Budget: ``memory_bytes`` is the state dict. A hot row costs 4·D bytes plus its share of the sketch,
 ``buckets_per_row`` buckets of ``slots`` slots of 12 bytes (int32 id, float32 score, int32 row) and a
-byte of free-row mask: 4·D + 49 with the defaults (int64 ids, 16-byte slots, above 2^31 ids or with
-``key_dtype="int64"``). ``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch;
+byte of free-row mask: 4·D + 25 with the defaults (half a bucket per row; 4·D + 33 with int64 ids, above
+2^31 ids or with ``key_dtype="int64"``). ``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch;
 ``threshold`` and ``hash_rate`` default to the CAFE artifact's values for the nearest compression ratio.
 """
 
@@ -49,6 +49,9 @@ REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.
 _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
 _ROUNDING_SLACK = SLOT_BYTES * 4  # a bucket of int64 slots: room for round(buckets_per_row * hot rows)
 _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
+#: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
+BUCKETS_PER_ROW = 0.5
+PRESSURE_DECAY = False
 
 
 def sketch_key_dtype(field_sizes: Sequence[int], key_dtype: str = "auto") -> torch.dtype:
@@ -98,8 +101,8 @@ class _Pending:
 @register("cafe")
 class CafeEmbeddingBag(IndexedEmbeddingBag):
     """CAFE table. Options: ``threshold``, ``hash_rate``, ``decay`` (0.98), ``importance``
-    (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (1), ``decay_mass`` (10),
-    ``pressure_decay`` and ``preempt`` (True; :mod:`.hotsketch` explains both), ``key_dtype``
+    (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (0.5), ``decay_mass`` (10),
+    ``pressure_decay`` (False) and ``preempt`` (True; :mod:`.hotsketch` explains both), ``key_dtype``
     (``"auto"`` | ``"int32"`` | ``"int64"``: the sketch's ids, module doc "Budget") and
     ``optimizer_state`` (what a hot row handed to a new feature starts with, under a stateful optimizer
     bound by :func:`~embcompress.attach`: ``"slot"`` keeps the row's state, ``"copy"`` takes that of
@@ -116,12 +119,12 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                low_open=True),
         Option("decay_mass", "float", 10.0, "decay once the score mass inserted since the last decay exceeds "
                "decay_mass x buckets x T", low=0, low_open=True),
-        Option("pressure_decay", "bool", True, "also decay when more features reach T than hot rows are free"),
+        Option("pressure_decay", "bool", PRESSURE_DECAY, "also decay when more features reach T than hot rows are free"),
         Option("preempt", "bool", True, "a feature waiting for a hot row takes the row of a hot feature it outscores"),
         Option("importance", "str", "gradient", "what a lookup adds to its feature's score: its gradient norm "
                "(normalised per field and batch) or 1", choices=("gradient", "frequency")),
         Option("slots", "int", 4, "sketch slots per bucket", low=1),
-        Option("buckets_per_row", "float", 1.0, "sketch buckets per hot row", low=0, low_open=True),
+        Option("buckets_per_row", "float", BUCKETS_PER_ROW, "sketch buckets per hot row", low=0, low_open=True),
         Option("key_dtype", "str", "auto", "id type of the sketch; auto: int32 when every id fits, else int64 "
                "(int64 reproduces tables built before 4-byte ids and loads their checkpoints)",
                choices=("auto", "int32", "int64")),
@@ -133,8 +136,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
-                 slots: int = 4, buckets_per_row: float = 1.0, decay_mass: float = 10.0,
-                 pressure_decay: bool = True, preempt: bool = True, optimizer_state: str = "slot",
+                 slots: int = 4, buckets_per_row: float = BUCKETS_PER_ROW, decay_mass: float = 10.0,
+                 pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True, optimizer_state: str = "slot",
                  key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum", seed: int = 0,
                  sparse: bool = True) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
@@ -355,7 +358,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def _hot_row_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, options: dict[str, Any]) -> float:
         """A hot row's weights plus its share of the sketch: ``buckets_per_row`` buckets and a mask byte."""
         key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
-        sketch = options.get("buckets_per_row", 1.0) * options.get("slots", 4) * slot_bytes(key)
+        sketch = options.get("buckets_per_row", BUCKETS_PER_ROW) * options.get("slots", 4) * slot_bytes(key)
         return embedding_dim * FLOAT_BYTES + sketch + 1
 
     @classmethod
@@ -372,7 +375,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                                  options: dict[str, Any]) -> int:
         """Exact bytes of a table with ``hot_rows`` hot rows, less its hash rows (no rounding slack)."""
         key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
-        buckets = sketch_buckets(options.get("buckets_per_row", 1.0), hot_rows)
+        buckets = sketch_buckets(options.get("buckets_per_row", BUCKETS_PER_ROW), hot_rows)
         sketch = HotSketch.memory_bytes_for(buckets, hot_rows, options.get("slots", 4), key)  # with its counter
         return cls._field_buffer_bytes(field_sizes) + hot_rows * embedding_dim * FLOAT_BYTES + sketch
 
