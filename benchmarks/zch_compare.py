@@ -6,7 +6,8 @@ directories (``summary.json``), grouped by (label, ratio), differences against o
 
 A sweep cell is labelled by its method (plus ``--label-options`` of it when given); a run directory by
 its name less ``-seedN``. One JSON line per (label, ratio): the metric per seed, its mean, and the mean
-paired difference to the baseline with its standard error (sample s.d. / sqrt(pairs)).
+paired difference to the baseline with its standard error (sample s.d. / sqrt(pairs)); ``--markdown``
+also prints them as one table.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("dirs", nargs="+", type=Path, help="sweep output directories or folders of run directories")
     ap.add_argument("--metric", default="test_auc", help="summary key to compare (test_auc, val_auc, ...)")
     ap.add_argument("--baseline", required=True, help="label the others are paired against")
+    ap.add_argument("--markdown", action="store_true", help="also print a table: a row per label, a column per "
+                    "ratio, the mean and the paired difference to the baseline (standard error, wins)")
     args = ap.parse_args()
     table: dict[tuple[str, Any], dict[int, float]] = defaultdict(dict)
     speed: dict[tuple[str, Any], list[float]] = defaultdict(list)
@@ -67,6 +70,7 @@ def main() -> None:
         if args.metric in r["summary"]:
             table[(r["label"], r["ratio"])][r["seed"]] = r["summary"][args.metric]
             speed[(r["label"], r["ratio"])].append(r["summary"].get("train_samples_per_s", float("nan")))
+    rows = []
     for (label, ratio), values in sorted(table.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
         rec: dict[str, Any] = {"label": label, "ratio": ratio, "metric": args.metric,
                                "by_seed": {s: round(v, 5) for s, v in sorted(values.items())},
@@ -77,6 +81,31 @@ def main() -> None:
             rec["vs"] = args.baseline
             rec.update(paired(values, base))
         emit(rec)
+        rows.append(rec)
+    if args.markdown:
+        print(markdown(rows, args.baseline))
+
+
+def markdown(rows: list[dict[str, Any]], baseline: str) -> str:
+    """Mean per (label, ratio); below the baseline's own cells, the paired difference to it."""
+    ratios = sorted({r["ratio"] for r in rows}, key=lambda x: float(x))
+    labels = sorted({r["label"] for r in rows}, key=lambda lab: (lab != baseline, lab))
+    cell = {(r["label"], r["ratio"]): r for r in rows}
+    out = ["| method | " + " | ".join(f"{float(x):,g}×" for x in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+    for lab in labels:
+        texts = []
+        for x in ratios:
+            r = cell.get((lab, x))
+            if r is None:
+                texts.append("")
+                continue
+            text = f"{r['mean']:.4f}"
+            if r.get("mean_diff") is not None:
+                se = "" if r.get("se") is None else f", s.e. {r['se']:.4f}"
+                text += f" ({r['mean_diff']:+.4f}{se}; {r['wins']} of {r['pairs']})"
+            texts.append(text)
+        out.append(f"| {lab} | " + " | ".join(texts) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
