@@ -258,8 +258,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         elif ids:
             located = None
             if all(loc.generation == used[0].generation for loc in used):
-                located = Located(*(torch.cat([getattr(loc, k) for loc in used]) for k in ("bucket", "flat", "found")),
-                                  used[0].generation)
+                located = Located.cat(used)
             self.apply_importance(torch.cat(ids), torch.cat(scores), located)
 
     def _hashed_lookups(self, e: _Pending, score: Tensor | None) -> tuple[Tensor, Tensor, Located]:
@@ -270,8 +269,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             keep = torch.nonzero(self.field_hashed.index_select(0, e.field)).squeeze(1)
             ids = ids.index_select(0, keep)
             score = None if score is None else score.index_select(0, keep)
-            located = Located(*(t.index_select(0, keep) for t in (located.bucket, located.flat, located.found)),
-                              located.generation)
+            located = located.index_select(keep)
         return ids, torch.ones(ids.shape, device=ids.device) if score is None else score, located
 
     def _normalise(self, norms: Tensor, field: Tensor) -> Tensor:
