@@ -90,12 +90,13 @@ def load(source: Path = SOURCE) -> ctypes.CDLL | None:
 
 
 def _workspace(name: str, n: int) -> Tensor:
-    """A reused int64 buffer of n elements (fresh multi-megabyte buffers cost a map and unmap per call)."""
+    """A reused int64 buffer of at least n elements (fresh multi-megabyte buffers cost a map and unmap
+    per call)."""
     buf = getattr(_buffers, name, None)
     if buf is None or buf.numel() < n:
         buf = torch.empty(n, dtype=torch.int64)
         setattr(_buffers, name, buf)
-    return buf[:n]
+    return buf
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -183,7 +184,7 @@ def _register(lib: ctypes.CDLL) -> None:
             from .hotsketch import int32_range_error
 
             raise ValueError(int32_range_error(d, k))
-        return out[: 2 * (p + d) + k].clone().split([p, p, d, d, k])  # type: ignore[return-value]
+        return out[: 2 * (p + d) + k].clone().split_with_sizes([p, p, d, d, k])  # type: ignore[return-value]
 
     def hotsketch_locate(table: Tensor, ids: Tensor, seed_add: int) -> tuple[Tensor, Tensor, Tensor]:
         """HotSketch.locate and .query in one pass over int64 ``ids``: (code: the slot holding the id, or
