@@ -197,6 +197,9 @@ class HotSketch(nn.Module):
         seed: seed of the bucket hash.
         key_dtype: dtype of the stored ids. ``torch.int32`` (12-byte slots, the paper's 48 bytes per
             bucket) holds ids in ``[0, 2^31)`` and rejects others at insert; the default int64 holds any id.
+
+    State (``state_dict``): ``table``, the slots as int32 words (w, c, 4 or 3: id, score bits, hot row),
+    of which :attr:`keys`, :attr:`scores` and :attr:`hot_row` are (w, c) views; ``row_used``; ``mass``.
     """
 
     def __init__(self, num_buckets: int, num_hot_rows: int, threshold: float, slots: int = 4,
