@@ -324,6 +324,30 @@ def test_training_forward_without_backward_records_nothing_harmful():
     assert (t.sketch.keys < 0).all()
 
 
+def test_training_forward_traces_as_one_graph_on_the_vectorised_path():
+    """A training forward on the PyTorch sketch path (what CUDA runs): route, pooling and recording trace
+    as one graph, i.e. no op whose output size depends on the data (``nonzero``) and no read back, so the
+    forward waits on no host sync; its recorded lookups are the eager forward's."""
+    torch.manual_seed(0)
+    eager = CafeEmbeddingBag(FIELDS, DIM, [4, 50, 100, 100], num_hot_rows=16, threshold=2.0, importance="frequency")
+    ids = (torch.randint(0, 4, (32, 4)) + torch.tensor([0, 4, 54, 20_054])).reshape(-1, 1)
+    eager.sketch.native = False
+    eager.sketch.insert(ids[:40].reshape(-1), torch.full((40,), 3.0))  # some hot rows to route to
+    eager.train()
+    traced = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(traced)(ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    traced._pending.clear()  # explain ran the forward once
+    expected = eager(ids)
+    assert torch.equal(traced(ids), expected) and int((eager.row_index(ids) >= eager.num_hash_rows).sum()) > 0
+    got, want = traced._pending[-1], eager._pending[-1]
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.located.flat, want.located.flat)
+    traced.before_optimizer_step()
+    eager.before_optimizer_step()
+    assert torch.equal(traced.sketch.scores, eager.sketch.scores)
+
+
 def test_importance_is_gathered_across_ranks_before_the_sketch_update(monkeypatch):
     from embcompress.embeddings import cafe as cafe_module
     from embcompress.embeddings.sync import gather_across_ranks
