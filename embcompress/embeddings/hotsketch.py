@@ -261,6 +261,11 @@ class HotSketch(nn.Module):
         """(w, c) int32 hot row of each slot, -1 when not hot: a view of :attr:`table`."""
         return self._views()[2]
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_view_cache"] = None  # views of one storage in three dtypes, which torch.save refuses; rebuilt on use
+        return state
+
     # ------------------------------------------------------------------ sizes
     @property
     def num_buckets(self) -> int:

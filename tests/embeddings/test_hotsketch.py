@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 import shutil
 
@@ -190,6 +191,12 @@ def test_slots_are_views_of_one_interleaved_table(key_dtype):
     assert int(word[0]) == -5 and int(word[1]) == (-1 if words == 4 else 1069547520) and int(word[-1]) == 7
     assert word[-2:-1].view(torch.float32).item() == 1.5
     assert set(sk.state_dict()) == {"table", "row_used", "mass"}
+    buffer = io.BytesIO()
+    torch.save(sk, buffer)  # the whole module, pickled: its views are rebuilt on the copy's own table
+    for other in (torch.load(io.BytesIO(buffer.getvalue()), weights_only=False), copy.deepcopy(sk)):
+        assert torch.equal(other.table, sk.table)
+        other.scores[3, 2] = 2.5
+        assert other.table[3, 2, -2:-1].view(torch.float32).item() == 2.5 and sk.scores[3, 2] == 1.5
 
 
 @pytest.mark.parametrize("key_dtype", [torch.int64, torch.int32])
