@@ -92,7 +92,7 @@ class _Pending:
     norms: Tensor | None = None  # (n,) set by the backward hook
 
     def capture(self, grad: Tensor) -> None:
-        norms = torch.linalg.vector_norm(grad.detach(), dim=1)
+        norms = torch.linalg.vector_norm(grad.detach() if grad.requires_grad else grad, dim=1)
         if self.bag is not None:
             norms = norms.index_select(0, self.bag)
         self.norms = norms if self.scale is None else norms * self.scale
@@ -273,17 +273,17 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         return ids, torch.ones(ids.shape, device=ids.device) if score is None else score, located
 
     def _normalise(self, norms: Tensor, field: Tensor) -> Tensor:
-        """Per field, scale norms to mean 1; a field whose gradients are all zero counts 1 per lookup."""
+        """Per field, scale norms to mean 1; a field whose gradients are all zero counts 1 per lookup.
+
+        Such a field's factor is count / 0 = inf and its norms are 0, so its scores come out NaN, and NaN
+        becomes 1 (a field's mean needs no separate test; a NaN gradient also scores 1)."""
         nf, dev = len(self.field_sizes), norms.device
         if dev.type == "cpu":
             count = torch.bincount(field, minlength=nf)  # exact integers, so count / total as below
         else:  # bincount reads the largest field back to the host (a CUDA sync)
             count = torch.zeros(nf, device=dev).index_add_(0, field, torch.ones_like(norms, dtype=torch.float32))
         total = torch.zeros(nf, device=dev).index_add_(0, field, norms.float())
-        zero = total == 0  # per field (nf values): every norm of the field is 0
-        factor = torch.where(zero, 0.0, count / total.clamp(min=1e-30))
-        # zero-gradient fields: norm 0 times factor 0, plus 1 (either way the sum is exact, so one addcmul)
-        return torch.addcmul(zero.float().index_select(0, field), norms, factor.index_select(0, field))
+        return (norms * (count / total).index_select(0, field)).nan_to_num_(nan=1.0, posinf=math.inf)
 
     @torch.no_grad()
     def apply_importance(self, ids: Tensor, scores: Tensor, located: Located | None = None) -> None:
