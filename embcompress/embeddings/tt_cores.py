@@ -84,7 +84,8 @@ def split_index(x: Tensor, radix: Tensor) -> Tensor:
     rest = x
     for t in range(radix.shape[1] - 1, -1, -1):
         digits.append(rest % radix[:, t])
-        rest = rest // radix[:, t]
+        if t:  # the most significant digit leaves no rest to carry
+            rest = rest // radix[:, t]
     return torch.stack(digits[::-1], dim=1)
 
 
