@@ -272,12 +272,14 @@ void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, doubl
         Slot<K> scratch{};
         scratch.hot = 0;
         for (int64_t i = 0; i < n; ++i) {
-            if (i + AHEAD < n && code[i + AHEAD] >= 0) __builtin_prefetch(t + code[i + AHEAD]);
+            // the score and hot row end a slot: their line (a 12-byte slot may straddle two)
+            if (i + AHEAD < n && code[i + AHEAD] >= 0) __builtin_prefetch(&t[code[i + AHEAD]].hot);
             const int64_t f = code[i];
             const float a = add ? add[i] : 1.0f;
             fresh[m] = {ids[i], a, (uint32_t)(-1 - f)};
             m += f < 0;
-            Slot<K>* x = f >= 0 ? t + f : &scratch;
+            const uintptr_t keep = (uintptr_t)0 - (uintptr_t)(f >= 0);  // a select, not a branch
+            Slot<K>* x = (Slot<K>*)(((uintptr_t)(t + f) & keep) | ((uintptr_t)&scratch & ~keep));
             x->score += a;
             if (track && x->hot < 0 && x->score >= p.threshold) waiting.touched.push_back(f);
         }
