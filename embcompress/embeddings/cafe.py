@@ -35,7 +35,8 @@ from torch import Tensor
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hashing import HashInference
 from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
-from .ops import allocate_rows, bag_of_lookups, field_hash_rows, field_of, field_starts, mean_weights
+from .ops import (allocate_rows, bag_of_lookups, field_hash_rows, field_hash_rows_few, field_of, field_starts,
+                  mean_weights)
 from .options import Option, hash_seed_option, mode_option, sparse_option
 from .registry import register
 from .sync import distributed_world, gather_across_ranks
@@ -49,6 +50,7 @@ REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.
 _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
 _ROUNDING_SLACK = SLOT_BYTES * 4  # a bucket of int64 slots: room for round(buckets_per_row * hot rows)
 _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
+_FEW_IDS = 32  # hashed_row computes up to this many ids in Python on the CPU
 #: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
 BUCKETS_PER_ROW = 0.5
 PRESSURE_DECAY = False
@@ -179,8 +181,20 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     # ------------------------------------------------------------------ routing ids to rows
     def hashed_row(self, ids: Tensor, field: Tensor | None = None) -> Tensor:
         """Row of the per-field hash table serving each id (whole fields: the id's own row)."""
+        if field is None and ids.numel() <= _FEW_IDS and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            # a step's promoted features: Python ints beat ~20 small tensor ops
+            rows = field_hash_rows_few(ids.reshape(-1).tolist(), *self._field_lists(), self.seed)
+            return torch.tensor(rows, dtype=torch.int64).view(ids.shape)
         f = field_of(ids, self.starts) if field is None else field
         return field_hash_rows(ids, f, self.starts, self.sizes, self.rows, self.row_base, self.seed)
+
+    def _field_lists(self) -> tuple[list[int], ...]:
+        """(starts, sizes, rows, row_base) as lists, read again whenever a buffer was replaced or written."""
+        buffers = (self.starts, self.sizes, self.rows, self.row_base)
+        key = tuple((b.data_ptr(), b._version) for b in buffers)
+        if getattr(self, "_lists_key", None) != key:
+            self._lists, self._lists_key = tuple(b.tolist() for b in buffers), key
+        return self._lists
 
     def _route(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Located]:
         """(row of ``weight`` serving each id, field of each id, sketch score of each id, sketch slots)."""

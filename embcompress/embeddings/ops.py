@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Sequence
 
@@ -62,6 +63,18 @@ def field_hash_rows(ids: Tensor, field: Tensor, starts: Tensor, sizes: Tensor, r
     local = ids.reshape(-1) - starts.index_select(0, f)
     slot = hash_into(local, rows.index_select(0, f), sizes.index_select(0, f), seed)
     return (row_base.index_select(0, f) + slot).view(ids.shape)
+
+
+def field_hash_rows_few(ids: Sequence[int], starts: Sequence[int], sizes: Sequence[int], rows: Sequence[int],
+                        row_base: Sequence[int], seed: int = 0) -> list[int]:
+    """:func:`field_hash_rows` (fields by :func:`field_of`) for a handful of global ids as Python ints,
+    the per-field values as lists: a few ids cost ~20 small tensor ops there, microseconds here."""
+    out = []
+    for i in ids:
+        f = max(bisect.bisect_right(starts, i) - 1, 0)
+        local = i - starts[f]
+        out.append(row_base[f] + (hash64_reference(local, seed) % rows[f] if rows[f] < sizes[f] else local))
+    return out
 
 
 def field_starts(field_sizes: Sequence[int]) -> Tensor:

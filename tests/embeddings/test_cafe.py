@@ -10,6 +10,7 @@ import torch
 import embcompress as ec
 from embcompress.embeddings.cafe import CafeEmbeddingBag, reference_defaults
 from embcompress.embeddings.hotsketch import HotSketch
+from embcompress.embeddings.ops import field_of
 
 FIELDS = [4, 50, 20_000, 50_000]
 DIM = 8
@@ -322,6 +323,22 @@ def test_training_forward_without_backward_records_nothing_harmful():
         t(torch.tensor([[100]]))
     t.before_optimizer_step()
     assert (t.sketch.keys < 0).all()
+
+
+def test_hashed_row_of_a_few_ids_in_python_equals_the_tensor_path():
+    t = table(ratio=10)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(0, t.num_embeddings, (30,), generator=gen),
+                     torch.tensor([0, 3, 4, 53, 54, t.num_embeddings - 1])])  # field edges, whole fields
+    assert t.field_hashed.any() and not t.field_hashed.all()
+    want = t.hashed_row(ids, field_of(ids, t.starts))  # the tensor path
+    cases = ((ids[:1], want[:1]), (ids[:32], want[:32]), (ids[32:].reshape(2, 2), want[32:].reshape(2, 2)))
+    for part, expected in cases:
+        assert torch.equal(t.hashed_row(part), expected)  # Python path: up to 32 ids
+    assert torch.equal(t.hashed_row(ids), want)  # 36 ids: the tensor path
+    with torch.no_grad():
+        t.rows.sub_(1)  # written buffers are read again
+    assert torch.equal(t.hashed_row(ids[:8]), t.hashed_row(ids[:8], field_of(ids[:8], t.starts)))
 
 
 def test_training_forward_traces_as_one_graph_on_the_vectorised_path():
