@@ -88,7 +88,7 @@ class _Pending:
     ids: Tensor  # (n,) global ids
     field: Tensor  # (n,) field index
     located: Located  # where the forward found them in the sketch
-    hot: Tensor  # () hot rows that served these lookups (training_stats)
+    rows: Tensor  # (n,) row of ``weight`` that served each (training_stats counts the hot ones)
     bag: Tensor | None = None  # (n,) bag of each lookup; None: lookup i is bag i
     scale: Tensor | None = None  # (n,) |per-sample weight| (or 1/bag length in mean mode)
     norms: Tensor | None = None  # (n,) set by the backward hook
@@ -170,8 +170,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         self._pending: list[_Pending] = []
         self._warned = False
         # training_stats counters (not state): hashed-field lookups, how many of them hot rows served
-        # (tensors, so a step never reads back), hot-set changes
-        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, [], 0, 0
+        # (a tensor, so a step never reads back), hot-set changes
+        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, None, 0, 0
+        self._stat_rows: list[Tensor] = []  # serving rows of recent steps, counted in bulk (_count_hot)
         self._all_hashed = bool(self.field_hashed.all())  # no whole field: every lookup goes to the sketch
 
     @property
@@ -236,7 +237,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         if rows is None:
             rows = self._route(ids)[0]
         # only hashed fields' features hold hot rows, so this counts the hashed lookups hot rows served
-        entry = _Pending(ids=ids, field=field, located=located, hot=(rows >= self.num_hash_rows).sum())
+        entry = _Pending(ids=ids, field=field, located=located, rows=rows)
         if self.importance == "gradient" and out.requires_grad:
             n = ids.numel()
             if not one_per_bag:  # (B, 1) input, how the models look up fields: lookup i is bag i
@@ -254,7 +255,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         pending, self._pending = self._pending, []
         ids, scores, used = [], [], []
         for e in pending:
-            self._stat_hot.append(e.hot)
+            self._stat_rows.append(e.rows)
             if self.importance == "gradient" and e.norms is None:
                 # forwards whose output got no gradient carry no importance
                 self._stat_lookups += int(self.field_hashed.index_select(0, e.field).sum())
@@ -265,8 +266,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             ids.append(e_ids)
             scores.append(e_score)
             used.append(located)
-        if len(self._stat_hot) > _MAX_PENDING:  # keep the list short between training_stats calls
-            self._stat_hot = [torch.stack(self._stat_hot).sum()]
+        if len(self._stat_rows) >= _MAX_PENDING:
+            self._count_hot()
         if len(ids) == 1:  # the usual step: one forward (a cat would copy)
             self.apply_importance(ids[0], scores[0], used[0])
         elif ids:
@@ -296,7 +297,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             count = torch.bincount(field, minlength=nf)  # exact integers, so count / total as below
         else:  # bincount reads the largest field back to the host (a CUDA sync)
             count = torch.zeros(nf, device=dev).index_add_(0, field, torch.ones_like(norms, dtype=torch.float32))
-        total = torch.zeros(nf, device=dev).index_add_(0, field, norms.float())
+        norms = norms if norms.dtype == torch.float32 else norms.float()
+        total = torch.zeros(nf, device=dev).index_add_(0, field, norms)
         return (norms * (count / total).index_select(0, field)).nan_to_num_(nan=1.0, posinf=math.inf)
 
     @torch.no_grad()
@@ -345,6 +347,14 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             self.weight.grad = torch.sparse_coo_tensor(grad._indices().index_select(1, keep),
                                                        grad._values().index_select(0, keep), grad.shape)
 
+    def _count_hot(self) -> None:
+        """Add the lookups that hot rows served in the recorded steps to the count (a tensor, no read back):
+        one pass per ``_MAX_PENDING`` steps rather than two small ops per forward."""
+        if self._stat_rows:
+            hot = (torch.cat(self._stat_rows) >= self.num_hash_rows).sum()
+            self._stat_hot = hot if self._stat_hot is None else self._stat_hot + hot
+            self._stat_rows = []
+
     def training_stats(self) -> dict[str, float]:
         """``hot_share``: share of the hashed fields' training lookups that hot rows served;
         ``hot_rows_used``: share of the hot rows held now; ``promoted`` / ``demoted``: features that got
@@ -352,9 +362,11 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         stats: dict[str, float] = {"hot_rows_used": self.sketch.num_hot() / self.num_hot_rows,
                                    "promoted": self._stat_promoted, "demoted": self._stat_demoted}
         if self._stat_lookups:
-            hot = int(torch.stack(self._stat_hot).sum()) if self._stat_hot else 0  # one read back per call
+            self._count_hot()
+            hot = 0 if self._stat_hot is None else int(self._stat_hot)  # one read back per call
             stats["hot_share"] = hot / self._stat_lookups
-        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, [], 0, 0
+        self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, None, 0, 0
+        self._stat_rows = []
         return stats
 
     def cold_embedding(self, ids: Tensor) -> Tensor:
