@@ -100,6 +100,20 @@ int64_t mpcache_lookup(const uint8_t* codes, int64_t rows, int64_t row_bytes, in
     return baseline::run_any(a);
 }
 
+// Training's backward of a gather (rows[index]): out[index[i]] += grad[i] for i = 0, 1, ..., n - 1 in
+// that order, so each row's sum rounds exactly as index_add_ rounds it (the float adds of one row are
+// done in the same order; no FMA, no reassociation). out: (rows, dim) float32, zeroed by the caller;
+// grad: n rows of dim float32, row i at grad + i * grad_stride (stride 0: one row broadcast). index
+// entries must lie in [0, rows) (the caller's own deduplication makes them).
+void mpcache_accumulate(float* out, int64_t dim, int64_t n, const int64_t* index, const float* grad,
+                        int64_t grad_stride) {
+    for (int64_t i = 0; i < n; ++i) {
+        float* o = out + index[i] * dim;
+        const float* g = grad + i * grad_stride;
+        for (int64_t j = 0; j < dim; ++j) o[j] += g[j];
+    }
+}
+
 }  // extern "C"
 
 #else  // MPCACHE_KERNEL: the kernel, compiled once per ISA

@@ -569,3 +569,44 @@ def test_lookup_falls_back_without_a_compiler(monkeypatch, tmp_path):
     table = _trained("int8", 16, cache_rows=40)
     table.eval()
     torch.testing.assert_close(table(torch.arange(800)[:, None]), _reference_rows(table))
+
+
+# ---------------------------------------------------------------------------- training step's compiled parts
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_accumulate_sums_as_index_add(broadcast):
+    """The compiled backward of the ids' gather rounds each row's sum exactly as ``index_add_`` does."""
+    from embcompress.embeddings.mpcache import _accumulate, _library
+
+    if _library() is None:
+        pytest.skip("no C++ compiler: the compiled sum is not built")
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 50, (4000,), generator=g)
+    grad = torch.randn(1 if broadcast else 4000, 6, generator=g) * torch.logspace(-6, 3, 6)
+    grad = grad.expand(4000, 6) if broadcast else grad
+    expected = torch.zeros(50, 6).index_add_(0, index, grad)
+    assert torch.equal(_accumulate(grad, index, 50), expected)
+
+
+def _train_state(policy, steps=15):
+    torch.manual_seed(0)
+    table = MPCacheEmbeddingBag([300, 500], 8, precision="int8", cache_rows=30, policy=policy)
+    opt = torch.optim.Adagrad(table.parameters(), lr=0.1)
+    ec.attach(table, opt)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        ids = (torch.rand(256, generator=g) ** 3 * 800).long()
+        opt.zero_grad()
+        (table(ids[:, None]) * torch.randn(256, 8, generator=g)).sum().backward()
+        opt.step()
+    return table.state_dict()
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_training_is_bitwise_the_same_with_and_without_compiled_kernels(policy, monkeypatch):
+    """The compiled step (gather backward, sketch) changes no bit of the table against the PyTorch path."""
+    native_state = _train_state(policy)
+    monkeypatch.setenv("EMBCOMPRESS_NATIVE", "0")
+    torch_state = _train_state(policy)
+    assert native_state.keys() == torch_state.keys()
+    for key, value in native_state.items():
+        assert torch.equal(value, torch_state[key]), key
