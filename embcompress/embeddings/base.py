@@ -217,7 +217,8 @@ class CompressedEmbeddingBag(nn.Module):
         one bag of L ids (then ``offsets`` must be None). ``per_sample_weights`` has ``input``'s shape
         and needs mode ``sum``.
         """
-        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights)
+        one_per_bag = input.dim() == 2 and input.shape[1] == 1
+        ids, offsets, psw = self._flatten(input, offsets, per_sample_weights, need_offsets=not one_per_bag)
         if self.validate_ids:
             self.check_ids(ids)
         if self.dedup:
@@ -227,7 +228,7 @@ class CompressedEmbeddingBag(nn.Module):
         else:
             rows = self.lookup(ids)  # (n, D)
             index = None
-        if input.dim() == 2 and input.shape[1] == 1:
+        if one_per_bag:
             # One id per bag (how the models look up fields): pooling is a gather, whose backward is an
             # index_add, several times cheaper than embedding_bag's backward, which sorts the ids again.
             out = rows if index is None else rows.index_select(0, index)  # (B, D)
@@ -237,15 +238,19 @@ class CompressedEmbeddingBag(nn.Module):
         return F.embedding_bag(index, rows, offsets, mode=self.mode, per_sample_weights=psw)
 
     def _flatten(
-        self, input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None
+        self, input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None, need_offsets: bool = True
     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(ids (n,) int64, offsets (B,) int64, per-sample weights (n,) or None), checked. With 2-D input and
+        ``need_offsets=False`` the offsets (a pooling that only gathers does not read them) are not built:
+        an empty tensor stands for them."""
         if input.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{self._label()}: ids must be int32 or int64, got {input.dtype}")
         if input.dim() == 2:
             if offsets is not None:
                 raise ValueError(f"{self._label()}: offsets must be None when input is 2-D")
             bags, length = input.shape
-            offsets = torch.arange(bags, device=input.device, dtype=torch.int64) * length
+            offsets = (torch.arange(bags, device=input.device, dtype=torch.int64) * length if need_offsets
+                       else input.new_empty(0, dtype=torch.int64))
             input = input.reshape(-1)
             if per_sample_weights is not None:
                 per_sample_weights = per_sample_weights.reshape(-1)
