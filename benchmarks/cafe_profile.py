@@ -9,10 +9,11 @@ Each method gets the loop's model and optimizers (``common.dlrm_steppers``); ``-
 counted, ``--timed`` steps give ms per step (ending with a synchronize on CUDA), then ``--profiled`` steps
 run under the profiler. The busiest ops by host time go to stderr; one JSON line to stdout.
 ``--sites`` also times, over another ``--timed`` steps, the CAFE table's own call sites (the sketch's and
-the table's methods, each counted without the sites it calls), in microseconds per step:
+the table's methods, each counted without the sites it calls), in microseconds per step (thread CPU time
+on the CPU, wall time on CUDA):
 
     PYTHONPATH=.:benchmarks .venv/bin/python benchmarks/cafe_profile.py --scale 0.05 --rows 200000 \
-        --batch-size 128 --ratio 10000 --sites --timed 1000        # cafe_speed.py's setting
+        --batch-size 128 --ratio 1000 --sites --timed 1000        # cafe_speed.py's setting
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import contextlib
 import functools
 import time
 from collections import Counter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from common import add_threads_arg, apply_threads, dlrm_steppers, emit, log  # type: ignore[import-not-found]
 from embcompress.data import make_synthetic
-from embcompress.embeddings.cafe import CafeEmbeddingBag
+from embcompress.embeddings.cafe import CafeEmbeddingBag, _Pending
 from embcompress.embeddings.cafe_ml import CafeMLEmbeddingBag
 from embcompress.embeddings.hotsketch import HotSketch
 
@@ -36,25 +37,26 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC")
 SITES = {HotSketch: ("locate", "query", "insert", "_insert_newcomers", "_newcomers_by_bucket", "_rank_sorted",
                      "_maintain", "_waiting", "apply_decay", "_promote", "_preempt"),
          CafeEmbeddingBag: ("_route", "hashed_row", "_pool", "_record", "before_optimizer_step", "_normalise",
-                            "apply_importance", "cold_embedding", "training_stats"),
+                            "_hashed_lookups", "apply_importance", "cold_embedding", "training_stats"),
+         _Pending: ("capture",),
          CafeMLEmbeddingBag: ("_rows_of", "_pool", "cold_embedding")}
 
 
 @contextlib.contextmanager
-def site_timer(seconds: Counter) -> Iterator[None]:
-    """While open, add each call site's own time (without the sites it calls) to ``seconds``."""
+def site_timer(seconds: Counter, clock: Callable[[], float] = time.perf_counter) -> Iterator[None]:
+    """While open, add each call site's own time (without the sites it calls) to ``seconds``, by ``clock``."""
     stack: list[float] = []
     saved = [(cls, name, cls.__dict__[name]) for cls, names in SITES.items() for name in names if name in cls.__dict__]
 
     def timed(f, label):  # type: ignore[no-untyped-def]
         @functools.wraps(f)
         def call(*a, **k):  # type: ignore[no-untyped-def]
-            start = time.perf_counter()
+            start = clock()
             stack.append(0.0)
             try:
                 return f(*a, **k)
             finally:
-                took, inner = time.perf_counter() - start, stack.pop()
+                took, inner = clock() - start, stack.pop()
                 seconds[label] += took - inner
                 if stack:
                     stack[-1] += took
@@ -113,7 +115,8 @@ def main() -> None:
             per_step["aten_ops"] = sum(e.count for e in events if e.key.startswith("aten::")) / args.profiled
         if args.sites:
             seconds: Counter = Counter()
-            with site_timer(seconds):
+            # on the CPU the thread's CPU time: a site preempted by other work costs what it computed
+            with site_timer(seconds, time.perf_counter if cuda else time.thread_time):
                 for _ in range(args.timed):
                     step()
                 sync()
