@@ -308,9 +308,36 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         ids, _, psw = self._flatten(input, None, per_sample_weights, need_offsets=False)
         if self.validate_ids:
             self.check_ids(ids)
-        unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-        out = _Gather.apply(self.lookup_unique(unique, counts), inverse)  # (B, D)
+        if self._marked and distributed_world() == 1:
+            out = self._rows_by_marker(ids)
+        else:
+            unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+            out = _Gather.apply(self.lookup_unique(unique, counts), inverse)  # (B, D)
         return out if psw is None else out * psw.unsqueeze(1).to(out.dtype)
+
+    def _rows_by_marker(self, ids: Tensor) -> Tensor:
+        """Training rows of ids (n,) -> (n, D), as :meth:`_rows` over their distinct ids, without sorting
+        them all: the markers give each id its cache slot, only the uncached ids (a few percent) are
+        deduplicated and staged, and a count per row of ``cache_weight`` deduplicates the rest. The distinct
+        ids reach :meth:`update_state` as the rows they read, in row order: cached ids by slot, then the
+        uncached ones, sorted (the order of their staging rows, as :meth:`_rows` stages them)."""
+        hit, slot = self._cached(ids)
+        c = self.num_cache_rows
+        miss_at = torch.nonzero(~hit).squeeze(1)
+        missed, miss_rank = torch.unique(ids.index_select(0, miss_at), return_inverse=True)
+        start = c + self._reserve(len(missed))
+        with torch.no_grad():
+            self.cache_weight[start:start + len(missed)] = self.dequantized(missed)
+        row = slot.index_put((miss_at,), miss_rank + start)  # each id's row of cache_weight
+        counts = torch.bincount(row, minlength=self.cache_weight.shape[0])
+        used = torch.nonzero(counts).squeeze(1)  # the distinct rows read, in row order
+        compact = torch.zeros_like(counts).index_put_((used,), torch.arange(len(used), device=ids.device))
+        compact = compact.index_select(0, row)  # each id's rank among the distinct rows
+        unique = torch.empty_like(used).index_put_((compact,), ids)  # the id each distinct row holds
+        used_hit = used < c
+        self._find_memo = (unique, self._index_version, used_hit, torch.where(used_hit, used, 0))
+        self._pending.append((unique, counts.index_select(0, used), missed, start))
+        return _Gather.apply(F.embedding(used, self.cache_weight, sparse=True), compact)
 
     def lookup_unique(self, unique: Tensor, counts: Tensor) -> Tensor:
         if self.training and torch.is_grad_enabled() and distributed_world() > 1:

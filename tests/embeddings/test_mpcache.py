@@ -587,16 +587,26 @@ def test_accumulate_sums_as_index_add(broadcast):
     assert torch.equal(_accumulate(grad, index, 50), expected)
 
 
-def _train_state(policy, steps=15):
+def _train_state(policy, steps=15, precision="int8", dim=8, optimizer=torch.optim.Adagrad, sort_ids=False):
+    """state_dict after training steps with admissions and evictions; ``sort_ids``: each step's ids
+    deduplicated by one sort (the base class's way, kept for tables without markers) instead of by markers."""
     torch.manual_seed(0)
-    table = MPCacheEmbeddingBag([300, 500], 8, precision="int8", cache_rows=30, policy=policy)
-    opt = torch.optim.Adagrad(table.parameters(), lr=0.1)
+    table = MPCacheEmbeddingBag([300, 500], dim, precision=precision, cache_rows=30, policy=policy)
+    assert table._marked
+    if sort_ids:
+        from embcompress.embeddings.mpcache import _Gather
+
+        def by_sort(ids):
+            unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+            return _Gather.apply(table.lookup_unique(unique, counts), inverse)
+        table._rows_by_marker = by_sort
+    opt = optimizer(table.parameters(), lr=0.1)
     ec.attach(table, opt)
     g = torch.Generator().manual_seed(4)
     for _ in range(steps):
         ids = (torch.rand(256, generator=g) ** 3 * 800).long()
         opt.zero_grad()
-        (table(ids[:, None]) * torch.randn(256, 8, generator=g)).sum().backward()
+        (table(ids[:, None]) * torch.randn(256, dim, generator=g)).sum().backward()
         opt.step()
     return table.state_dict()
 
@@ -610,3 +620,15 @@ def test_training_is_bitwise_the_same_with_and_without_compiled_kernels(policy, 
     assert native_state.keys() == torch_state.keys()
     for key, value in native_state.items():
         assert torch.equal(value, torch_state[key]), key
+
+
+@pytest.mark.parametrize("policy,precision,dim,optimizer", [("lfu", "int8", 8, torch.optim.SGD),
+                                                            ("lru", "int8", 8, torch.optim.Adagrad),
+                                                            ("lfu", "int4", 5, torch.optim.Adagrad)])
+def test_dedup_by_markers_trains_bitwise_as_dedup_by_sort(policy, precision, dim, optimizer):
+    """Deduplicating a step's ids through the cached rows' markers (the default for one id per bag)
+    gives the table bit for bit the state of deduplicating them by sorting."""
+    by_markers = _train_state(policy, precision=precision, dim=dim, optimizer=optimizer)
+    by_sort = _train_state(policy, precision=precision, dim=dim, optimizer=optimizer, sort_ids=True)
+    for key, value in by_markers.items():
+        assert torch.equal(value, by_sort[key]), key
