@@ -328,12 +328,12 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         start = c + self._reserve(len(missed))
         with torch.no_grad():
             self.cache_weight[start:start + len(missed)] = self.dequantized(missed)
-        row = slot.index_put((miss_at,), miss_rank + start)  # each id's row of cache_weight
+        row = slot.scatter(0, miss_at, miss_rank + start)  # each id's row of cache_weight
         counts = torch.bincount(row, minlength=self.cache_weight.shape[0])
-        used = torch.nonzero(counts).squeeze(1)  # the distinct rows read, in row order
-        compact = torch.zeros_like(counts).index_put_((used,), torch.arange(len(used), device=ids.device))
-        compact = compact.index_select(0, row)  # each id's rank among the distinct rows
-        unique = torch.empty_like(used).index_put_((compact,), ids)  # the id each distinct row holds
+        rank = torch.cumsum(counts > 0, 0)  # rows read up to each row
+        compact = rank.index_select(0, row).sub_(1)  # each id's rank among the distinct rows read
+        used = row.new_empty(int(rank[-1])).scatter_(0, compact, row)  # the distinct rows, in row order
+        unique = ids.new_empty(len(used)).scatter_(0, compact, ids)  # the id each of them holds
         used_hit = used < c
         self._find_memo = (unique, self._index_version, used_hit, torch.where(used_hit, used, 0))
         self._pending.append((unique, counts.index_select(0, used), missed, start))
