@@ -405,7 +405,8 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
         if not self._pending:
             return
         with torch.no_grad():
-            ids = torch.cat([p[0] for p in self._pending])
+            # one forward: its ids tensor itself, whose cache lookup _cached kept
+            ids = self._pending[0][0] if len(self._pending) == 1 else torch.cat([p[0] for p in self._pending])
             counts = torch.cat([p[1] for p in self._pending])
             missed = torch.cat([p[2] for p in self._pending])
             c = self.num_cache_rows
