@@ -9,8 +9,9 @@ Training: forward only queries the sketch; train-mode forwards record their look
 each lookup's embedding gradient (a hook on the output), with no compaction and no read back, so the
 forward and backward wait on no host sync. ``before_optimizer_step`` (``embcompress.attach``)
 normalises the norms per field and batch to mean 1 (``importance="frequency"``: 1 per lookup), keeps
-the hashed fields' lookups (one ``nonzero``; the sketch insert itself has data-dependent sizes),
-inserts them into the sketch and migrates rows: a promoted feature's hot row starts as the hashed row that served
+the hashed fields' lookups (one ``nonzero``; the sketch insert itself has data-dependent sizes; on the
+CPU both in one compiled pass, ``cafe_native.cpp``, with the same scores), inserts them into the sketch
+and migrates rows: a promoted feature's hot row starts as the hashed row that served
 it, a demoted one goes back to its hashed row. Under data parallelism the (ids, scores) of all ranks are
 gathered first, in rank order, so every rank applies the same update. Eval forwards change nothing.
 
@@ -23,15 +24,18 @@ byte of free-row mask: 4·D + 25 with the defaults (half a bucket per row; 4·D 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hashing import HashInference
 from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
@@ -51,6 +55,20 @@ _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
 _ROUNDING_SLACK = SLOT_BYTES * 4  # a bucket of int64 slots: room for round(buckets_per_row * hot rows)
 _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
 _FEW_IDS = 32  # hashed_row computes up to this many ids in Python on the CPU
+_KERNEL: dict[str, ctypes.CDLL | None] = {}  # cafe_native.cpp, loaded on first use
+
+
+def _kernel() -> ctypes.CDLL | None:
+    """``cafe_native.cpp`` built and loaded (:func:`native.load`), or None (turned off, or no compiler)."""
+    if not native.enabled():
+        return None
+    if "lib" not in _KERNEL:
+        lib = native.load(Path(__file__).with_name("cafe_native.cpp"))
+        if lib is not None:
+            lib.cafe_scored_lookups.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 8
+            lib.cafe_scored_lookups.restype = ctypes.c_int64
+        _KERNEL["lib"] = lib
+    return _KERNEL["lib"]
 #: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
 BUCKETS_PER_ROW = 0.5
 PRESSURE_DECAY = False
@@ -260,8 +278,11 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                 # forwards whose output got no gradient carry no importance
                 self._stat_lookups += int(self.field_hashed.index_select(0, e.field).sum())
                 continue
-            score = None if self.importance == "frequency" else self._normalise(e.norms, e.field)
-            e_ids, e_score, located = self._hashed_lookups(e, score)
+            scored = self._scored_lookups(e) if self.importance == "gradient" else None
+            if scored is None:
+                score = None if self.importance == "frequency" else self._normalise(e.norms, e.field)
+                scored = self._hashed_lookups(e, score)
+            e_ids, e_score, located = scored
             self._stat_lookups += e_ids.numel()
             ids.append(e_ids)
             scores.append(e_score)
@@ -275,6 +296,24 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             if all(loc.generation == used[0].generation for loc in used):
                 located = Located.cat(used)
             self.apply_importance(torch.cat(ids), torch.cat(scores), located)
+
+    def _scored_lookups(self, e: _Pending) -> tuple[Tensor, Tensor, Located] | None:
+        """:meth:`_normalise` and :meth:`_hashed_lookups` in one compiled pass (``cafe_native.cpp``, the same
+        scores bit for bit), where the compiled sketch serves this table on the CPU; else None."""
+        norms, lib = e.norms, _kernel()
+        if lib is None or norms is None or norms.device.type != "cpu" or norms.dtype != torch.float32 \
+                or not self.sketch.native or torch.compiler.is_compiling():
+            return None
+        norms, field, ids = norms.contiguous(), e.field.contiguous(), e.ids.contiguous()
+        code = e.located.code.contiguous()
+        n = ids.numel()
+        out_ids, out_code = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+        out_scores = torch.empty(n, dtype=torch.float32)
+        k = lib.cafe_scored_lookups(n, len(self.field_sizes), norms.data_ptr(), field.data_ptr(),
+                                    self.field_hashed.data_ptr(), ids.data_ptr(), code.data_ptr(),
+                                    out_ids.data_ptr(), out_scores.data_ptr(), out_code.data_ptr())
+        return out_ids[:k], out_scores[:k], Located(None, None, None, e.located.generation, out_code[:k],
+                                                    e.located.slots)
 
     def _hashed_lookups(self, e: _Pending, score: Tensor | None) -> tuple[Tensor, Tensor, Located]:
         """(ids, scores, sketch slots) of the lookups of hashed fields among ``e``'s, in lookup order;

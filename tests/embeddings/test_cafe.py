@@ -341,6 +341,29 @@ def test_hashed_row_of_a_few_ids_in_python_equals_the_tensor_path():
     assert torch.equal(t.hashed_row(ids[:8]), t.hashed_row(ids[:8], field_of(ids[:8], t.starts)))
 
 
+def test_compiled_scoring_equals_the_pytorch_path():
+    """``cafe_native.cpp`` normalises the norms per field and picks the hashed fields' lookups with the
+    PyTorch path's ids, scores and sketch codes, bit for bit (a field without gradient and a NaN included)."""
+    from embcompress.embeddings import cafe as cafe_module
+
+    if cafe_module._kernel() is None:
+        pytest.skip("no C++ compiler, or EMBCOMPRESS_NATIVE=0")
+    t = table(ratio=10)
+    assert t.field_hashed.any() and not t.field_hashed.all()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, t.num_embeddings, (500,), generator=gen)
+    field = field_of(ids, t.starts)
+    norms = torch.rand(500, generator=gen) * 3
+    norms[field == 3] = 0.0  # a hashed field without gradient
+    norms[torch.nonzero(field == 2)[0]] = float("nan")
+    e = cafe_module._Pending(ids=ids, field=field, located=t.sketch.locate(ids), rows=ids, norms=norms)
+    got = t._scored_lookups(e)
+    want = t._hashed_lookups(e, t._normalise(norms, field))
+    assert got is not None and got[0].numel() == int(t.field_hashed[field].sum())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2].code, want[2].code)
+    assert (got[1][field[t.field_hashed[field]] >= 2] == 1).all()  # field 2 (NaN) and field 3 (no gradient)
+
+
 def test_training_forward_traces_as_one_graph_on_the_vectorised_path():
     """A training forward on the PyTorch sketch path (what CUDA runs): route, pooling and recording trace
     as one graph, i.e. no op whose output size depends on the data (``nonzero``) and no read back, so the
