@@ -603,10 +603,18 @@ def _train_state(policy, steps=15, precision="int8", dim=8, optimizer=torch.opti
     opt = optimizer(table.parameters(), lr=0.1)
     ec.attach(table, opt)
     g = torch.Generator().manual_seed(4)
-    for _ in range(steps):
+    for step in range(steps):
         ids = (torch.rand(256, generator=g) ** 3 * 800).long()
+        w = torch.randn(256, dim, generator=g)
         opt.zero_grad()
-        (table(ids[:, None]) * torch.randn(256, dim, generator=g)).sum().backward()
+        if step % 3 == 2:  # two forwards in one step, one with per-sample weights; disjoint ids, since
+            # a row with gradients from both is updated from an uncoalesced sparse gradient, whose rounding
+            # PyTorch's add_ ties to the order of its entries (by id when sorted, by row with the markers)
+            psw = torch.rand(128, 1, generator=g)
+            ((table(ids[:128, None] % 400, per_sample_weights=psw) * w[:128]).sum()
+             + (table(ids[128:, None] % 400 + 400) * w[128:]).sum()).backward()
+        else:
+            (table(ids[:, None]) * w).sum().backward()
         opt.step()
     return table.state_dict()
 
