@@ -42,6 +42,7 @@ def interleaved_lookup(tables: dict[str, ec.CompressedEmbeddingBag], batches: li
 
     Every table trains on the same batches; each step is timed in thread CPU time (on CUDA: wall time), so
     the ratios compare the tables under the same load. The first ``warm`` steps are not timed.
+    ``us_per_step`` splits a step into forward, backward and the optimizer step with the table's hooks.
     """
     opts = {}
     for label, table in tables.items():
@@ -50,21 +51,33 @@ def interleaved_lookup(tables: dict[str, ec.CompressedEmbeddingBag], batches: li
         ec.attach(table, opts[label])
     clock = time.perf_counter if device == "cuda" else time.thread_time
     spent = dict.fromkeys(tables, 0.0)
-    rows = 0
+    phases = {label: [0.0, 0.0, 0.0] for label in tables}
+    rows, timed = 0, 0
     for i, ids in enumerate(batches):
         for label, table in tables.items():
             start = clock()
             opts[label].zero_grad(set_to_none=True)
-            table(ids).pow(2).sum().backward()
+            loss = table(ids).pow(2).sum()
+            sync(device)
+            forward = clock()
+            loss.backward()
+            sync(device)
+            backward = clock()
             opts[label].step()
             sync(device)
+            end = clock()
             if i >= warm:
-                spent[label] += clock() - start
+                spent[label] += end - start
+                for k, t in enumerate((forward - start, backward - forward, end - backward)):
+                    phases[label][k] += t
         rows += ids.numel() if i >= warm else 0
+        timed += i >= warm
     out: dict[str, Any] = {}
     for label, table in tables.items():
         out[label] = {"rows_per_s": rows / spent[label], "cpu_seconds": spent[label], "bytes": table.memory_bytes(),
-                      "compression": table.compression_ratio()}
+                      "compression": table.compression_ratio(),
+                      "us_per_step": dict(zip(("forward", "backward", "step"),
+                                              (round(t / max(timed, 1) * 1e6, 1) for t in phases[label])))}
         if getattr(table, "cache_keys", None) is not None and table.cache_keys.numel():
             hit, _ = table._cache_find(torch.cat(batches[warm:]).reshape(-1))
             out[label].update(cache_rows=table.cache_keys.numel(), cache_hit_rate=hit.float().mean().item())
