@@ -57,6 +57,10 @@ _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give 
 _FEW_IDS = 32  # hashed_row computes up to this many ids in Python on the CPU
 _KERNEL: dict[str, ctypes.CDLL | None] = {}  # cafe_native.cpp, loaded on first use
 
+#: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
+BUCKETS_PER_ROW = 0.5
+PRESSURE_DECAY = False
+
 
 def _kernel() -> ctypes.CDLL | None:
     """``cafe_native.cpp`` built and loaded (:func:`native.load`), or None (turned off, or no compiler)."""
@@ -69,9 +73,6 @@ def _kernel() -> ctypes.CDLL | None:
             lib.cafe_scored_lookups.restype = ctypes.c_int64
         _KERNEL["lib"] = lib
     return _KERNEL["lib"]
-#: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
-BUCKETS_PER_ROW = 0.5
-PRESSURE_DECAY = False
 
 
 def sketch_key_dtype(field_sizes: Sequence[int], key_dtype: str = "auto") -> torch.dtype:
