@@ -427,10 +427,10 @@ class MPCacheEmbeddingBag(CompressedEmbeddingBag):
     @torch.no_grad()
     def update_state(self, ids: Tensor, counts: Tensor, missed: Tensor, values: Tensor,
                      states: dict[str, tuple[float, Tensor]] | None = None) -> None:
-        """Apply one step: ``ids`` sorted unique ids used with ``counts``; ``missed`` (sorted unique) are
-        the uncached ids whose updated float rows are ``values`` and whose optimizer state ``key`` is
-        ``states[key] = (initial value, (m, D) tensor)``. Identical inputs give identical state (a
-        distributed run all-gathers them first)."""
+        """Apply one step: ``ids`` distinct ids used with ``counts``, the uncached among them in increasing
+        order (the cached ones in any); ``missed`` (sorted unique) are the uncached ids whose updated float
+        rows are ``values`` and whose optimizer state ``key`` is ``states[key] = (initial value, (m, D)
+        tensor)``. Identical inputs give identical state (a distributed run all-gathers them first)."""
         states = states or {}
         stores = {k: self._store(k, init) for k, (init, _) in states.items()}
         cache_state, inits = self._slot_state(self.cache_weight)
