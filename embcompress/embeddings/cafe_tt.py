@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .cafe import BUCKETS_PER_ROW, PRESSURE_DECAY, reference_defaults, sketch_buckets, sketch_key_dtype
+from .cafe import BUCKETS_PER_ROW, PRESSURE_DECAY, CafeEmbeddingBag, reference_defaults, sketch_buckets, sketch_key_dtype
 from .base import FLOAT_BYTES, BudgetError
 from .hotsketch import HotSketch, slot_bytes
 from .options import Option
@@ -44,8 +44,9 @@ _SKETCH_OPTIONS = ("threshold", "decay", "decay_mass", "pressure_decay", "preemp
 _TT_TABLE_OPTIONS = ("core_scale", "init_scale", "seed", "mode", "sparse")
 
 
-def _tt_option(name: str) -> Option:
-    return next(o for o in TTEmbeddingBag.OPTIONS if o.name == name)
+def _option(cls: type, name: str) -> Option:
+    """The declaration of option ``name`` of ``cls`` (the options this table shares with cafe or tt)."""
+    return next(o for o in cls.OPTIONS if o.name == name)
 
 
 @register("cafe-tt")
@@ -57,18 +58,10 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
                "takes the rest (and hands back what it cannot use)", low=0, high=1, low_open=True, high_open=True),
         Option("threshold", "float", None, "lookup count a feature needs for a hot row (T)", low=0, low_open=True,
                auto="the CAFE artifact's value for the nearest compression ratio"),
-        Option("decay", "float", 0.98, "factor every sketch score is multiplied by at each decay", low=0, high=1,
-               low_open=True),
-        Option("decay_mass", "float", 10.0, "decay once the score mass inserted since the last decay exceeds "
-               "decay_mass x buckets x T", low=0, low_open=True),
-        Option("pressure_decay", "bool", PRESSURE_DECAY, "also decay when more features reach T than hot rows are free"),
-        Option("preempt", "bool", True, "a feature waiting for a hot row takes the row of a hot feature it outscores"),
-        Option("slots", "int", 4, "sketch slots per bucket", low=1),
-        Option("buckets_per_row", "float", BUCKETS_PER_ROW, "sketch buckets per hot row", low=0, low_open=True),
-        Option("key_dtype", "str", "auto", "id type of the sketch; auto: int32 when every id fits, else int64",
-               choices=("auto", "int32", "int64")),
-        *(_tt_option(name) for name in ("layout", "num_cores", "q_shape", "ranks", "max_rank", "core_scale",
-                                        "init_scale", "seed", "mode", "sparse")),
+        *(_option(CafeEmbeddingBag, name) for name in ("decay", "decay_mass", "pressure_decay", "preempt", "slots",
+                                                       "buckets_per_row", "key_dtype")),
+        *(_option(TTEmbeddingBag, name) for name in ("layout", "num_cores", "q_shape", "ranks", "max_rank",
+                                                     "core_scale", "init_scale", "seed", "mode", "sparse")),
     )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, *, groups: Sequence[Sequence[int]],
