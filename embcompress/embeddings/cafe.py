@@ -55,7 +55,6 @@ _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
 _ROUNDING_SLACK = SLOT_BYTES * 4  # a bucket of int64 slots: room for round(buckets_per_row * hot rows)
 _MAX_PENDING = 64  # forwards recorded without an optimizer step before we give up on them
 _FEW_IDS = 32  # hashed_row computes up to this many ids in Python on the CPU
-_KERNEL: dict[str, ctypes.CDLL | None] = {}  # cafe_native.cpp, loaded on first use
 
 #: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
 BUCKETS_PER_ROW = 0.5
@@ -63,16 +62,13 @@ PRESSURE_DECAY = False
 
 
 def _kernel() -> ctypes.CDLL | None:
-    """``cafe_native.cpp`` built and loaded (:func:`native.load`), or None (turned off, or no compiler)."""
-    if not native.enabled():
-        return None
-    if "lib" not in _KERNEL:
-        lib = native.load(Path(__file__).with_name("cafe_native.cpp"))
-        if lib is not None:
-            lib.cafe_scored_lookups.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 8
-            lib.cafe_scored_lookups.restype = ctypes.c_int64
-        _KERNEL["lib"] = lib
-    return _KERNEL["lib"]
+    """``cafe_native.cpp`` built and loaded (:func:`native.loaded`), or None (turned off, or no compiler)."""
+    return native.loaded(Path(__file__).with_name("cafe_native.cpp"), _declare_kernel)
+
+
+def _declare_kernel(lib: ctypes.CDLL) -> None:
+    lib.cafe_scored_lookups.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 8
+    lib.cafe_scored_lookups.restype = ctypes.c_int64
 
 
 def sketch_key_dtype(field_sizes: Sequence[int], key_dtype: str = "auto") -> torch.dtype:

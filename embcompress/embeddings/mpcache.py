@@ -674,7 +674,7 @@ def _isin_sorted(ids: Tensor, sorted_query: Tensor, positions: bool = False) -> 
     return (found, at) if positions else found
 
 
-_kernel: dict[str, Any] = {}
+_kernel: dict[str, Any] = {}  # the lookup op's torch.library registration, kept alive
 _NO_OFFSETS = torch.zeros(1, dtype=torch.int64)
 
 
@@ -692,17 +692,14 @@ def lookup_op() -> Callable[..., Tensor] | None:
 
 def _library() -> ctypes.CDLL | None:
     """``mpcache_native.cpp`` built and loaded (its lookup op registered), or None (turned off, no compiler)."""
-    if not native.enabled():
-        return None
-    if "lib" not in _kernel:
-        lib = native.load(Path(__file__).with_name("mpcache_native.cpp"))
-        if lib is not None:
-            _register_lookup(lib)
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.mpcache_accumulate.argtypes = [p, i64, i64, p, p, i64]
-            lib.mpcache_accumulate.restype = None
-        _kernel["lib"] = lib
-    return _kernel["lib"]
+    return native.loaded(Path(__file__).with_name("mpcache_native.cpp"), _declare_kernels)
+
+
+def _declare_kernels(lib: ctypes.CDLL) -> None:
+    _register_lookup(lib)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.mpcache_accumulate.argtypes = [p, i64, i64, p, p, i64]
+    lib.mpcache_accumulate.restype = None
 
 
 def _accumulate(grad: Tensor, index: Tensor, rows: int) -> Tensor:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("hotsketch_native.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
-_state: dict[str, object] = {}
+_libraries: dict[str, ctypes.CDLL | None] = {}  # by source file: loaded once per process (None: unavailable)
 _buffers = threading.local()  # per thread: calls from two threads never share a buffer
 
 
@@ -67,15 +67,21 @@ def build(directory: Path | None = None, source: Path = SOURCE) -> Path:
 
 def library() -> ctypes.CDLL | None:
     """The loaded library with its ops registered, or None (disabled, or no working compiler)."""
+    return loaded(SOURCE, lambda lib: (_declare(lib), _register(lib)))
+
+
+def loaded(source: Path, declare: Callable[[ctypes.CDLL], Any]) -> ctypes.CDLL | None:
+    """``source`` built and loaded once per process, ``declare`` (argument types, op registration) run on
+    it first; None when turned off or without a working compiler (then the caller's PyTorch path runs)."""
     if not enabled():
         return None
-    if "lib" not in _state:
-        lib = load()
+    key = str(source)
+    if key not in _libraries:
+        lib = load(source)
         if lib is not None:
-            _declare(lib)
-            _register(lib)
-        _state["lib"] = lib
-    return _state["lib"]  # type: ignore[return-value]
+            declare(lib)
+        _libraries[key] = lib
+    return _libraries[key]
 
 
 def load(source: Path = SOURCE) -> ctypes.CDLL | None:

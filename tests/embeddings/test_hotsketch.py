@@ -429,7 +429,7 @@ def test_native_falls_back_without_a_compiler(monkeypatch, tmp_path):
 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("EMBCOMPRESS_NATIVE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_libraries", {})
     assert native.library() is None
     sk = HotSketch(16, 8, 2.0)
     assert not sk._native()

@@ -560,11 +560,11 @@ def test_lookup_op_agrees_with_its_shape_function():
 
 
 def test_lookup_falls_back_without_a_compiler(monkeypatch, tmp_path):
-    from embcompress.embeddings import mpcache
+    from embcompress.embeddings import mpcache, native
 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("EMBCOMPRESS_NATIVE_DIR", str(tmp_path))
-    monkeypatch.setattr(mpcache, "_kernel", {})
+    monkeypatch.setattr(native, "_libraries", {})
     assert mpcache.lookup_op() is None
     table = _trained("int8", 16, cache_rows=40)
     table.eval()
