@@ -29,11 +29,11 @@ from torch import Tensor
 
 from .cafe import BUCKETS_PER_ROW, PRESSURE_DECAY, CafeEmbeddingBag, reference_defaults, sketch_buckets, sketch_key_dtype
 from .base import FLOAT_BYTES, BudgetError
-from .hotsketch import HotSketch, slot_bytes
+from .hotsketch import HotSketch, Located
 from .options import Option
 from .registry import register
-from .sync import gather_across_ranks
-from .tt import TTEmbeddingBag
+from .sync import distributed_world, gather_across_ranks
+from .tt import _MAX_PENDING, TTEmbeddingBag
 from .tt_cores import TTPlan, plan_bytes, plan_for_budget
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
                                 decay_mass=a["decay_mass"], pressure_decay=a["pressure_decay"],
                                 preempt=a["preempt"], key_dtype=a["key_dtype"])
         self._stat_promoted, self._stat_demoted, self._stat_lookups, self._stat_hot = 0, 0, 0, 0
+        self._found: tuple[Tensor, Located, Tensor] | None = None  # the last training _cache_find
 
     @property
     def num_hot_rows(self) -> int:
@@ -89,8 +90,13 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
 
     # ------------------------------------------------------------------ the cache index: the sketch
     def _cache_find(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(hot mask, hot row) per id; raw-field ids are never inserted, so they are never hot."""
-        hot, _ = self.sketch.query(ids)
+        """(hot mask, hot row) per id; raw-field ids are never inserted, so they are never hot. In training,
+        where the sketch found the ids is kept for :meth:`_record`, so the step's insert and the hot-share
+        count need no second pass over the sketch."""
+        located = self.sketch.locate(ids)
+        hot, _ = self.sketch.query(ids, located)
+        if self.training:
+            self._found = (ids, located, hot)
         return hot >= 0, hot.clamp(min=0)
 
     def cached_rows(self) -> tuple[Tensor, Tensor]:
@@ -98,27 +104,45 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
         order = torch.argsort(keys)
         return keys[order], self.cache_weight.detach()[rows[order]]
 
+    def _record(self, ids: Tensor, counts: Tensor, tt_pos: Tensor) -> None:
+        found_ids, located, hot = self._found
+        self._found = None
+        counts = counts.index_select(0, tt_pos)
+        self._stat_lookups = self._stat_lookups + counts.sum()  # tensors: the forward reads nothing back
+        self._stat_hot = self._stat_hot + counts.mul(hot.index_select(0, tt_pos) >= 0).sum()
+        located = located.index_select(tt_pos) if found_ids is ids else None
+        self._pending.append((ids.index_select(0, tt_pos), counts, located))
+        if len(self._pending) > _MAX_PENDING:  # forwards without optimizer steps: keep the list short
+            merged = torch.cat([p[0] for p in self._pending]), torch.cat([p[1] for p in self._pending])
+            self._pending = [(*merged, None)]
+
     def after_optimizer_step(self) -> None:
         """Insert the step's recorded (TT id, count) into the sketch and move rows (module doc)."""
-        if self._pending:
-            ids = torch.cat([p[0] for p in self._pending])
-            counts = torch.cat([p[1] for p in self._pending]).float()
+        pending, self._pending = self._pending, []
+        if pending:
+            ids = torch.cat([p[0] for p in pending])
+            counts = torch.cat([p[1] for p in pending]).float()
+            found = [p[2] for p in pending]
+            located = None
+            if all(loc is not None and loc.generation == found[0].generation for loc in found):
+                located = found[0] if len(found) == 1 else Located.cat(found)
         else:  # still take part in the gather: every rank must call it
             ids = torch.zeros(0, dtype=torch.int64, device=self.cache_weight.device)
             counts = torch.zeros(0, device=self.cache_weight.device)
-        self._pending = []
+            located = None
+        n = ids.numel()
         ids, counts = gather_across_ranks(ids, counts)
+        if distributed_world() > 1 or ids.numel() != n:
+            located = None  # other ranks' ids were never located here
         if ids.numel():
-            self.apply_counts(ids, counts)
+            self.apply_counts(ids, counts, located)
 
     @torch.no_grad()
-    def apply_counts(self, ids: Tensor, counts: Tensor) -> None:
+    def apply_counts(self, ids: Tensor, counts: Tensor, located: Located | None = None) -> None:
         """The one state update: add ``counts`` to the TT ids ``ids`` (repeats allowed) in the sketch; every
-        newly hot id's row starts as its TT value."""
-        self._stat_lookups += int(counts.sum())
-        hot, _ = self.sketch.query(ids)
-        self._stat_hot += int(counts[hot >= 0].sum())
-        update = self.sketch.insert(ids, counts)
+        newly hot id's row starts as its TT value. ``located``: where a forward found ``ids`` (used only
+        while the sketch is unchanged since)."""
+        update = self.sketch.insert(ids, counts, located=located)
         self._stat_promoted += update.promoted_ids.numel()
         self._stat_demoted += update.demoted_ids.numel()
         if update.promoted_ids.numel():
@@ -131,18 +155,13 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
         since the previous call."""
         stats: dict[str, float] = {"hot_rows_used": self.sketch.num_hot() / self.num_hot_rows,
                                    "promoted": self._stat_promoted, "demoted": self._stat_demoted}
-        if self._stat_lookups:
-            stats["hot_share"] = self._stat_hot / self._stat_lookups
+        lookups = int(self._stat_lookups)  # one read back per call
+        if lookups:
+            stats["hot_share"] = int(self._stat_hot) / lookups
         self._stat_promoted, self._stat_demoted, self._stat_lookups, self._stat_hot = 0, 0, 0, 0
         return stats
 
     # ------------------------------------------------------------------ budget
-    @staticmethod
-    def _hot_row_bytes(field_sizes: Sequence[int], dim: int, options: dict[str, Any]) -> float:
-        """A hot row's weights plus its share of the sketch and its free-row mask byte."""
-        key = sketch_key_dtype(field_sizes, options.get("key_dtype", "auto"))
-        return dim * FLOAT_BYTES + options.get("buckets_per_row", BUCKETS_PER_ROW) * options.get("slots", 4) * slot_bytes(key) + 1
-
     @staticmethod
     def table_bytes(plan: TTPlan, hot_rows: int, options: dict[str, Any]) -> int:
         """Exact ``memory_bytes()`` of the table built from ``plan`` with ``hot_rows`` hot rows."""
@@ -161,7 +180,7 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
         smallest = plan_for_budget(field_sizes, dim, None, cache_fraction=0, **tt_opts)
         if budget is None:
             return smallest, 1
-        row = cls._hot_row_bytes(field_sizes, dim, options)
+        row = CafeEmbeddingBag._hot_row_bytes(field_sizes, dim, options)  # the same sketch share as cafe
         free = budget - cls.table_bytes(smallest, 1, options)
         if free < 0:
             raise BudgetError(f"cafe-tt cannot fit {budget} bytes (smallest is {cls.table_bytes(smallest, 1, options)})")

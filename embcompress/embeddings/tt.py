@@ -187,7 +187,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         if counts is not None:
             tt_ids = torch.nonzero(is_tt).squeeze(1)
             if tt_ids.numel():
-                self._record(ids.index_select(0, tt_ids), counts.index_select(0, tt_ids))
+                self._record(ids, counts, tt_ids)
         kinds = (("raw", torch.nonzero(~is_tt).squeeze(1)), ("cache", torch.nonzero(hit).squeeze(1)),
                  ("tt", torch.nonzero(is_tt & ~hit).squeeze(1)))
         parts, positions = [], []
@@ -242,8 +242,9 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         return self.cache_keys[pos] == ids, self.cache_slots[pos]
 
     # ------------------------------------------------------------------ cache state
-    def _record(self, ids: Tensor, counts: Tensor) -> None:
-        self._pending.append((ids.detach(), counts.detach()))
+    def _record(self, ids: Tensor, counts: Tensor, tt_pos: Tensor) -> None:
+        """Keep the accesses of the TT ids among ``ids`` (at positions ``tt_pos``) for the next step."""
+        self._pending.append((ids.index_select(0, tt_pos), counts.index_select(0, tt_pos)))
         if len(self._pending) > _MAX_PENDING:  # forwards without optimizer steps: keep the list short
             self._pending = [self._merge_pending(dedup=True)]
 
