@@ -24,6 +24,7 @@ Budget (:func:`~.tt_cores.plan_for_budget`): ranks as large as fit after the cac
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from typing import Any, Sequence
@@ -37,8 +38,8 @@ from .ops import field_of, field_starts, topk_ties_first
 from .options import Option, mode_option, sparse_option
 from .registry import register
 from .sync import gather_across_ranks
-from .tt_cores import (EMPTY, TTPlan, core_std, plan_bytes, plan_for_budget, split_index, trunc_normal_slice_,
-                       tt_params, tt_rows)
+from .tt_cores import (EMPTY, TTPlan, core_std, native_library, plan_bytes, plan_for_budget, split_index,
+                       trunc_normal_slice_, tt_params, tt_rows)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,72 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.register_buffer("stats", torch.zeros(3, dtype=torch.int64))  # refreshes, admissions, evictions
 
     # ------------------------------------------------------------------ lookup
+    def forward(self, input: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        """As :meth:`CompressedEmbeddingBag.forward`. One id per bag on the CPU (how the models look up
+        fields) takes the compiled routing (:meth:`_native_rows`); everything else the PyTorch path."""
+        lib = self._native_library(input)
+        if lib is None:
+            return super().forward(input, offsets, per_sample_weights)
+        ids, _, psw = self._flatten(input, offsets, per_sample_weights, need_offsets=False)
+        out = self._native_rows(lib, ids)
+        return out if psw is None else out * psw.unsqueeze(1).to(out.dtype)
+
+    def _native_library(self, input: Tensor) -> ctypes.CDLL | None:
+        """``tt_native.cpp`` loaded, where it serves this call: (n, 1) ids on the CPU, sparse gradients, every
+        parameter float32 or float64 alike and contiguous, not while tracing; else None."""
+        if (input.dim() != 2 or input.shape[1] != 1 or not input.numel() or input.device.type != "cpu"
+                or not self.sparse or torch.compiler.is_compiling()):
+            return None
+        dtype = self.raw_weight.dtype
+        params = (self.raw_weight, self.cache_weight, *self.cores)
+        if dtype not in (torch.float32, torch.float64) or any(
+                p.dtype != dtype or not p.is_contiguous() for p in params):
+            return None
+        return native_library()
+
+    def _native_rows(self, lib: ctypes.CDLL, ids: Tensor) -> Tensor:
+        """Rows (n, D) of a batch's ids (n,): as :meth:`_rows` on the distinct ids gathered back to the
+        positions, bit for bit (values, gradients, recorded counts), with the deduplication, the routing and
+        the gathers in compiled passes (``tt_native.cpp``); the chain product is :func:`~.tt_cores.tt_rows`.
+        A subclass that overrides :meth:`_cache_find` has it called on the distinct ids (sorted), as
+        :meth:`_rows` would; :meth:`_record` is called as there."""
+        n, t_cores = ids.shape[0], len(self.q_shape)
+        ids = ids.contiguous()
+        buf = torch.empty((6 + t_cores) * n, dtype=torch.int64)
+        unique, inverse, counts, cat_of_pos, cat_src, tt_pos = buf[: 6 * n].view(6, n)
+        core_rows = buf[6 * n:]
+        u = lib.tt_dedup(n, ids.data_ptr(), self.num_embeddings, unique.data_ptr(), inverse.data_ptr(),
+                         counts.data_ptr())
+        if u < 0:
+            self._bad_id(ids, int(ids[-1 - u]))
+        unique, counts = unique[:u], counts[:u]
+        if type(self)._cache_find is TTEmbeddingBag._cache_find:  # searched in the kernel
+            cache = (self.cache_keys.numel(), self.cache_keys.data_ptr(), self.cache_slots.data_ptr(), None, None)
+        else:  # the subclass's own index (cafe-tt: its HotSketch)
+            found, slot = self._cache_find(unique)
+            found, slot = found.contiguous(), slot.to(torch.int64).contiguous()
+            cache = (0, None, None, found.data_ptr(), slot.data_ptr())
+        sizes = (ctypes.c_int64 * 4)()
+        lib.tt_route(u, unique.data_ptr(), n, inverse.data_ptr(), len(self.field_sizes), self.starts.data_ptr(),
+                     self.field_group.data_ptr(), self.field_base.data_ptr(), t_cores, self.radix.data_ptr(),
+                     self.core_base.data_ptr(), *cache, cat_of_pos.data_ptr(), cat_src.data_ptr(),
+                     core_rows.data_ptr(), tt_pos.data_ptr(), sizes)
+        n_raw, n_cache, n_tt, n_group = sizes
+        if self.training and self.cache_weight.shape[0] > 0 and n_group:
+            self._record(unique, counts, tt_pos[:n_group])
+        if n_tt:
+            tt = tt_rows(self.core_tensors(), core_rows[: n_tt * t_cores].view(n_tt, t_cores))
+        else:
+            tt = self.raw_weight.new_zeros(0, self.embedding_dim)
+        return _Routed.apply(self.raw_weight, self.cache_weight, tt, (lib, cat_of_pos, cat_src, n_raw, n_cache))
+
+    def _bad_id(self, ids: Tensor, bad: int) -> None:
+        """Raise for an id outside the table: check_ids's ValueError, or IndexError without validation."""
+        if self.validate_ids:
+            self.check_ids(ids)
+        raise IndexError(f"{self._label()}: id {bad} is outside [0, {self.num_embeddings})")
+
     def lookup(self, ids: Tensor) -> Tensor:
         return self._rows(ids)
 
@@ -379,6 +446,44 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
     def inference_form(self) -> "TTInference":
         """This table frozen for serving: global ids (B, F) -> rows (B, F, D) (see :mod:`embcompress.export`)."""
         return TTInference(self)
+
+
+class _Routed(torch.autograd.Function):
+    """A batch's rows from the routed concatenation [raw rows, cache rows, TT rows] (``tt_native.cpp``).
+
+    Forward copies each position's row; backward adds each position's gradient to its row of the
+    concatenation in position order (the sums of :meth:`TTEmbeddingBag._rows`' two gathers, rounded alike)
+    and hands the raw and cache parts on as the sparse gradients ``F.embedding(sparse=True)`` gives.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, raw: Tensor, cache: Tensor, tt: Tensor, route: tuple) -> Tensor:  # type: ignore[override]
+        lib, cat_of_pos, cat_src, n_raw, n_cache = route
+        n, dim = cat_of_pos.shape[0], raw.shape[1]
+        out = raw.new_empty(n, dim)
+        lib.tt_assemble(n, dim, raw.element_size(), cat_of_pos.data_ptr(), n_raw, n_cache, cat_src.data_ptr(),
+                        raw.data_ptr(), cache.data_ptr(), tt.data_ptr(), out.data_ptr())
+        ctx.route, ctx.shapes = route, (raw.shape, cache.shape, tt.shape[0])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        lib, cat_of_pos, cat_src, n_raw, n_cache = ctx.route
+        raw_shape, cache_shape, n_tt = ctx.shapes
+        if grad.stride(1) != 1:
+            grad = grad.contiguous()
+        summed = grad.new_zeros(n_raw + n_cache + n_tt, grad.shape[1])
+        scatter = lib.tt_scatter_f32 if grad.dtype == torch.float32 else lib.tt_scatter_f64
+        scatter(grad.shape[0], grad.shape[1], cat_of_pos.data_ptr(), 1, grad.data_ptr(), grad.stride(0),
+                summed.data_ptr())
+
+        def sparse(lo: int, hi: int, shape: torch.Size) -> Tensor:
+            return torch.sparse_coo_tensor(cat_src[lo:hi].view(1, -1), summed[lo:hi], shape, check_invariants=False)
+
+        needs = ctx.needs_input_grad
+        return (sparse(0, n_raw, raw_shape) if n_raw and needs[0] else None,
+                sparse(n_raw, n_raw + n_cache, cache_shape) if n_cache and needs[1] else None,
+                summed[n_raw + n_cache:] if n_tt and needs[2] else None, None)
 
 
 class TTInference(nn.Module):

@@ -12,12 +12,16 @@ core t is rows ``core_base[g, t] .. core_base[g, t] + p_t^g``.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from . import native
 
 FLOAT_BYTES = 4
 INDEX_BYTES = 8
@@ -99,13 +103,44 @@ def join_index(digits: Tensor, radix: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- rows
+def native_library() -> ctypes.CDLL | None:
+    """``tt_native.cpp`` built and loaded (:func:`native.loaded`), or None (turned off, or no compiler)."""
+    return native.loaded(Path(__file__).with_name("tt_native.cpp"), _declare_kernels)
+
+
+def _declare_kernels(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.tt_dedup.argtypes = [i64, p, i64, p, p, p]
+    lib.tt_dedup.restype = i64
+    lib.tt_route.argtypes = [i64, p, i64, p, i64, p, p, p, i64, p, p, i64, p, p, p, p, p, p, p, p, p]
+    lib.tt_route.restype = None
+    lib.tt_assemble.argtypes = [i64, i64, i64, p, i64, i64, p, p, p, p, p]
+    lib.tt_assemble.restype = None
+    for name in ("tt_scatter_f32", "tt_scatter_f64"):
+        getattr(lib, name).argtypes = [i64, i64, p, i64, p, i64, p]
+        getattr(lib, name).restype = None
+
+
+def index_add_rows(rows: int, index: Tensor, src: Tensor) -> Tensor:
+    """``zeros(rows, k).index_add_(0, index, src)`` for src (n, k): in one compiled pass on the CPU
+    (``tt_native.cpp``, adding in index order as index_add_ does, so the sums round alike), else index_add_."""
+    out = src.new_zeros(rows, src.shape[1])
+    lib = native_library() if src.device.type == "cpu" and src.dtype in (torch.float32, torch.float64) else None
+    if lib is None or index.dtype != torch.int64 or src.stride(1) != 1 or torch.compiler.is_compiling():
+        return out.index_add_(0, index, src)
+    scatter = lib.tt_scatter_f32 if src.dtype == torch.float32 else lib.tt_scatter_f64
+    scatter(index.numel(), src.shape[1], index.data_ptr(), index.stride(0), src.data_ptr(), src.stride(0),
+            out.data_ptr())
+    return out
+
+
 class _TTRows(torch.autograd.Function):
     """Chain product of gathered core slices as batched matrix products, one per core (see :func:`tt_rows`).
 
     Each id's slice of core t is gathered as a contiguous (r_{t-1}, q_t r_t) matrix and the running
     (Q, r_{t-1}) product is multiplied by it with one ``bmm`` over all ids. Forward keeps every partial
     product, so backward needs no recomputation: per core two ``bmm`` (slice gradient, running gradient)
-    and one ``index_add_`` into the (small, dense) core gradient.
+    and one index add into the (small, dense) core gradient (:func:`index_add_rows`).
     """
 
     @staticmethod
@@ -140,8 +175,7 @@ class _TTRows(torch.autograd.Function):
                 dslice = torch.bmm(a.transpose(1, 2), g).reshape(n, -1)  # (n, r_in q r_out)
                 grad = torch.bmm(g, slices[t - 1].view(n, r_in, q * r_out).transpose(1, 2))  # (n, Q, r_in)
             if ctx.needs_input_grad[t + 1]:
-                g_core = torch.zeros(p, r_in * q * r_out, dtype=grad_out.dtype, device=grad_out.device)
-                grads[t] = g_core.index_add_(0, core_rows[:, t], dslice).view(shapes[t])
+                grads[t] = index_add_rows(p, core_rows[:, t], dslice).view(shapes[t])
         return (None, *grads)
 
 
