@@ -5,8 +5,10 @@ insert adds scores (Space-Saving replacement for ids not in the sketch), and ent
 the threshold T take free hot rows; scores decay by ``decay`` when the inserted mass or the demand for
 rows (more entries at T than free rows) calls for it, and a waiting entry may preempt a weaker hot one.
 :meth:`HotSketch.insert` applies a whole batch with one documented batch rule, vectorised in PyTorch
-(any device) or compiled (:mod:`.native`, CPU; the same state, tested). The rules, why each was chosen,
-and the measurements behind them: docs/native.md, "HotSketch".
+(any device) or compiled (:mod:`.native`, CPU; the same state, tested); :meth:`HotSketch.insert_masked`
+applies the same rule with no host sync (fixed-size buffers and masks, for CUDA graphs and
+``torch.compile``). The rules, why each was chosen, and the measurements behind them: docs/native.md,
+"HotSketch" and "A step without host syncs".
 """
 
 from __future__ import annotations
@@ -112,6 +114,23 @@ def pick_ranked(order_key: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     return row.long(), key
 
 
+def masked_put(flat: Tensor, target: Tensor, value: Tensor, mask: Tensor) -> None:
+    """``flat[target[i]] = value[i]`` where ``mask[i]``, with no read back and no data-dependent size.
+
+    The targets of the entries in ``mask`` must be distinct. Every other entry repeats the write of the
+    first entry in ``mask`` (or, with none, rewrites the value already at the first entry's target), so
+    where indices repeat they write equal values and the result does not depend on the write order.
+    """
+    target = target.clamp(0, flat.shape[0] - 1)
+    first = mask.to(torch.uint8).argmax().view(1)  # 0 where no entry is in mask
+    at = target.index_select(0, first)
+    stay = flat.index_select(0, at)
+    mask_first = mask.index_select(0, first)
+    extra = (1,) * (value.dim() - 1)
+    fill = torch.where(mask_first.view(1, *extra), value.index_select(0, first), stay)
+    flat.index_put_((torch.where(mask, target, at),), torch.where(mask.view(-1, *extra), value, fill))
+
+
 class Located:
     """Where the ids of a batch live in the sketch, valid while ``generation`` is the sketch's.
 
@@ -182,6 +201,24 @@ class SketchUpdate:
     demoted_rows: Tensor
 
 
+@dataclass
+class MaskedUpdate:
+    """What one :meth:`HotSketch.insert_masked` changed in the hot set, in fixed-size buffers (int64
+    ids and rows, bool masks): entry i happened where its mask is set; the others are garbage."""
+
+    promoted_ids: Tensor
+    promoted_rows: Tensor
+    promoted: Tensor
+    demoted_ids: Tensor
+    demoted_rows: Tensor
+    demoted: Tensor
+
+    def compact(self) -> SketchUpdate:
+        """The :class:`SketchUpdate` that :meth:`HotSketch.insert` reports, in its order (a read back)."""
+        p, d = self.promoted, self.demoted
+        return SketchUpdate(self.promoted_ids[p], self.promoted_rows[p], self.demoted_ids[d], self.demoted_rows[d])
+
+
 class HotSketch(nn.Module):
     """A bucketed Space-Saving sketch that assigns hot rows to features whose score reaches ``threshold``.
 
@@ -223,6 +260,10 @@ class HotSketch(nn.Module):
         self.seed = int(seed)
         self.bucket_cells = True  # aggregate newcomers per bucket cell (False: sort them all; same result)
         self.native = True  # compiled kernels where available (False: the vectorised PyTorch path; same result)
+        # insert without host syncs (insert_masked) where the compiled kernels do not serve: None while
+        # tracing (torch.compile) or capturing a CUDA graph, which need it; True always; False never.
+        # Elsewhere the vectorised path runs: on the CPU it is faster (docs/native.md).
+        self.sync_free: bool | None = None
         # (generation, waiting slots, rows in use) after a compiled insert, handed to the next one (a
         # preemption both promotes and demotes: the rows in use change by promoted - demoted)
         self._waiting_left: tuple[int, Tensor | None, int] = (-1, None, -1)
@@ -326,6 +367,16 @@ class HotSketch(nn.Module):
             return table
         return None
 
+    def uses_sync_free(self, device: torch.device) -> bool:
+        """Whether :meth:`insert` (and ``cafe``'s step) take the path without host syncs on ``device``
+        (see :attr:`sync_free`); never where the compiled kernels serve this sketch."""
+        if self.sync_free is not None:
+            return self.sync_free and not self._native()
+        if self._native():
+            return False
+        return torch.compiler.is_compiling() or (
+            device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
     def _bump(self) -> int:
         """Mark a change of the slots (invalidates every Located); returns the new generation. (Plain
         attribute write: nn.Module.__setattr__ costs ~1 us, paid several times per batch.)"""
@@ -424,6 +475,8 @@ class HotSketch(nn.Module):
             object.__setattr__(self, "_waiting_left",
                                (self._bump(), waiting, used + changes[0].numel() - changes[2].numel()))
             return SketchUpdate(*changes)
+        if self.uses_sync_free(ids.device):
+            return self.insert_masked(ids, s, located).compact()
         if ids.numel() > 0:
             loc = self._valid(located, ids)
             # Ids not found add 0 to their bucket's first slot: no masking, one scatter_add over the batch
@@ -441,6 +494,16 @@ class HotSketch(nn.Module):
     def _insert_newcomers(self, ids: Tensor, s: Tensor, b: Tensor) -> None:
         """Steps 2-3 of the batch rule for the occurrences of ids not in the sketch (bucket ``b``)."""
         uid, us, ub, rank = self._newcomers_by_bucket(ids, s, b)
+        target, slot_score, ok = self._pick_slots(us, ub, rank)
+        place = torch.nonzero(ok).squeeze(1)
+        target = target.index_select(0, place)
+        old = slot_score.index_select(0, place).clamp(min=0)  # an empty slot counts as 0
+        self.keys.view(-1).index_copy_(0, target, self._as_key(uid.index_select(0, place)))
+        self.scores.view(-1).index_copy_(0, target, old + us.index_select(0, place))
+
+    def _pick_slots(self, us: Tensor, ub: Tensor, rank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 3 for newcomers with summed score ``us``, bucket ``ub`` and rank ``rank`` < c in it:
+        (flat slot each would take, that slot's score (-inf: empty, +inf: none), whether it takes it)."""
         c, inf = self.slots, float("inf")
         # The c slots of every row's bucket as (c, m) tensors (slot j of all rows contiguous): one gather
         # per buffer, and reductions over the slots run along contiguous rows (over a trailing dim of 4
@@ -456,16 +519,14 @@ class HotSketch(nn.Module):
         order_key = torch.where(evictable, torch.where(empty, -inf, scores), inf)  # evictable first, smallest first
         slot, slot_score = pick_ranked(order_key, rank)  # -inf: empty, +inf: not evictable
         ok = (slot_score < inf) & ((rank == 0) | (us > slot_score))
-        place = torch.nonzero(ok).squeeze(1)
-        target = (base + slot).index_select(0, place)
-        old = slot_score.index_select(0, place).clamp(min=0)  # an empty slot counts as 0
-        self.keys.view(-1).index_copy_(0, target, self._as_key(uid.index_select(0, place)))
-        self.scores.view(-1).index_copy_(0, target, old + us.index_select(0, place))
+        return base + slot, slot_score, ok
 
     def _as_key(self, ids: Tensor) -> Tensor:
         """``ids`` in the dtype of the stored keys; ValueError for ids int32 keys cannot hold."""
-        if self.keys.dtype == torch.int64 or ids.numel() == 0:
+        if self.keys.dtype == torch.int64:
             return ids
+        if ids.numel() == 0:  # (index_copy_ wants the keys' dtype even for no entries)
+            return ids.to(torch.int32)
         lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one read back (a sync on CUDA), not two
         if lo < 0 or hi > torch.iinfo(torch.int32).max:
             raise ValueError(int32_range_error(lo, hi))
@@ -622,3 +683,144 @@ class HotSketch(nn.Module):
         self.row_used.index_fill_(0, rows, True)
         self._bump()
         return self.keys.view(-1).index_select(0, cand).long(), rows
+
+    # ------------------------------------------------------------------ writing without host syncs
+    def insert_masked(self, ids: Tensor, scores: Tensor | None = None, located: Located | None = None,
+                      keep: Tensor | None = None) -> MaskedUpdate:
+        """:meth:`insert` with no host sync: the same batch rule and the same state, over fixed-size work
+        buffers (the batch's n entries, the w·c slots, min(w·c, hot rows) candidates) with masks where
+        the other paths compact, so a step can be captured in a CUDA graph or compiled as one graph.
+
+        ``keep`` (bool, like ``ids``): insert only those entries, as :meth:`insert` of ``ids[keep]``
+        would (the others add +0.0 to a score, as ids not found already do, and 0 to the mass). The
+        mass sums the scores of all n entries in float64, the others' as 0: the same number as the
+        sum over the kept ones alone, up to the float64 summation order (equal for integer scores).
+        """
+        ids = ids.reshape(-1).long()
+        s = None if scores is None else scores.reshape(-1).float()
+        if s is not None and s.shape != ids.shape:
+            raise ValueError(f"scores shape {tuple(s.shape)} differs from ids shape {tuple(ids.shape)}")
+        if ids.numel() > 0:
+            loc = self._valid(located, ids)
+            found, new = loc.found, ~loc.found
+            if keep is not None:
+                keep = keep.reshape(-1)
+                found, new = found & keep, new & keep
+            self.scores.view(-1).scatter_add_(0, loc.flat, found.float() if s is None else s * found)
+            self._insert_newcomers_masked(ids, s, loc.bucket, new)
+            if keep is None:
+                self.mass += ids.numel() if s is None else s.sum(dtype=torch.float64)
+            else:
+                self.mass += keep.sum(dtype=torch.float64) if s is None else (s * keep).sum(dtype=torch.float64)
+            self._bump()
+        return self._maintain_masked()
+
+    def _insert_newcomers_masked(self, ids: Tensor, s: Tensor | None, b: Tensor, new: Tensor) -> None:
+        """Steps 2-3 of the batch rule for the entries ``new`` (ids not in the sketch), in buffers of n.
+
+        The newcomers are sorted by id (the others last) to number the distinct ones (group g: the g-th
+        smallest), their scores summed per id in batch order (``index_add_``, as the other paths) and
+        ranked per bucket by one stable sort of :meth:`_rank_sorted`'s key over the groups, which are in
+        ascending id order as there; entries beyond the groups are masked out.
+        """
+        n, dev = ids.numel(), ids.device
+        big = torch.iinfo(torch.int64).max
+        sid, order = torch.sort(torch.where(new, ids, big))
+        new_s = new.index_select(0, order)
+        first = new_s.clone()
+        first[1:] &= sid[1:] != sid[:-1]
+        group = torch.cumsum(first, 0) - 1  # of each sorted entry
+        groups = first.sum()
+        grouped = torch.where(new_s, group, n)  # n: a spare cell for the entries that are not newcomers
+        inverse = torch.empty(n, dtype=torch.int64, device=dev).scatter_(0, order, grouped)
+        add = torch.ones(n, device=dev) if s is None else s
+        us = torch.zeros(n + 1, device=dev).index_add_(0, inverse, add)[:n]
+        # every occurrence of a group writes the same id and bucket (the spare cell takes the rest)
+        uid = torch.full((n + 1,), big, dtype=torch.int64, device=dev).scatter_(0, grouped, sid)[:n]
+        ub = torch.zeros(n + 1, dtype=torch.int64, device=dev).scatter_(0, grouped, b.index_select(0, order))[:n]
+        pos = torch.arange(n, device=dev)
+        valid = pos < groups
+        bits = us.clamp(min=0).view(torch.int32).long()
+        key = torch.where(valid, (ub << 31) + (0x7FFFFFFF - bits), big)
+        order = torch.sort(key, stable=True)[1]  # the groups (first) by bucket, score desc, id asc
+        uid, us, ub = uid.index_select(0, order), us.index_select(0, order), ub.index_select(0, order)
+        head = torch.ones_like(valid)
+        head[1:] = ub[1:] != ub[:-1]
+        rank = pos - torch.cummax(pos * head, 0)[0]  # position within the bucket's run
+        keep = valid & (rank < self.slots)
+        target, slot_score, ok = self._pick_slots(us, torch.where(keep, ub, 0), torch.where(keep, rank, 0))
+        ok &= keep
+        masked_put(self.keys.view(-1), target, self._as_key_masked(uid, ok), ok)
+        masked_put(self.scores.view(-1), target, slot_score.clamp(min=0) + us, ok)  # an empty slot counts as 0
+
+    def _as_key_masked(self, ids: Tensor, ok: Tensor) -> Tensor:
+        """:meth:`_as_key` of the entries ``ok``: the ValueError where reading back is free (the CPU,
+        outside tracing), else a device-side assertion (``torch._assert_async``, no host sync)."""
+        if self.keys.dtype == torch.int64:
+            return ids
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._as_key(ids[ok])
+        else:
+            inside = torch.where(ok, ids, 0)
+            torch._assert_async((inside.amin() >= 0) & (inside.amax() <= torch.iinfo(torch.int32).max),
+                                "HotSketch with int32 keys holds ids in [0, 2^31)")
+        return ids.to(torch.int32)
+
+    def _maintain_masked(self) -> MaskedUpdate:
+        """:meth:`_maintain` over all w·c slots with masks.
+
+        The waiting entries in promotion order are a stable descending sort of every slot's score (the
+        others as -inf), the hot entries in preemption order a stable ascending sort (the others as
+        +inf): both order ties by slot position, as the other paths do. Only the first min(w·c, hot
+        rows) of each can take or trade a row. Preemption pairs with the hot set before promotion: a
+        newly promoted entry outscores every entry still waiting, so it never loses a swap, and the
+        swaps form a prefix either way.
+        """
+        keys, scores, rows = self.keys.view(-1), self.scores.view(-1), self.hot_row.view(-1)
+        num_slots, num_rows, dev = keys.numel(), self.num_hot_rows, keys.device
+        threshold, inf = self.threshold, float("inf")
+        decay = self.mass > self.decay_mass * self.num_buckets * self.threshold
+        if self.pressure_decay and self.decay < 1:
+            waiting = ((scores >= threshold) & (rows < 0)).sum()
+            decay = decay | (waiting > num_rows - self.row_used.sum())
+        self.scores.copy_(torch.where(decay, self.scores * self.decay, self.scores))
+        self.mass.copy_(torch.where(decay, torch.zeros_like(self.mass), self.mass))
+        demote = decay & (rows >= 0) & (scores < threshold)
+        demoted_ids, demoted_rows = keys.to(torch.int64, copy=True), rows.long()
+        k = min(num_slots, num_rows)
+        if k == 0:  # no hot rows: nothing to demote, promote or trade
+            self._bump()
+            none = torch.zeros(0, dtype=torch.int64, device=dev)
+            return MaskedUpdate(none, none, none.bool(), demoted_ids, demoted_rows, demote)
+        masked_put(self.row_used, demoted_rows, torch.zeros_like(demote), demote)
+        rows.copy_(torch.where(demote, EMPTY, rows))
+        hot = rows >= 0
+        wait = (scores >= threshold) & ~hot
+        cand = torch.sort(torch.where(wait, scores, -inf), descending=True, stable=True)[1]
+        # the i-th free row (num_rows where fewer are free): the first row where i + 1 of them are free
+        free_rows = torch.searchsorted(torch.cumsum(~self.row_used, 0), torch.arange(1, k + 1, device=dev))
+        first = cand[:k]
+        waiting = wait.sum()
+        promote = (torch.arange(k, device=dev) < waiting) & (free_rows < num_rows)
+        rows.index_copy_(0, first, torch.where(promote, free_rows, rows.index_select(0, first).long()).int())
+        masked_put(self.row_used, free_rows, torch.ones_like(promote), promote)
+        promoted_ids, promoted_rows, promoted = keys.index_select(0, first).long(), free_rows, promote
+        if self.preempt and k > 0:
+            j = torch.arange(k, device=dev)
+            promotions = promote.sum()
+            left = waiting - promotions
+            win = cand.index_select(0, (j + promotions) % num_slots)  # the entries still waiting
+            lose = torch.sort(torch.where(hot, scores, inf), stable=True)[1][:k]  # lowest-scored hot first
+            swap = (j < left) & (j < hot.sum())
+            swap &= scores.index_select(0, win) * self.decay > scores.index_select(0, lose)
+            traded = rows.index_select(0, lose)
+            masked_put(rows, lose, torch.full_like(traded, EMPTY), swap)
+            masked_put(rows, win, traded, swap)
+            promoted_ids = torch.cat([promoted_ids, keys.index_select(0, win).long()])
+            promoted_rows = torch.cat([promoted_rows, traded.long()])
+            promoted = torch.cat([promoted, swap])
+            demoted_ids = torch.cat([demoted_ids, keys.index_select(0, lose).long()])
+            demoted_rows = torch.cat([demoted_rows, traded.long()])
+            demote = torch.cat([demote, swap])
+        self._bump()
+        return MaskedUpdate(promoted_ids, promoted_rows, promoted, demoted_ids, demoted_rows, demote)

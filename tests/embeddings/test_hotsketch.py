@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from embcompress.embeddings import hotsketch
 from embcompress.embeddings.hotsketch import HotSketch, Located, pick_ranked
@@ -404,24 +406,50 @@ def test_compiled_insert_gives_the_state_of_the_pytorch_path(kernels, buckets, r
     kw = dict(key_dtype=key_dtype, preempt=preempt, pressure_decay=pressure)
     compiled, reference = HotSketch(buckets, rows, threshold, **kw), HotSketch(buckets, rows, threshold, **kw)
     reference.native = False
-    stream = _zipf(batch * 25, 20000, seed=buckets)
+    _same_as_reference(compiled, reference, buckets, batch, scored)
+
+
+@pytest.mark.parametrize("buckets,rows,threshold,batch,key_dtype,scored,preempt,pressure", [
+    (64, 40, 5.0, 300, torch.int64, False, True, True),
+    (1024, 1000, 20.0, 4096, torch.int64, False, True, True),  # cells and counted picks on the reference
+    (256, 100, 3.0, 5000, torch.int32, False, True, True),
+    (512, 300, 4.0, 2000, torch.int64, True, False, False),
+    (128, 50, 0.3, 700, torch.int32, True, True, True),
+    (8, 20, 2.0, 3000, torch.int64, True, True, True),
+])
+def test_sync_free_insert_gives_the_state_of_the_pytorch_path(kernels, buckets, rows, threshold, batch, key_dtype,
+                                                             scored, preempt, pressure):
+    """The insert without host syncs (fixed-size buffers and masks) leaves the state of the vectorised
+    path after every batch and reports the same promotions and demotions in the same order."""
+    if kernels == "native":
+        pytest.skip("compares two PyTorch paths")
+    kw = dict(key_dtype=key_dtype, preempt=preempt, pressure_decay=pressure)
+    sync_free, reference = HotSketch(buckets, rows, threshold, **kw), HotSketch(buckets, rows, threshold, **kw)
+    sync_free.sync_free = True
+    assert sync_free.uses_sync_free(torch.device("cpu")) and not reference.uses_sync_free(torch.device("cpu"))
+    _same_as_reference(sync_free, reference, buckets, batch, scored)
+
+
+def _same_as_reference(sketch: HotSketch, reference: HotSketch, seed: int, batch: int, scored: bool) -> None:
+    """Insert 25 batches of a Zipf stream into both, each with its own ``locate``, comparing as they go."""
+    stream = _zipf(batch * 25, 20000, seed=seed)
     g = torch.Generator().manual_seed(1)
     changed = 0
     for i in range(25):
         ids = stream[i * batch:(i + 1) * batch]
         scores = torch.rand(len(ids), generator=g) * 2 if scored else None
-        loc_c, loc_r = compiled.locate(ids), reference.locate(ids)
+        loc_c, loc_r = sketch.locate(ids), reference.locate(ids)
         for a, b in zip((loc_c.bucket, loc_c.flat, loc_c.found), (loc_r.bucket, loc_r.flat, loc_r.found)):
             assert torch.equal(a, b)
-        for a, b in zip(compiled.query(ids, loc_c), reference.query(ids, loc_r)):
+        for a, b in zip(sketch.query(ids, loc_c), reference.query(ids, loc_r)):
             assert torch.equal(a, b)
-        up_c, up_r = compiled.insert(ids, scores, located=loc_c), reference.insert(ids, scores, located=loc_r)
+        up_c, up_r = sketch.insert(ids, scores, located=loc_c), reference.insert(ids, scores, located=loc_r)
         for name in ("keys", "scores", "hot_row", "row_used", "mass"):
-            assert torch.equal(getattr(compiled, name), getattr(reference, name)), (i, name)
+            assert torch.equal(getattr(sketch, name), getattr(reference, name)), (i, name)
         for name in ("promoted_ids", "promoted_rows", "demoted_ids", "demoted_rows"):
             assert torch.equal(getattr(up_c, name), getattr(up_r, name)), (i, name)
         changed += len(up_c.promoted_ids) + len(up_c.demoted_ids)
-    assert changed > 0 and compiled.num_hot() > 0  # the streams exercise promotion and demotion
+    assert changed > 0 and sketch.num_hot() > 0  # the streams exercise promotion and demotion
 
 
 def test_native_falls_back_without_a_compiler(monkeypatch, tmp_path):
@@ -453,3 +481,51 @@ def test_custom_ops_agree_with_their_shape_functions(kernels):
         torch.library.opcheck(ops.hotsketch_insert.default, (*state, ids, torch.rand(ids.shape), 150.0, seed, 5.0,
                                                              0.98, 10.0, True, True, code, None, -1))
     torch.library.opcheck(ops.cms_estimate.default, (torch.randint(0, 9, (2, 64), dtype=torch.int32), ids))
+
+
+# ---------------------------------------------------------------------------- without host syncs
+@given(st.data())
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_sync_free_insert_equals_the_vectorised_path_on_random_streams(kernels, data):
+    """Random shapes, rules and streams (repeated ids, float, integer and unit scores, kept subsets,
+    fresh, stale and no ``Located``, empty batches, full and empty hot sets, int32 and int64 keys): the
+    insert without host syncs leaves every buffer bit for bit as the vectorised path and reports the
+    same changes in the same order."""
+    if kernels == "native":
+        pytest.skip("compares two PyTorch paths")
+    key_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]))
+    kw = dict(slots=data.draw(st.integers(1, 5)), decay=data.draw(st.sampled_from([0.5, 0.9, 0.98, 1.0])),
+              decay_mass=data.draw(st.sampled_from([0.5, 2.0, 10.0, 1e9])), pressure_decay=data.draw(st.booleans()),
+              preempt=data.draw(st.booleans()), key_dtype=key_dtype)
+    buckets, rows = data.draw(st.integers(1, 40)), data.draw(st.integers(0, 30))
+    threshold = data.draw(st.sampled_from([0.5, 1.0, 2.0, 3.0, 6.0]))
+    sync_free, reference = HotSketch(buckets, rows, threshold, **kw), HotSketch(buckets, rows, threshold, **kw)
+    sync_free.sync_free = True
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    universe = data.draw(st.integers(1, 300))
+    offset = 0 if key_dtype == torch.int32 else 2**40
+    for _ in range(data.draw(st.integers(1, 8))):
+        n = data.draw(st.integers(0, 200))
+        ids = torch.randint(0, universe, (n,), generator=gen) * 7919 + offset
+        kind = data.draw(st.sampled_from(["none", "integer", "float", "dyadic"]))
+        keep = torch.rand(n, generator=gen) < 0.6 if data.draw(st.booleans()) else None
+        if kind == "float" and keep is not None:
+            kind = "dyadic"  # (the kept mass is summed over all n entries: exact for dyadic scores, see insert_masked)
+        scores = {"none": None, "integer": torch.randint(0, 4, (n,), generator=gen).float(),
+                  "float": torch.rand(n, generator=gen) * 3,
+                  "dyadic": torch.randint(0, 256, (n,), generator=gen).float() / 64}[kind]
+        how = data.draw(st.sampled_from(["fresh", "stale", "none"]))
+        located = None if how == "none" else sync_free.locate(ids)
+        if how == "stale":  # an empty batch in between: maintenance only, and the Located is out of date
+            for sk in (sync_free, reference):
+                sk.insert(torch.zeros(0, dtype=torch.int64))
+        if keep is None:
+            got = sync_free.insert(ids, scores, located)
+            want = reference.insert(ids, scores)
+        else:
+            got = sync_free.insert_masked(ids, scores, located, keep).compact()
+            want = reference.insert(ids[keep], None if scores is None else scores[keep])
+        for name, t in reference.state_dict().items():
+            assert torch.equal(sync_free.state_dict()[name], t), name
+        for name in ("promoted_ids", "promoted_rows", "demoted_ids", "demoted_rows"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
