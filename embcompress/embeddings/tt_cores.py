@@ -119,6 +119,10 @@ def _declare_kernels(lib: ctypes.CDLL) -> None:
     for name in ("tt_scatter_f32", "tt_scatter_f64"):
         getattr(lib, name).argtypes = [i64, i64, p, i64, p, i64, p]
         getattr(lib, name).restype = None
+    lib.tt_chain_forward.argtypes = [i64, i64, i64, p, p, p, p]
+    lib.tt_chain_forward.restype = None
+    lib.tt_chain_backward.argtypes = [i64, i64, i64, p, p, p, p, p, p]
+    lib.tt_chain_backward.restype = None
 
 
 def index_add_rows(rows: int, index: Tensor, src: Tensor) -> Tensor:
@@ -183,11 +187,77 @@ def tt_rows(cores: Sequence[Tensor], core_rows: Tensor) -> Tensor:
     """Chain product of the selected core slices: cores[t] (P_t, r_{t-1}, q_t, r_t), core_rows (n, T) -> (n, D).
 
     A custom autograd Function (:class:`_TTRows`): one gather and one ``bmm`` per core, and the core
-    gradients by hand (two ``bmm`` and an ``index_add_`` each).
+    gradients by hand (two ``bmm`` and an ``index_add_`` each). On the CPU, where every product is one that
+    ``bmm`` computes with its plain loop, the same arithmetic in two compiled passes (:class:`_TTChain`).
     """
     if core_rows.shape[0] == 0:
         return cores[0].new_zeros(0, math.prod(c.shape[2] for c in cores))
+    if _chain_compiled(cores, core_rows):
+        return _TTChain.apply(core_rows, *cores)
     return _TTRows.apply(core_rows, *cores)
+
+
+#: torch.bmm multiplies on the CPU with a plain loop (each entry summed in order of the contraction
+#: index, no FMA) below this many multiply-adds per matrix product, and through BLAS above it
+_BMM_LOOP_BELOW = 400
+
+
+def _chain_compiled(cores: Sequence[Tensor], core_rows: Tensor) -> bool:
+    """Whether :class:`_TTChain` serves this product: CPU, float32/float64 cores alike and contiguous, int64
+    core rows, every core's ``bmm`` on its plain loop (so the compiled loop rounds alike), not tracing."""
+    dtype = cores[0].dtype
+    if (core_rows.device.type != "cpu" or core_rows.dtype != torch.int64 or dtype not in (torch.float32, torch.float64)
+            or torch.compiler.is_compiling()):
+        return False
+    q = 1
+    for t, c in enumerate(cores):
+        if c.dtype != dtype or not c.is_contiguous() or c.device.type != "cpu":
+            return False
+        _, r_in, qt, r_out = c.shape
+        if t and q * r_in * qt * r_out >= _BMM_LOOP_BELOW:
+            return False
+        q *= qt
+    return native_library() is not None
+
+
+class _TTChain(torch.autograd.Function):
+    """:class:`_TTRows` with the gathers, the small matrix products and the core-gradient sums in two
+    compiled passes (``tt_chain_forward`` / ``tt_chain_backward`` in ``tt_native.cpp``): per id the same
+    loops as ``bmm``'s for small matrices, so rows and gradients are equal bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, core_rows: Tensor, *cores: Tensor) -> Tensor:  # type: ignore[override]
+        lib = native_library()
+        n, nc = core_rows.shape[0], len(cores)
+        core_rows = core_rows.contiguous()
+        shape = torch.tensor([s for c in cores for s in c.shape[1:]], dtype=torch.int64)
+        q, widths = cores[0].shape[2], []  # per id, the running product after cores 1..T-1
+        for c in cores[1:]:
+            q *= c.shape[2]
+            widths.append(q * c.shape[3])
+        partial = cores[0].new_empty(n * sum(widths))
+        parts = [p.view(n, w) for p, w in zip(partial.split([n * w for w in widths]), widths)]
+        void = ctypes.c_void_p
+        lib.tt_chain_forward(cores[0].element_size(), n, nc, shape.data_ptr(),
+                             (void * nc)(*(c.data_ptr() for c in cores)), core_rows.data_ptr(),
+                             (void * (nc - 1))(*(p.data_ptr() for p in parts)))
+        ctx.save_for_backward(core_rows, *cores)
+        ctx.shape, ctx.partial = shape, parts[:-1]  # the running products the backward reads
+        return parts[-1]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        lib = native_library()
+        core_rows, *cores = ctx.saved_tensors
+        nc = len(cores)
+        grad = grad_out.to(cores[0].dtype).contiguous()
+        dcores = [torch.zeros_like(c) for c in cores]
+        void = ctypes.c_void_p
+        lib.tt_chain_backward(cores[0].element_size(), core_rows.shape[0], nc, ctx.shape.data_ptr(),
+                              (void * nc)(*(c.data_ptr() for c in cores)), core_rows.data_ptr(),
+                              (void * max(1, nc - 2))(*(p.data_ptr() for p in ctx.partial)), grad.data_ptr(),
+                              (void * nc)(*(d.data_ptr() for d in dcores)))
+        return (None, *(d if need else None for d, need in zip(dcores, ctx.needs_input_grad[1:])))
 
 
 def reconstruct(cores: Sequence[Tensor], p: Sequence[int], base: Sequence[int] | None = None) -> Tensor:

@@ -51,6 +51,79 @@ void scatter(int64_t n, int64_t dim, const int64_t* row_of, int64_t row_stride, 
     }
 }
 
+// The chain product of tt_cores._TTRows per id, as torch.bmm computes it for small matrices (its loop for
+// products of fewer than 400 multiply-adds: each entry summed over the contraction index in order, from 0,
+// no FMA), so the rows and gradients are those of the bmm path bit for bit. Core t is (P_t, r_in, q, r_out)
+// row-major; shape holds (r_in, q, r_out) per core; partial[t - 1] receives the running product after core
+// t, (n, Q_t, r_out) with Q_t = q_0 ... q_t (the last one is the rows, (n, D)).
+template <typename F>
+void chain_forward(int64_t n, int64_t T, const int64_t* shape, const F* const* cores, const int64_t* core_rows,
+                   F* const* partial) {
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t* rows = core_rows + i * T;
+        const F* a = cores[0] + rows[0] * shape[1] * shape[2];  // (q_0, r_1)
+        int64_t Q = shape[1];
+        for (int64_t t = 1; t < T; ++t) {
+            const int64_t r_in = shape[3 * t], cols = shape[3 * t + 1] * shape[3 * t + 2];
+            const F* s = cores[t] + rows[t] * r_in * cols;  // (r_in, q r_out)
+            F* o = partial[t - 1] + i * Q * cols;
+            for (int64_t x = 0; x < Q; ++x)
+                for (int64_t j = 0; j < cols; ++j) {
+                    F acc = 0;
+                    for (int64_t k = 0; k < r_in; ++k) acc += a[x * r_in + k] * s[k * cols + j];
+                    o[x * cols + j] = acc;
+                }
+            a = o;
+            Q *= shape[3 * t + 1];
+        }
+    }
+}
+
+// The backward of chain_forward, as _TTRows.backward computes it with bmm and index_add_: per core t >= 1 the
+// slice gradient a^T g and the running gradient g s^T (a: the running product before core t, (Q, r_in); g:
+// the gradient after it, (Q, q r_out); s: the slice), each rounded to F; slice gradients added to their core
+// rows in id order. dcores zeroed by the caller.
+template <typename F>
+void chain_backward(int64_t n, int64_t T, const int64_t* shape, const F* const* cores, const int64_t* core_rows,
+                    const F* const* partial, const F* grad, F* const* dcores) {
+    int64_t D = 1, widest = 1;
+    for (int64_t t = 0; t < T; ++t) {
+        D *= shape[3 * t + 1];
+        widest = std::max(widest, shape[3 * t] * shape[3 * t + 1] * shape[3 * t + 2]);
+    }
+    std::vector<F> bufs(2 * D * widest);
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t* rows = core_rows + i * T;
+        const F* g = grad + i * D;
+        F* spare = bufs.data();
+        F* g_next = bufs.data() + D * widest;
+        int64_t Q = D;
+        for (int64_t t = T - 1; t >= 1; --t) {
+            const int64_t r_in = shape[3 * t], cols = shape[3 * t + 1] * shape[3 * t + 2];
+            Q /= shape[3 * t + 1];
+            const F* a = t == 1 ? cores[0] + rows[0] * shape[1] * shape[2] : partial[t - 2] + i * Q * r_in;
+            const F* s = cores[t] + rows[t] * r_in * cols;
+            F* d = dcores[t] + rows[t] * r_in * cols;
+            for (int64_t x = 0; x < r_in; ++x)
+                for (int64_t j = 0; j < cols; ++j) {
+                    F acc = 0;
+                    for (int64_t k = 0; k < Q; ++k) acc += a[k * r_in + x] * g[k * cols + j];
+                    d[x * cols + j] += acc;
+                }
+            for (int64_t y = 0; y < Q; ++y)
+                for (int64_t x = 0; x < r_in; ++x) {
+                    F acc = 0;
+                    for (int64_t k = 0; k < cols; ++k) acc += g[y * cols + k] * s[x * cols + k];
+                    spare[y * r_in + x] = acc;
+                }
+            g = spare;
+            std::swap(spare, g_next);
+        }
+        F* d = dcores[0] + rows[0] * shape[1] * shape[2];
+        for (int64_t j = 0; j < shape[1] * shape[2]; ++j) d[j] += g[j];
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -214,6 +287,24 @@ void tt_scatter_f32(int64_t n, int64_t dim, const int64_t* row_of, int64_t row_s
 void tt_scatter_f64(int64_t n, int64_t dim, const int64_t* row_of, int64_t row_stride, const double* grad,
                     int64_t grad_stride, double* out) {
     scatter(n, dim, row_of, row_stride, grad, grad_stride, out);
+}
+
+void tt_chain_forward(int64_t elem_bytes, int64_t n, int64_t T, const int64_t* shape, const void* const* cores,
+                      const int64_t* core_rows, void* const* partial) {
+    if (elem_bytes == 4)
+        chain_forward(n, T, shape, (const float* const*)cores, core_rows, (float* const*)partial);
+    else
+        chain_forward(n, T, shape, (const double* const*)cores, core_rows, (double* const*)partial);
+}
+
+void tt_chain_backward(int64_t elem_bytes, int64_t n, int64_t T, const int64_t* shape, const void* const* cores,
+                       const int64_t* core_rows, const void* const* partial, const void* grad, void* const* dcores) {
+    if (elem_bytes == 4)
+        chain_backward(n, T, shape, (const float* const*)cores, core_rows, (const float* const*)partial,
+                       (const float*)grad, (float* const*)dcores);
+    else
+        chain_backward(n, T, shape, (const double* const*)cores, core_rows, (const double* const*)partial,
+                       (const double*)grad, (double* const*)dcores);
 }
 
 }  // extern "C"

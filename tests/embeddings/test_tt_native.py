@@ -180,3 +180,33 @@ def test_ids_outside_the_table_raise():
     table.validate_ids = False
     with pytest.raises(IndexError, match="id -1 is outside"):
         table(torch.tensor([[3], [-1]]))
+
+
+@given(st.integers(2, 4), st.data())
+@settings(max_examples=40, deadline=None)
+def test_compiled_chain_product_equals_the_bmm_path(t_cores, data):
+    """Rows and core gradients of the compiled chain product equal ``_TTRows``' (bmm, index_add_) bit for
+    bit, for every shape the compiled one serves (products up to bmm's plain-loop size)."""
+    from embcompress.embeddings import tt_cores
+
+    q = data.draw(st.lists(st.integers(1, 4), min_size=t_cores, max_size=t_cores))
+    ranks = data.draw(st.lists(st.integers(1, 9), min_size=t_cores - 1, max_size=t_cores - 1))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    r = [1, *ranks, 1]
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    cores = [torch.randn(5, r[t], q[t], r[t + 1], generator=gen, dtype=dtype, requires_grad=True)
+             for t in range(t_cores)]
+    rows = torch.randint(0, 5, (200, t_cores), generator=gen)
+    grad = torch.randn(200, int(np.prod(q)), generator=gen, dtype=dtype)
+    served = tt_cores._chain_compiled(cores, rows)
+    if not served:  # bmm takes BLAS for some core: the PyTorch path serves it
+        assert any(np.prod(q[:t]) * r[t] * q[t] * r[t + 1] >= 400 for t in range(1, t_cores))
+        return
+    results = []
+    for fn in (tt_cores._TTChain, tt_cores._TTRows):
+        out = fn.apply(rows, *cores)
+        results.append((out.detach(), torch.autograd.grad(out, cores, grad)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(a, b)
