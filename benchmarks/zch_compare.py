@@ -5,7 +5,7 @@ directories (``summary.json``), grouped by (label, ratio), differences against o
     python benchmarks/zch_compare.py bench-out/zch/ablate --metric val_auc --baseline cafe-default
 
 A sweep cell is labelled by its method (plus ``--label-options`` of it when given); a run directory by
-its name less ``-seedN``. One JSON line per (label, ratio): the metric per seed, its mean, and the mean
+its name less ``-seedN`` (or ``-sN``). One JSON line per (label, ratio): the metric per seed, its mean, and the mean
 paired difference to the baseline with its standard error (sample s.d. / sqrt(pairs)); ``--markdown``
 also prints them as one table.
 """
@@ -38,7 +38,7 @@ def records(paths: list[Path]) -> list[dict[str, Any]]:
                 out.append({"label": label, "ratio": c["ratio"], "seed": c["seed"], "summary": d["summary"]})
         for summary in sorted(root.glob("*/summary.json")):
             s = json.loads(summary.read_text())
-            m = re.fullmatch(r"(.+)-seed(\d+)", summary.parent.name)
+            m = re.fullmatch(r"(.+)-s(?:eed)?(\d+)", summary.parent.name)
             label, seed = (m.group(1), int(m.group(2))) if m else (summary.parent.name, s.get("seed", 0))
             out.append({"label": label, "ratio": s.get("compression_target"), "seed": seed, "summary": s})
     return out
