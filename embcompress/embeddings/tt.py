@@ -170,32 +170,33 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
                 per_sample_weights: Tensor | None = None) -> Tensor:
         """As :meth:`CompressedEmbeddingBag.forward`. One id per bag on the CPU (how the models look up
         fields) takes the compiled routing (:meth:`_native_rows`); everything else the PyTorch path."""
-        lib = self._native_library(input)
+        cores = list(self.cores)
+        lib = self._native_library(input, cores)
         if lib is None:
             return super().forward(input, offsets, per_sample_weights)
         ids, _, psw = self._flatten(input, offsets, per_sample_weights, need_offsets=False)
-        out = self._native_rows(lib, ids)
+        out = self._native_rows(lib, ids, cores)
         return out if psw is None else out * psw.unsqueeze(1).to(out.dtype)
 
-    def _native_library(self, input: Tensor) -> ctypes.CDLL | None:
+    def _native_library(self, input: Tensor, cores: list[Tensor]) -> ctypes.CDLL | None:
         """``tt_native.cpp`` loaded, where it serves this call: (n, 1) ids on the CPU, sparse gradients, every
         parameter float32 or float64 alike and contiguous, not while tracing; else None."""
         if (input.dim() != 2 or input.shape[1] != 1 or not input.numel() or input.device.type != "cpu"
                 or not self.sparse or torch.compiler.is_compiling()):
             return None
         dtype = self.raw_weight.dtype
-        params = (self.raw_weight, self.cache_weight, *self.cores)
+        params = (self.raw_weight, self.cache_weight, *cores)
         if dtype not in (torch.float32, torch.float64) or any(
                 p.dtype != dtype or not p.is_contiguous() for p in params):
             return None
         return native_library()
 
-    def _native_rows(self, lib: ctypes.CDLL, ids: Tensor) -> Tensor:
+    def _native_rows(self, lib: ctypes.CDLL, ids: Tensor, cores: list[Tensor]) -> Tensor:
         """Rows (n, D) of a batch's ids (n,): as :meth:`_rows` on the distinct ids gathered back to the
         positions, bit for bit (values, gradients, recorded counts), with the deduplication, the routing and
         the gathers in compiled passes (``tt_native.cpp``); the chain product is :func:`~.tt_cores.tt_rows`.
         A subclass that overrides :meth:`_cache_find` has it called on the distinct ids (sorted), as
-        :meth:`_rows` would; :meth:`_record` is called as there."""
+        :meth:`_rows` would; :meth:`_record` is called as there. ``cores``: ``list(self.cores)``."""
         n, t_cores = ids.shape[0], len(self.q_shape)
         ids = ids.contiguous()
         buf = torch.empty((6 + t_cores) * n, dtype=torch.int64)
@@ -221,7 +222,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         if self.training and self.cache_weight.shape[0] > 0 and n_group:
             self._record(unique, counts, tt_pos[:n_group])
         if n_tt:
-            tt = tt_rows(self.core_tensors(), core_rows[: n_tt * t_cores].view(n_tt, t_cores))
+            tt = tt_rows(self.core_tensors(cores), core_rows[: n_tt * t_cores].view(n_tt, t_cores))
         else:
             tt = self.raw_weight.new_zeros(0, self.embedding_dim)
         return _Routed.apply(self.raw_weight, self.cache_weight, tt, (lib, cat_of_pos, cat_src, n_raw, n_cache))
@@ -284,11 +285,10 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         digits = split_index(local, self.radix[group])  # (m, T)
         return tt_rows(self.core_tensors(), digits + self.core_base[group])
 
-    def core_tensors(self) -> list[Tensor]:
-        """The cores the chain product uses (the parameters times ``core_scale``)."""
-        if self.core_scale == 1.0:
-            return list(self.cores)
-        return [c * self.core_scale for c in self.cores]
+    def core_tensors(self, cores: list[Tensor] | None = None) -> list[Tensor]:
+        """The cores the chain product uses (the parameters, or ``cores`` listing them, times ``core_scale``)."""
+        cores = list(self.cores) if cores is None else cores
+        return cores if self.core_scale == 1.0 else [c * self.core_scale for c in cores]
 
     def _tt_rows_for_ids(self, ids: Tensor) -> Tensor:
         f = field_of(ids, self.starts)
@@ -353,6 +353,16 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         """
         before = int(self.steps)
         self.steps += steps
+        if not self._merge_compiled(ids, counts, steps):
+            self._merge(ids, counts, steps)
+        after = before + steps
+        warm = self.cache_warmup and before < self.refresh_every and after.bit_length() > before.bit_length()
+        if warm or after // self.refresh_every > before // self.refresh_every:
+            self.refresh_cache()
+
+    def _merge(self, ids: Tensor, counts: Tensor, steps: int) -> None:
+        """The tracker keeps the most counted of its ids (counts decayed by ``decay ** steps``) and ``ids``
+        (``counts`` summed per id), largest first, ties to the smaller id."""
         valid = self.track_ids != EMPTY
         all_ids = torch.cat([self.track_ids[valid], ids])
         old_counts = self.track_counts[valid] * self.decay ** steps
@@ -369,10 +379,25 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         self.track_counts.zero_()
         self.track_ids[:keep] = unique[top]
         self.track_counts[:keep] = summed[top]
-        after = before + steps
-        warm = self.cache_warmup and before < self.refresh_every and after.bit_length() > before.bit_length()
-        if warm or after // self.refresh_every > before // self.refresh_every:
-            self.refresh_cache()
+
+    def _merge_compiled(self, ids: Tensor, counts: Tensor, steps: int) -> bool:
+        """:meth:`_merge` in one compiled pass (``tt_tracker_merge``), the same sums and order bit for bit;
+        False where it does not serve (not the CPU, not float32 counts, no compiler)."""
+        track_ids, track_counts = self.track_ids, self.track_counts
+        if (track_ids.device.type != "cpu" or track_counts.dtype != torch.float32 or ids.device.type != "cpu"
+                or not track_ids.is_contiguous() or not track_counts.is_contiguous()
+                or torch.compiler.is_compiling()):
+            return False
+        lib = native_library()
+        if lib is None:
+            return False
+        ids = ids.to(torch.int64).contiguous()
+        counts = counts.to(torch.float32).contiguous()
+        kept = lib.tt_tracker_merge(track_ids.numel(), track_ids.data_ptr(), track_counts.data_ptr(), ids.numel(),
+                                    ids.data_ptr(), counts.data_ptr(), self.decay ** steps, EMPTY)
+        if kept < 0:
+            raise IndexError(f"{self._label()}: a negative id reached the cache tracker")
+        return True
 
     @torch.no_grad()
     def refresh_cache(self) -> None:

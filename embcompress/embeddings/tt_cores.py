@@ -103,9 +103,12 @@ def join_index(digits: Tensor, radix: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- rows
+_SOURCE = Path(__file__).with_name("tt_native.cpp")
+
+
 def native_library() -> ctypes.CDLL | None:
     """``tt_native.cpp`` built and loaded (:func:`native.loaded`), or None (turned off, or no compiler)."""
-    return native.loaded(Path(__file__).with_name("tt_native.cpp"), _declare_kernels)
+    return native.loaded(_SOURCE, _declare_kernels)
 
 
 def _declare_kernels(lib: ctypes.CDLL) -> None:
@@ -119,6 +122,8 @@ def _declare_kernels(lib: ctypes.CDLL) -> None:
     for name in ("tt_scatter_f32", "tt_scatter_f64"):
         getattr(lib, name).argtypes = [i64, i64, p, i64, p, i64, p]
         getattr(lib, name).restype = None
+    lib.tt_tracker_merge.argtypes = [i64, p, p, i64, p, p, ctypes.c_double, i64]
+    lib.tt_tracker_merge.restype = i64
     lib.tt_chain_forward.argtypes = [i64, i64, i64, p, p, p, p]
     lib.tt_chain_forward.restype = None
     lib.tt_chain_backward.argtypes = [i64, i64, i64, p, p, p, p, p, p]

@@ -35,6 +35,32 @@ inline int64_t first_not_below(const int64_t* a, int64_t n, int64_t x) {
     return base - a;
 }
 
+// LSD radix sort of keys ascending, 11 bits a pass; a pass whose digit every key shares is skipped.
+void radix_sort(std::vector<uint64_t>& keys, std::vector<uint64_t>& tmp) {
+    const int64_t n = (int64_t)keys.size();
+    uint64_t any = 0, all = ~uint64_t(0);
+    for (uint64_t k : keys) {
+        any |= k;
+        all &= k;
+    }
+    const uint64_t varying = any & ~all;
+    tmp.resize(n);
+    int64_t hist[2048];
+    for (int shift = 0; shift < 64; shift += 11) {
+        if (!((varying >> shift) & 2047)) continue;
+        std::memset(hist, 0, sizeof(hist));
+        for (int64_t j = 0; j < n; ++j) ++hist[(keys[j] >> shift) & 2047];
+        int64_t sum = 0;
+        for (int b = 0; b < 2048; ++b) {
+            const int64_t c = hist[b];
+            hist[b] = sum;
+            sum += c;
+        }
+        for (int64_t j = 0; j < n; ++j) tmp[hist[(keys[j] >> shift) & 2047]++] = keys[j];
+        keys.swap(tmp);
+    }
+}
+
 inline uint64_t mix(uint64_t x) {
     x ^= x >> 31;
     x *= 0x9E3779B97F4A7C15ull;
@@ -133,7 +159,8 @@ extern "C" {
 // -1 - i where ids[i] is outside [0, num_ids).
 int64_t tt_dedup(int64_t n, const int64_t* ids, int64_t num_ids, int64_t* unique, int64_t* inverse,
                  int64_t* counts) {
-    static thread_local std::vector<int64_t> keys, first, first_count, rank, sorted, tmp;
+    static thread_local std::vector<int64_t> keys, first, first_count, rank;
+    static thread_local std::vector<uint64_t> sorted, tmp;
     static thread_local std::vector<int32_t> slot_of;
     int64_t cap = 16;
     while (cap < 2 * n) cap <<= 1;
@@ -158,28 +185,12 @@ int64_t tt_dedup(int64_t n, const int64_t* ids, int64_t num_ids, int64_t* unique
         inverse[i] = k;  // first-occurrence index for now
     }
     const int64_t u = (int64_t)first.size();
-    // LSD radix sort of the distinct ids, 11 bits a pass, as many passes as num_ids has bits
     sorted.assign(first.begin(), first.end());
-    tmp.resize(u);
-    int bits = 0;
-    while (bits < 63 && (int64_t(1) << bits) < num_ids) ++bits;
-    int64_t hist[2048];
-    for (int shift = 0; shift < bits; shift += 11) {
-        std::memset(hist, 0, sizeof(hist));
-        for (int64_t j = 0; j < u; ++j) ++hist[(sorted[j] >> shift) & 2047];
-        int64_t sum = 0;
-        for (int b = 0; b < 2048; ++b) {
-            const int64_t c = hist[b];
-            hist[b] = sum;
-            sum += c;
-        }
-        for (int64_t j = 0; j < u; ++j) tmp[hist[(sorted[j] >> shift) & 2047]++] = sorted[j];
-        sorted.swap(tmp);
-    }
+    radix_sort(sorted, tmp);
     // ranks of the first occurrences: look each sorted id up in the hash table
     rank.resize(u);
     for (int64_t r = 0; r < u; ++r) {
-        const int64_t id = sorted[r];
+        const int64_t id = (int64_t)sorted[r];
         uint64_t h = mix((uint64_t)id) & mask;
         while (slot_of[h] < 0 || keys[h] != id) h = (h + 1) & mask;
         const int32_t k = slot_of[h];
@@ -287,6 +298,61 @@ void tt_scatter_f32(int64_t n, int64_t dim, const int64_t* row_of, int64_t row_s
 void tt_scatter_f64(int64_t n, int64_t dim, const int64_t* row_of, int64_t row_stride, const double* grad,
                     int64_t grad_stride, double* out) {
     scatter(n, dim, row_of, row_stride, grad, grad_stride, out);
+}
+
+// tt.TTEmbeddingBag.update_state's tracker merge, in place: the tracked ids (EMPTY: unused) with their counts
+// times factor (rounded to float, as a float32 tensor times a Python float is), and the new (id, count)
+// pairs, summed per distinct id (the new counts in order, then the old one, as index_add_ adds them); the
+// capacity largest sums kept, largest first, ties to the smaller id (topk_ties_first over the distinct ids
+// ascending). Returns the number kept.
+int64_t tt_tracker_merge(int64_t capacity, int64_t* track_ids, float* track_counts, int64_t m, const int64_t* ids,
+                         const float* counts, double factor, int64_t empty) {
+    static thread_local std::vector<int64_t> all, uniq, inverse, dummy;
+    static thread_local std::vector<uint64_t> order, spare;
+    static thread_local std::vector<float> old, summed;
+    const float f = (float)factor;
+    all.clear();
+    old.clear();
+    int64_t top = 0;
+    for (int64_t i = 0; i < capacity; ++i)
+        if (track_ids[i] != empty) {
+            all.push_back(track_ids[i]);
+            old.push_back(track_counts[i] * f);
+            top = std::max(top, track_ids[i]);
+        }
+    const int64_t n_old = (int64_t)all.size();
+    all.insert(all.end(), ids, ids + m);
+    for (int64_t i = 0; i < m; ++i) top = std::max(top, ids[i]);
+    const int64_t n = (int64_t)all.size();
+    uniq.resize(n);
+    inverse.resize(n);
+    dummy.resize(n);
+    const int64_t u = tt_dedup(n, all.data(), top + 1, uniq.data(), inverse.data(), dummy.data());
+    if (u < 0) return -1;  // a negative id
+    summed.assign(u, 0.0f);
+    for (int64_t i = 0; i < m; ++i) summed[inverse[n_old + i]] += counts[i];
+    for (int64_t i = 0; i < n_old; ++i) summed[inverse[i]] += old[i];
+    // topk_ties_first: a non-negative float's bits order like the float (+0.0 for -0.0), so the key
+    // (bits, 2^32 - 1 - j) sorts the best last
+    const int64_t keep = std::min(u, capacity);
+    order.resize(u);
+    for (int64_t j = 0; j < u; ++j) {
+        uint32_t bits;
+        const float v = summed[j] + 0.0f;
+        std::memcpy(&bits, &v, 4);
+        order[j] = ((uint64_t)bits << 32) | (0xFFFFFFFFu - (uint64_t)j);
+    }
+    radix_sort(order, spare);
+    for (int64_t r = 0; r < keep; ++r) {
+        const int64_t j = 0xFFFFFFFFu - (order[u - 1 - r] & 0xFFFFFFFFu);
+        track_ids[r] = uniq[j];
+        track_counts[r] = summed[j];
+    }
+    for (int64_t j = keep; j < capacity; ++j) {
+        track_ids[j] = empty;
+        track_counts[j] = 0.0f;
+    }
+    return keep;
 }
 
 void tt_chain_forward(int64_t elem_bytes, int64_t n, int64_t T, const int64_t* shape, const void* const* cores,

@@ -160,10 +160,10 @@ def test_index_add_rows_sums_as_index_add(dtype):
 def test_pooled_bags_and_the_switch_take_the_pytorch_path(monkeypatch):
     table = tt_table()
     ids = torch.tensor([[5], [4545], [1600]])
-    assert table._native_library(ids) is not None
-    assert table._native_library(ids.reshape(1, 3)) is None  # a bag of three ids
+    assert table._native_library(ids, list(table.cores)) is not None
+    assert table._native_library(ids.reshape(1, 3), list(table.cores)) is None  # a bag of three ids
     monkeypatch.setenv("EMBCOMPRESS_NATIVE", "0")
-    assert table._native_library(ids) is None
+    assert table._native_library(ids, list(table.cores)) is None
 
 
 def test_compiled_path_does_not_run_the_pytorch_routing(monkeypatch):
