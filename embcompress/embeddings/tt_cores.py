@@ -235,7 +235,7 @@ class _TTChain(torch.autograd.Function):
         lib = native_library()
         n, nc = core_rows.shape[0], len(cores)
         core_rows = core_rows.contiguous()
-        shape = torch.tensor([s for c in cores for s in c.shape[1:]], dtype=torch.int64)
+        shape = (ctypes.c_int64 * (3 * nc))(*(s for c in cores for s in c.shape[1:]))  # (r_in, q, r_out) per core
         q, widths = cores[0].shape[2], []  # per id, the running product after cores 1..T-1
         for c in cores[1:]:
             q *= c.shape[2]
@@ -243,7 +243,7 @@ class _TTChain(torch.autograd.Function):
         partial = cores[0].new_empty(n * sum(widths))
         parts = [p.view(n, w) for p, w in zip(partial.split([n * w for w in widths]), widths)]
         void = ctypes.c_void_p
-        lib.tt_chain_forward(cores[0].element_size(), n, nc, shape.data_ptr(),
+        lib.tt_chain_forward(cores[0].element_size(), n, nc, shape,
                              (void * nc)(*(c.data_ptr() for c in cores)), core_rows.data_ptr(),
                              (void * (nc - 1))(*(p.data_ptr() for p in parts)))
         ctx.save_for_backward(core_rows, *cores)
@@ -258,7 +258,7 @@ class _TTChain(torch.autograd.Function):
         grad = grad_out.to(cores[0].dtype).contiguous()
         dcores = [torch.zeros_like(c) for c in cores]
         void = ctypes.c_void_p
-        lib.tt_chain_backward(cores[0].element_size(), core_rows.shape[0], nc, ctx.shape.data_ptr(),
+        lib.tt_chain_backward(cores[0].element_size(), core_rows.shape[0], nc, ctx.shape,
                               (void * nc)(*(c.data_ptr() for c in cores)), core_rows.data_ptr(),
                               (void * max(1, nc - 2))(*(p.data_ptr() for p in ctx.partial)), grad.data_ptr(),
                               (void * nc)(*(d.data_ptr() for d in dcores)))
