@@ -10,8 +10,9 @@ each lookup's embedding gradient (a hook on the output), with no compaction and 
 forward and backward wait on no host sync. ``before_optimizer_step`` (``embcompress.attach``)
 normalises the norms per field and batch to mean 1 (``importance="frequency"``: 1 per lookup), keeps
 the hashed fields' lookups (one ``nonzero``; the sketch insert itself has data-dependent sizes; on the
-CPU both in one compiled pass, ``cafe_native.cpp``, with the same scores), inserts them into the sketch
-and migrates rows: a promoted feature's hot row starts as the hashed row that served
+CPU both in one compiled pass, ``cafe_native.cpp``, with the same scores; while tracing or capturing a
+CUDA graph, or with ``sketch.sync_free = True``, masks and :meth:`HotSketch.insert_masked` instead, with
+no host sync), inserts them into the sketch and migrates rows: a promoted feature's hot row starts as the hashed row that served
 it, a demoted one goes back to its hashed row. Under data parallelism the (ids, scores) of all ranks are
 gathered first, in rank order, so every rank applies the same update. Eval forwards change nothing.
 
@@ -38,7 +39,7 @@ from torch import Tensor
 from . import native
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
 from .hashing import HashInference
-from .hotsketch import SLOT_BYTES, HotSketch, Located, slot_bytes
+from .hotsketch import SLOT_BYTES, HotSketch, Located, masked_put, slot_bytes
 from .ops import (allocate_rows, bag_of_lookups, field_hash_rows, field_hash_rows_few, field_of, field_starts,
                   mean_weights)
 from .options import Option, hash_seed_option, mode_option, sparse_option
@@ -268,6 +269,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def before_optimizer_step(self) -> None:
         """Turn the recorded lookups into importance scores and apply them (sketch + migration)."""
         pending, self._pending = self._pending, []
+        if pending and self.sketch.uses_sync_free(pending[0].ids.device):
+            self._step_sync_free(pending)
+            return
         ids, scores, used = [], [], []
         for e in pending:
             self._stat_rows.append(e.rows)
@@ -293,6 +297,64 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             if all(loc.generation == used[0].generation for loc in used):
                 located = Located.cat(used)
             self.apply_importance(torch.cat(ids), torch.cat(scores), located)
+
+    def _step_sync_free(self, pending: list[_Pending]) -> None:
+        """:meth:`before_optimizer_step` with no host sync (:meth:`HotSketch.insert_masked`): every
+        recorded lookup goes to the insert, the whole fields' masked out rather than picked out, and a
+        promoted feature's row is copied with :func:`masked_put`. The same state as the other paths,
+        except that the sketch's float64 mass sums the step's scores with the whole fields' as 0 (last
+        bits, under ``importance="gradient"`` with whole fields). Syncs remain under data parallelism
+        (the gather exchanges sizes) and with ``optimizer_state`` other than ``"slot"`` (the restarted
+        rows are compacted)."""
+        ids, scores, keeps, used = [], [], [], []
+        for e in pending:
+            self._stat_rows.append(e.rows)
+            keep = None if self._all_hashed else self.field_hashed.index_select(0, e.field)
+            hashed = e.ids.numel() if keep is None else keep.sum()
+            self._stat_lookups = self._stat_lookups + hashed  # a tensor: read back by training_stats only
+            if self.importance == "gradient":
+                if e.norms is None:  # forwards whose output got no gradient carry no importance
+                    continue
+                score = self._normalise(e.norms, e.field, add_counts=True)
+            else:
+                score = torch.ones(e.ids.shape, device=e.ids.device)
+            ids.append(e.ids)
+            scores.append(score)
+            keeps.append(keep)
+            used.append(e.located)
+        if len(self._stat_rows) >= _MAX_PENDING:
+            self._count_hot()
+        if not ids:
+            return
+        located = used[0] if len(used) == 1 else None
+        if len(ids) > 1 and all(loc.generation == used[0].generation for loc in used):
+            located = Located.cat(used)
+        keep = None
+        if not self._all_hashed:
+            keep = keeps[0] if len(keeps) == 1 else torch.cat(keeps)  # type: ignore[arg-type]
+        cat = (lambda x: x[0] if len(x) == 1 else torch.cat(x))
+        self._apply_sync_free(cat(ids), cat(scores), keep, located)
+
+    @torch.no_grad()
+    def _apply_sync_free(self, ids: Tensor, scores: Tensor, keep: Tensor | None, located: Located | None) -> None:
+        """:meth:`apply_importance` of the entries ``keep`` (None: all) with no host sync."""
+        n = ids.shape[0]
+        if keep is None:
+            ids, scores = gather_across_ranks(ids, scores)
+        else:
+            ids, scores, keep = gather_across_ranks(ids, scores, keep)
+        if distributed_world() > 1 or ids.shape[0] != n:
+            located = None  # other ranks' ids were never located here
+        update = self.sketch.insert_masked(ids, scores, located, keep)
+        promoted = update.promoted
+        self._stat_promoted = self._stat_promoted + promoted.sum()
+        self._stat_demoted = self._stat_demoted + update.demoted.sum()
+        hot = update.promoted_rows + self.num_hash_rows
+        # a feature that was not promoted takes id 0's cold row, which masked_put does not write
+        cold = self.cold_embedding(torch.where(promoted, update.promoted_ids, 0))
+        masked_put(self.weight, hot, cold, promoted)
+        if self.optimizer_state != "slot":
+            self._restart_rows(hot[promoted], self.hashed_row(update.promoted_ids[promoted]))
 
     def _scored_lookups(self, e: _Pending) -> tuple[Tensor, Tensor, Located] | None:
         """:meth:`_normalise` and :meth:`_hashed_lookups` in one compiled pass (``cafe_native.cpp``, the same
@@ -323,13 +385,14 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             located = located.index_select(keep)
         return ids, torch.ones(ids.shape, device=ids.device) if score is None else score, located
 
-    def _normalise(self, norms: Tensor, field: Tensor) -> Tensor:
+    def _normalise(self, norms: Tensor, field: Tensor, add_counts: bool = False) -> Tensor:
         """Per field, scale norms to mean 1; a field whose gradients are all zero counts 1 per lookup.
 
         Such a field's factor is count / 0 = inf and its norms are 0, so its scores come out NaN, and NaN
-        becomes 1 (a field's mean needs no separate test; a NaN gradient also scores 1)."""
+        becomes 1 (a field's mean needs no separate test; a NaN gradient also scores 1). ``add_counts``:
+        count the lookups with ``index_add_`` on the CPU too (``bincount`` sizes its output by the data)."""
         nf, dev = len(self.field_sizes), norms.device
-        if dev.type == "cpu":
+        if dev.type == "cpu" and not add_counts:
             count = torch.bincount(field, minlength=nf)  # exact integers, so count / total as below
         else:  # bincount reads the largest field back to the host (a CUDA sync)
             count = torch.zeros(nf, device=dev).index_add_(0, field, torch.ones_like(norms, dtype=torch.float32))
@@ -396,11 +459,12 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         ``hot_rows_used``: share of the hot rows held now; ``promoted`` / ``demoted``: features that got
         or lost a hot row (a preemption counts once each way). All since the previous call."""
         stats: dict[str, float] = {"hot_rows_used": self.sketch.num_hot() / self.num_hot_rows,
-                                   "promoted": self._stat_promoted, "demoted": self._stat_demoted}
-        if self._stat_lookups:
+                                   "promoted": int(self._stat_promoted), "demoted": int(self._stat_demoted)}
+        lookups = int(self._stat_lookups)  # (tensors after steps without host syncs)
+        if lookups:
             self._count_hot()
             hot = 0 if self._stat_hot is None else int(self._stat_hot)  # one read back per call
-            stats["hot_share"] = hot / self._stat_lookups
+            stats["hot_share"] = hot / lookups
         self._stat_lookups, self._stat_hot, self._stat_promoted, self._stat_demoted = 0, None, 0, 0
         self._stat_rows = []
         return stats

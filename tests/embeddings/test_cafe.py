@@ -429,3 +429,99 @@ def test_training_stats_count_hot_lookups_and_hot_set_changes_since_the_last_cal
     t.eval()
     t(big_ids(10, gen))  # eval forwards are not training lookups
     assert t.training_stats() == {"hot_rows_used": pytest.approx(held / t.num_hot_rows), "promoted": 0, "demoted": 0}
+
+
+# ---------------------------------------------------------------------------- a step without host syncs
+def _trained_pair(method: str, fields: list[int], steps: int, **options) -> list:
+    """Two tables from one seed on the PyTorch sketch path, the second without host syncs, trained side by
+    side on the same skewed batches (Adagrad, attached); yields after every step."""
+    pair = []
+    for sync_free in (False, True):
+        torch.manual_seed(0)
+        t = ec.make_table(method, fields, DIM, compression=100, **options)
+        t.sketch.native, t.sketch.sync_free = False, sync_free
+        opt = torch.optim.Adagrad(t.parameters(), lr=0.05)
+        ec.attach(t, opt)
+        pair.append((t, opt))
+    starts = torch.tensor([0] + fields[:-1]).cumsum(0)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        skewed = (torch.rand(48, len(fields), generator=gen) ** 4 * torch.tensor(fields)).long()
+        ids = (skewed + starts).reshape(-1, 1)
+        target = torch.randn(ids.shape[0], DIM, generator=gen)
+        for t, opt in pair:
+            t.train()
+            opt.zero_grad()
+            (t(ids) * target).sum().backward()
+            opt.step()
+        yield pair
+
+
+@pytest.mark.parametrize("method,fields,importance,optimizer_state", [
+    ("cafe", FIELDS, "frequency", "slot"),  # the whole fields' lookups masked out of the insert
+    ("cafe", [20_000, 50_000], "gradient", "slot"),
+    ("cafe", FIELDS, "gradient", "copy"),  # and the mass summed with them as 0: last bits (insert_masked)
+    ("cafe-ml", FIELDS, "frequency", "reset"),
+])
+def test_sync_free_step_trains_as_the_vectorised_path(method, fields, importance, optimizer_state):
+    """Through training with promotion, preemption and demotion, the step without host syncs leaves the
+    weights, the sketch, the optimizer state and the statistics of the vectorised step, bit for bit."""
+    changes = 0
+    for (a, opt_a), (b, opt_b) in _trained_pair(method, fields, 40, importance=importance, threshold=3.0,
+                                                optimizer_state=optimizer_state, pressure_decay=True):
+        for name, want in a.state_dict().items():
+            got = b.state_dict()[name]
+            if name == "sketch.mass" and importance == "gradient" and not a._all_hashed:
+                assert got.item() == pytest.approx(want.item(), rel=1e-12)
+            else:
+                assert torch.equal(got, want), name
+        assert torch.equal(opt_a.state[a.weight]["sum"], opt_b.state[b.weight]["sum"])
+        stats = a.training_stats()
+        assert b.training_stats() == stats
+        changes += stats["promoted"] + stats["demoted"]
+    assert changes > 0 and a.sketch.num_hot() > 0
+
+
+def test_sync_free_step_traces_as_one_graph():
+    """The table's whole step on the sync-free path (forward, backward, the optimizer's pre-step hook that
+    inserts into the sketch and copies promoted rows) reads nothing back: under ``torch._dynamo.explain``
+    the only graph breaks are PyTorch's own (``Tensor.backward()``, which dynamo does not trace, and the
+    ``graph_break()`` that ``Optimizer.step`` makes around every step), none in the table; the
+    hook alone traces as one graph, also with gradient importance. The traced steps train as eager ones."""
+    torch.manual_seed(0)
+    ids = (torch.randint(0, 4, (32, 4)) + torch.tensor([0, 4, 54, 20_054])).reshape(-1, 1)
+    for importance in ("frequency", "gradient"):
+        torch.manual_seed(0)
+        eager = CafeEmbeddingBag(FIELDS, DIM, [4, 50, 100, 100], num_hot_rows=16, threshold=2.0,
+                                 importance=importance)
+        eager.sketch.native = False
+        traced = copy.deepcopy(eager)
+        opts = [torch.optim.SGD(t.parameters(), lr=0.1) for t in (eager, traced)]
+        for t, opt in zip((eager, traced), opts):
+            ec.attach(t, opt)
+            t.train()
+
+        def step(t, opt):
+            opt.zero_grad()
+            t(ids).pow(2).sum().backward()
+            opt.step()
+
+        torch._dynamo.reset()
+        if importance == "frequency":
+            explanation = torch._dynamo.explain(step)(traced, opts[1])
+            reasons = [r.reason for r in explanation.break_reasons]
+            assert sum("Tensor.backward()" in r for r in reasons) == 1, reasons
+            user = [r for r in explanation.break_reasons if "graph_break()" in r.reason]
+            assert user and all(r.user_stack[-1].filename.endswith("torch/optim/optimizer.py") for r in user)
+            assert len(reasons) == 1 + len(user), reasons
+            assert any("searchsorted" in g.code for g in explanation.graphs)  # the hook's insert is in a graph
+        else:  # the gradient hook stores the norms on a Python object, which dynamo does not trace
+            traced(ids).pow(2).sum().backward()
+            explanation = torch._dynamo.explain(traced.before_optimizer_step)()
+            assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+            opts[1].step()
+            opts[1].zero_grad()
+        step(eager, opts[0])
+        assert eager.sketch.num_hot() > 0
+        for name, want in eager.state_dict().items():
+            assert torch.equal(traced.state_dict()[name], want), (importance, name)

@@ -485,7 +485,7 @@ def test_custom_ops_agree_with_their_shape_functions(kernels):
 
 # ---------------------------------------------------------------------------- without host syncs
 @given(st.data())
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_sync_free_insert_equals_the_vectorised_path_on_random_streams(kernels, data):
     """Random shapes, rules and streams (repeated ids, float, integer and unit scores, kept subsets,
     fresh, stale and no ``Located``, empty batches, full and empty hot sets, int32 and int64 keys): the
