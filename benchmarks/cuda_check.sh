@@ -2,7 +2,10 @@
 # The checks that need a GPU, in one go (CI has none): the whole test suite with CUDA visible, so that the
 # CUDA-only tests run (every method's CPU/CUDA agreement through training, the HotSketch on both, TT's
 # cache); the demo trained end to end on CUDA; cafe against hash training speed on CUDA at Kaggle's
-# cardinalities; HotSketch throughput on CUDA. Run from the repository root:
+# cardinalities; HotSketch throughput on CUDA; a cafe step without host syncs (HotSketch.insert_masked)
+# against the vectorised one, captured in a CUDA graph and compiled with fullgraph=True
+# (benchmarks/cafe_sync_free.py: each attempt prints its error rather than stopping). Run from the
+# repository root:
 #
 #     bash benchmarks/cuda_check.sh [OUT_DIR]        # a few minutes on one H100
 #
@@ -24,5 +27,6 @@ $py -m embcompress demo --device cuda --no-progress --methods full,hash,qr,cafe,
     done
     $py benchmarks/hotsketch.py --device cuda --skip-recall --threads 1 --exponents 1.1 --stream 10000000
     $py benchmarks/cafe_profile.py --device cuda
+    $py benchmarks/cafe_sync_free.py --device cuda --scale 1 --batch-size 4096 --ratio 1000 --blocks 5
 } 2>>"$out/bench.log" | tee "$out/bench.jsonl" || status=1
 exit $status

@@ -529,3 +529,36 @@ def test_sync_free_insert_equals_the_vectorised_path_on_random_streams(kernels, 
             assert torch.equal(sync_free.state_dict()[name], t), name
         for name in ("promoted_ids", "promoted_rows", "demoted_ids", "demoted_rows"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sync_free_insert_captured_in_a_cuda_graph_replays_the_cpu_state(kernels):
+    """On CUDA the insert without host syncs can be captured in a CUDA graph (uses_sync_free picks it
+    while capturing); replayed on new batches copied into its static buffers, it leaves the state of the
+    CPU's vectorised path (integer scores: sums exact in any order)."""
+    if kernels == "native":
+        pytest.skip("a PyTorch path")
+    ids = zipf_stream(40_960, 20_000, 1.1, seed=3).split(2048)
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randint(1, 4, (2048,), generator=gen).float() for _ in ids]
+    cpu, gpu = HotSketch(128, 64, 20.0), HotSketch(128, 64, 20.0).cuda()
+    static_ids, static_scores = ids[0].cuda(), scores[0].cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (the first batch, eagerly)
+        gpu.insert_masked(static_ids, static_scores)
+    torch.cuda.current_stream().wait_stream(side)
+    cpu.insert(ids[0], scores[0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert gpu.uses_sync_free(static_ids.device)
+        gpu.insert_masked(static_ids, static_scores)
+    for chunk, s in zip(ids[1:], scores[1:]):
+        static_ids.copy_(chunk.cuda())
+        static_scores.copy_(s.cuda())
+        graph.replay()
+        cpu.insert(chunk, s)
+    torch.cuda.synchronize()
+    assert cpu.num_hot() > 0
+    for name, t in cpu.state_dict().items():
+        assert torch.equal(t, gpu.state_dict()[name].cpu()), name
