@@ -96,6 +96,18 @@ def reference_defaults(ratio: float) -> tuple[float, float]:
     return float(REFERENCE_THRESHOLD[i]), float(REFERENCE_HASH_RATE[i])
 
 
+def _joined(parts: list[Tensor]) -> Tensor:
+    """The parts one after the other: the usual step has one forward, and a cat would copy it."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _joined_located(parts: list[Located]) -> Located | None:
+    """Where the forwards found their ids, joined while all are of one sketch generation, else None."""
+    if len(parts) == 1:
+        return parts[0]
+    return Located.cat(parts) if all(p.generation == parts[0].generation for p in parts) else None
+
+
 @dataclass
 class _Pending:
     """Every lookup of one training forward, waiting for its gradient norm; the hashed fields' lookups
@@ -290,13 +302,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             used.append(located)
         if len(self._stat_rows) >= _MAX_PENDING:
             self._count_hot()
-        if len(ids) == 1:  # the usual step: one forward (a cat would copy)
-            self.apply_importance(ids[0], scores[0], used[0])
-        elif ids:
-            located = None
-            if all(loc.generation == used[0].generation for loc in used):
-                located = Located.cat(used)
-            self.apply_importance(torch.cat(ids), torch.cat(scores), located)
+        if ids:
+            self.apply_importance(_joined(ids), _joined(scores), _joined_located(used))
 
     def _step_sync_free(self, pending: list[_Pending]) -> None:
         """:meth:`before_optimizer_step` with no host sync (:meth:`HotSketch.insert_masked`): every
@@ -324,16 +331,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             used.append(e.located)
         if len(self._stat_rows) >= _MAX_PENDING:
             self._count_hot()
-        if not ids:
-            return
-        located = used[0] if len(used) == 1 else None
-        if len(ids) > 1 and all(loc.generation == used[0].generation for loc in used):
-            located = Located.cat(used)
-        keep = None
-        if not self._all_hashed:
-            keep = keeps[0] if len(keeps) == 1 else torch.cat(keeps)  # type: ignore[arg-type]
-        cat = (lambda x: x[0] if len(x) == 1 else torch.cat(x))
-        self._apply_sync_free(cat(ids), cat(scores), keep, located)
+        if ids:
+            keep = None if self._all_hashed else _joined(keeps)  # type: ignore[arg-type]
+            self._apply_sync_free(_joined(ids), _joined(scores), keep, _joined_located(used))
 
     @torch.no_grad()
     def _apply_sync_free(self, ids: Tensor, scores: Tensor, keep: Tensor | None, located: Located | None) -> None:
