@@ -9,7 +9,9 @@ batched chain product (:func:`~.tt_cores.tt_rows`) serves every field.
 
 Forward: ids are deduplicated and each distinct row is served once: a raw row, a cache row, or the TT
 chain product (batched matrix products over the distinct ids, core gradients by hand); raw and cache rows
-take sparse gradients.
+take sparse gradients. On the CPU, one id per bag (how the models call tables) runs the deduplication,
+the routing, the gathers and their backward, the small chain products and the tracker merge as compiled
+passes (``tt_native.cpp``, docs/native.md), bit for bit as the PyTorch path, which serves everything else.
 
 Cache: ``cache_rows`` TT-served ids are held uncompressed and trained directly. Training forwards record
 (id, count) of TT ids; every ``track_every`` optimizer steps the counts are merged into a decayed tracker
