@@ -769,16 +769,17 @@ class HotSketch(nn.Module):
     def _maintain_masked(self) -> MaskedUpdate:
         """:meth:`_maintain` over all w·c slots with masks.
 
-        The waiting entries in promotion order are a stable descending sort of every slot's score (the
-        others as -inf), the hot entries in preemption order a stable ascending sort (the others as
-        +inf): both order ties by slot position, as the other paths do. Only the first min(w·c, hot
-        rows) of each can take or trade a row. Preemption pairs with the hot set before promotion: a
-        newly promoted entry outscores every entry still waiting, so it never loses a swap, and the
-        swaps form a prefix either way.
+        One stable sort of an int64 key over every slot puts the waiting entries first, highest score
+        first (promotion order), then the hot entries, lowest score first (preemption order), ties by
+        slot position as on the other paths (the key: the float's bits made order-preserving, negated
+        for the waiting entries, offset by 2^33 for the hot ones). Only the first min(w·c, hot rows)
+        waiting entries can take a row, a free one or a traded one. Preemption pairs the entries still
+        waiting with the hot set from before the promotions: a promoted entry outscores every entry still
+        waiting, so it never loses a swap, and the swaps (a prefix of the pairs) are the same.
         """
         keys, scores, rows = self.keys.view(-1), self.scores.view(-1), self.hot_row.view(-1)
         num_slots, num_rows, dev = keys.numel(), self.num_hot_rows, keys.device
-        threshold, inf = self.threshold, float("inf")
+        threshold = self.threshold
         decay = self.mass > self.decay_mass * self.num_buckets * self.threshold
         if self.pressure_decay and self.decay < 1:
             waiting = ((scores >= threshold) & (rows < 0)).sum()
@@ -796,31 +797,34 @@ class HotSketch(nn.Module):
         rows.copy_(torch.where(demote, EMPTY, rows))
         hot = rows >= 0
         wait = (scores >= threshold) & ~hot
-        cand = torch.sort(torch.where(wait, scores, -inf), descending=True, stable=True)[1]
+        bits = (scores + 0.0).view(torch.int32).long()  # (+ 0.0 turns -0.0 into 0.0)
+        bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # orders like the floats
+        order = torch.sort(torch.where(wait, -bits, torch.where(hot, bits + 2**33, 2**34)), stable=True)[1]
+        waiting, i = wait.sum(), torch.arange(k, device=dev)
+        first = order[:k]  # the waiting entries, in promotion order (then others, masked)
         # the i-th free row (num_rows where fewer are free): the first row where i + 1 of them are free
-        free_rows = torch.searchsorted(torch.cumsum(~self.row_used, 0), torch.arange(1, k + 1, device=dev))
-        first = cand[:k]
-        waiting = wait.sum()
-        promote = (torch.arange(k, device=dev) < waiting) & (free_rows < num_rows)
+        free_rows = torch.searchsorted(torch.cumsum(~self.row_used, 0), i + 1)
+        promote = (i < waiting) & (free_rows < num_rows)
         rows.index_copy_(0, first, torch.where(promote, free_rows, rows.index_select(0, first).long()).int())
         masked_put(self.row_used, free_rows, torch.ones_like(promote), promote)
-        promoted_ids, promoted_rows, promoted = keys.index_select(0, first).long(), free_rows, promote
-        if self.preempt and k > 0:
-            j = torch.arange(k, device=dev)
+        promoted, promoted_rows = promote, free_rows
+        if self.preempt:
             promotions = promote.sum()
-            left = waiting - promotions
-            win = cand.index_select(0, (j + promotions) % num_slots)  # the entries still waiting
-            lose = torch.sort(torch.where(hot, scores, inf), stable=True)[1][:k]  # lowest-scored hot first
-            swap = (j < left) & (j < hot.sum())
+            win = order.index_select(0, (i + promotions) % num_slots)  # the entries still waiting
+            lose = order.index_select(0, (i + waiting) % num_slots)  # the hot ones, lowest score first
+            swap = (i < waiting - promotions) & (i < hot.sum())
             swap &= scores.index_select(0, win) * self.decay > scores.index_select(0, lose)
             traded = rows.index_select(0, lose)
             masked_put(rows, lose, torch.full_like(traded, EMPTY), swap)
             masked_put(rows, win, traded, swap)
-            promoted_ids = torch.cat([promoted_ids, keys.index_select(0, win).long()])
-            promoted_rows = torch.cat([promoted_rows, traded.long()])
-            promoted = torch.cat([promoted, swap])
+            # a swap's winner is waiting entry promotions + i (< k: it takes one of the k rows)
+            at = (i - promotions).clamp(min=0)
+            won = (i >= promotions) & swap.index_select(0, at)
+            promoted_rows = torch.where(promote, free_rows, traded.index_select(0, at).long())
+            promoted = promote | won
             demoted_ids = torch.cat([demoted_ids, keys.index_select(0, lose).long()])
             demoted_rows = torch.cat([demoted_rows, traded.long()])
             demote = torch.cat([demote, swap])
         self._bump()
-        return MaskedUpdate(promoted_ids, promoted_rows, promoted, demoted_ids, demoted_rows, demote)
+        return MaskedUpdate(keys.index_select(0, first).long(), promoted_rows, promoted, demoted_ids, demoted_rows,
+                            demote)
