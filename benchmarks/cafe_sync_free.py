@@ -11,7 +11,8 @@ inserts with the vectorised rule, the other with ``HotSketch.insert_masked`` (``
 both run on the PyTorch sketch path (set ``EMBCOMPRESS_NATIVE=0`` on the CPU: the compiled sketch is
 what the CPU runs otherwise). Steps alternate in blocks (the first round is warm-up); each step and its
 pre-step hook are timed in this thread's CPU time on the CPU, in wall time after a synchronize on CUDA.
-Prints one JSON line with us per step and per hook and whether the two tables ended equal.
+Prints one JSON line with us per step and per hook, whether the two tables ended equal, and the aten
+ops the hook dispatches (20 more steps, counted with a ``TorchDispatchMode``).
 
 On CUDA it then tries what the sync-free step is for (each attempt reports its error instead of
 stopping): a whole step (dense gradients, SGD, static id buffer) captured in one CUDA graph and replayed
@@ -93,6 +94,33 @@ def time_hook(t: Any, into: list[float], device: torch.device) -> None:
         inner()
         into.append(clock() - start)
     t.before_optimizer_step = hook
+
+
+def hook_ops(t: Any, step: Callable[[], None], steps: int = 20) -> list[int]:
+    """(fewest, most) aten ops dispatched by the pre-step hook over ``steps`` more steps (views included:
+    on CUDA each op that is not a view launches a kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    timed = t.before_optimizer_step
+    counts = []
+
+    def counted() -> None:
+        Count.calls = 0
+        with Count():
+            timed()
+        counts.append(Count.calls)
+    t.before_optimizer_step = counted
+    for _ in range(steps):
+        step()
+    t.before_optimizer_step = timed
+    return [min(counts), max(counts)]
 
 
 def same_state(a: Any, b: Any) -> dict[str, Any]:
@@ -213,7 +241,8 @@ def main() -> None:
         "hook_us": {k: round(1e6 * v, 1) for k, v in hook.items()},
         "sync_free_over_vectorised": {"step": round(per_step["sync_free"] / per_step["vectorised"], 3),
                                       "hook": round(hook["sync_free"] / hook["vectorised"], 3)},
-        "tables_equal": same_state(a, b)}
+        "tables_equal": same_state(a, b),
+        "hook_ops": {k: hook_ops(t, steps[k]) for k, t in (("vectorised", a), ("sync_free", b))}}
     log(f"us per step {record['step_us']}, per hook {record['hook_us']}")
     if device.type == "cuda":
         for name, attempt in (("cuda_graph", cuda_capture), ("compile", cuda_compile)):

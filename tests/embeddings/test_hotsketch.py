@@ -484,6 +484,21 @@ def test_custom_ops_agree_with_their_shape_functions(kernels):
 
 
 # ---------------------------------------------------------------------------- without host syncs
+def test_masked_put_writes_the_masked_entries_and_nothing_else(kernels):
+    """Entries outside the mask may repeat targets or point past the end: only the masked ones write."""
+    if kernels == "native":
+        pytest.skip("a PyTorch helper")
+    flat = torch.arange(6.0)
+    target, value = torch.tensor([4, 9, 1, 4, -3]), torch.tensor([40.0, 90.0, 10.0, 41.0, 30.0])
+    hotsketch.masked_put(flat, target, value, torch.tensor([False, False, True, True, False]))
+    assert flat.tolist() == [0.0, 10.0, 2.0, 3.0, 41.0, 5.0]
+    hotsketch.masked_put(flat, target, value, torch.zeros(5, dtype=torch.bool))  # none: unchanged
+    assert flat.tolist() == [0.0, 10.0, 2.0, 3.0, 41.0, 5.0]
+    rows = torch.zeros(3, 2)
+    hotsketch.masked_put(rows, torch.tensor([7, 2, 2]), torch.ones(3, 2), torch.tensor([False, True, False]))
+    assert rows.tolist() == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+
+
 @given(st.data())
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_sync_free_insert_equals_the_vectorised_path_on_random_streams(kernels, data):
