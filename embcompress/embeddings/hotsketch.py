@@ -261,8 +261,8 @@ class HotSketch(nn.Module):
         self.bucket_cells = True  # aggregate newcomers per bucket cell (False: sort them all; same result)
         self.native = True  # compiled kernels where available (False: the vectorised PyTorch path; same result)
         # insert without host syncs (insert_masked) where the compiled kernels do not serve: None while
-        # tracing (torch.compile) or capturing a CUDA graph, which need it; True always; False never.
-        # Elsewhere the vectorised path runs: on the CPU it is faster (docs/native.md).
+        # tracing (torch.compile) or capturing a CUDA graph, which need it; True for every insert; False
+        # never. Elsewhere the vectorised path runs: on the CPU it is faster (docs/native.md).
         self.sync_free: bool | None = None
         # (generation, waiting slots, rows in use) after a compiled insert, handed to the next one (a
         # preemption both promotes and demotes: the rows in use change by promoted - demoted)
