@@ -82,6 +82,22 @@ void scatter(int64_t n, int64_t dim, const int64_t* row_of, int64_t row_stride, 
 // no FMA), so the rows and gradients are those of the bmm path bit for bit. Core t is (P_t, r_in, q, r_out)
 // row-major; shape holds (r_in, q, r_out) per core; partial[t - 1] receives the running product after core
 // t, (n, Q_t, r_out) with Q_t = q_0 ... q_t (the last one is the rows, (n, D)).
+// out (rows, cols) = (or += with Add) A B, A (rows, inner) and B (inner, cols) read through strides; each
+// entry summed over the inner index in order from 0, then stored or added: bmm's small-matrix loop.
+template <bool Add, typename F>
+inline void product(int64_t rows, int64_t cols, int64_t inner, const F* A, int64_t a_row, int64_t a_inner,
+                    const F* B, int64_t b_inner, int64_t b_col, F* out) {
+    for (int64_t x = 0; x < rows; ++x)
+        for (int64_t j = 0; j < cols; ++j) {
+            F acc = 0;
+            for (int64_t k = 0; k < inner; ++k) acc += A[x * a_row + k * a_inner] * B[k * b_inner + j * b_col];
+            if (Add)
+                out[x * cols + j] += acc;
+            else
+                out[x * cols + j] = acc;
+        }
+}
+
 template <typename F>
 void chain_forward(int64_t n, int64_t T, const int64_t* shape, const F* const* cores, const int64_t* core_rows,
                    F* const* partial) {
@@ -93,12 +109,7 @@ void chain_forward(int64_t n, int64_t T, const int64_t* shape, const F* const* c
             const int64_t r_in = shape[3 * t], cols = shape[3 * t + 1] * shape[3 * t + 2];
             const F* s = cores[t] + rows[t] * r_in * cols;  // (r_in, q r_out)
             F* o = partial[t - 1] + i * Q * cols;
-            for (int64_t x = 0; x < Q; ++x)
-                for (int64_t j = 0; j < cols; ++j) {
-                    F acc = 0;
-                    for (int64_t k = 0; k < r_in; ++k) acc += a[x * r_in + k] * s[k * cols + j];
-                    o[x * cols + j] = acc;
-                }
+            product<false>(Q, cols, r_in, a, r_in, 1, s, cols, 1, o);  // a s
             a = o;
             Q *= shape[3 * t + 1];
         }
@@ -130,18 +141,8 @@ void chain_backward(int64_t n, int64_t T, const int64_t* shape, const F* const* 
             const F* a = t == 1 ? cores[0] + rows[0] * shape[1] * shape[2] : partial[t - 2] + i * Q * r_in;
             const F* s = cores[t] + rows[t] * r_in * cols;
             F* d = dcores[t] + rows[t] * r_in * cols;
-            for (int64_t x = 0; x < r_in; ++x)
-                for (int64_t j = 0; j < cols; ++j) {
-                    F acc = 0;
-                    for (int64_t k = 0; k < Q; ++k) acc += a[k * r_in + x] * g[k * cols + j];
-                    d[x * cols + j] += acc;
-                }
-            for (int64_t y = 0; y < Q; ++y)
-                for (int64_t x = 0; x < r_in; ++x) {
-                    F acc = 0;
-                    for (int64_t k = 0; k < cols; ++k) acc += g[y * cols + k] * s[x * cols + k];
-                    spare[y * r_in + x] = acc;
-                }
+            product<true>(r_in, cols, Q, a, 1, r_in, g, cols, 1, d);  // a^T g, added to the core row
+            product<false>(Q, r_in, cols, g, cols, 1, s, 1, cols, spare);  // g s^T
             g = spare;
             std::swap(spare, g_next);
         }
