@@ -40,8 +40,8 @@ from .ops import field_of, field_starts, topk_ties_first
 from .options import Option, mode_option, sparse_option
 from .registry import register
 from .sync import gather_across_ranks
-from .tt_cores import (EMPTY, TTPlan, core_std, native_library, plan_bytes, plan_for_budget, split_index,
-                       trunc_normal_slice_, tt_params, tt_rows)
+from .tt_cores import (EMPTY, TTPlan, chain_compiled, chain_backward, chain_forward, core_std, native_library,
+                       plan_bytes, plan_for_budget, split_index, trunc_normal_slice_, tt_params, tt_rows)
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,14 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         n_raw, n_cache, n_tt, n_group = sizes
         if self.training and self.cache_weight.shape[0] > 0 and n_group:
             self._record(unique, counts, tt_pos[:n_group])
-        if n_tt:
-            tt = tt_rows(self.core_tensors(cores), core_rows[: n_tt * t_cores].view(n_tt, t_cores))
-        else:
+        route = (lib, cat_of_pos, cat_src, n_raw, n_cache)
+        if not n_tt:
             tt = self.raw_weight.new_zeros(0, self.embedding_dim)
-        return _Routed.apply(self.raw_weight, self.cache_weight, tt, (lib, cat_of_pos, cat_src, n_raw, n_cache))
+            return _Routed.apply(self.raw_weight, self.cache_weight, tt, route, None)
+        scaled, core_rows = self.core_tensors(cores), core_rows[: n_tt * t_cores].view(n_tt, t_cores)
+        if chain_compiled(scaled, core_rows):  # the chain product inside the same node
+            return _Routed.apply(self.raw_weight, self.cache_weight, None, route, core_rows, *scaled)
+        return _Routed.apply(self.raw_weight, self.cache_weight, tt_rows(scaled, core_rows), route, None)
 
     def _bad_id(self, ids: Tensor, bad: int) -> None:
         """Raise for an id outside the table: check_ids's ValueError, or IndexError without validation."""
@@ -480,12 +483,19 @@ class _Routed(torch.autograd.Function):
 
     Forward copies each position's row; backward adds each position's gradient to its row of the
     concatenation in position order (the sums of :meth:`TTEmbeddingBag._rows`' two gathers, rounded alike)
-    and hands the raw and cache parts on as the sparse gradients ``F.embedding(sparse=True)`` gives.
+    and hands the raw and cache parts on as the sparse gradients ``F.embedding(sparse=True)`` gives. The TT
+    rows are ``tt``, or, given ``core_rows`` and the cores, the compiled chain product computed here (one
+    autograd node for the whole lookup; :func:`~.tt_cores.chain_forward`).
     """
 
     @staticmethod
-    def forward(ctx: Any, raw: Tensor, cache: Tensor, tt: Tensor, route: tuple) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, raw: Tensor, cache: Tensor, tt: Tensor | None, route: tuple,  # type: ignore[override]
+                core_rows: Tensor | None, *cores: Tensor) -> Tensor:
         lib, cat_of_pos, cat_src, n_raw, n_cache = route
+        if core_rows is not None:
+            tt, ctx.chain = chain_forward(lib, core_rows, cores)
+            ctx.save_for_backward(*cores)
+            ctx.core_rows = core_rows
         n, dim = cat_of_pos.shape[0], raw.shape[1]
         out = raw.new_empty(n, dim)
         lib.tt_assemble(n, dim, raw.element_size(), cat_of_pos.data_ptr(), n_raw, n_cache, cat_src.data_ptr(),
@@ -508,9 +518,13 @@ class _Routed(torch.autograd.Function):
             return torch.sparse_coo_tensor(cat_src[lo:hi].view(1, -1), summed[lo:hi], shape, check_invariants=False)
 
         needs = ctx.needs_input_grad
-        return (sparse(0, n_raw, raw_shape) if n_raw and needs[0] else None,
-                sparse(n_raw, n_raw + n_cache, cache_shape) if n_cache and needs[1] else None,
-                summed[n_raw + n_cache:] if n_tt and needs[2] else None, None)
+        grads = (sparse(0, n_raw, raw_shape) if n_raw and needs[0] else None,
+                 sparse(n_raw, n_raw + n_cache, cache_shape) if n_cache and needs[1] else None)
+        if not hasattr(ctx, "chain"):
+            return (*grads, summed[n_raw + n_cache:] if n_tt and needs[2] else None, None, None)
+        cores = ctx.saved_tensors
+        dcores = chain_backward(lib, ctx.core_rows, cores, ctx.chain, summed[n_raw + n_cache:])
+        return (*grads, None, None, None, *(d if need else None for d, need in zip(dcores, needs[5:])))
 
 
 class TTInference(nn.Module):

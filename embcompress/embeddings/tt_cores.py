@@ -197,7 +197,7 @@ def tt_rows(cores: Sequence[Tensor], core_rows: Tensor) -> Tensor:
     """
     if core_rows.shape[0] == 0:
         return cores[0].new_zeros(0, math.prod(c.shape[2] for c in cores))
-    if _chain_compiled(cores, core_rows):
+    if chain_compiled(cores, core_rows):
         return _TTChain.apply(core_rows, *cores)
     return _TTRows.apply(core_rows, *cores)
 
@@ -207,7 +207,7 @@ def tt_rows(cores: Sequence[Tensor], core_rows: Tensor) -> Tensor:
 _BMM_LOOP_BELOW = 400
 
 
-def _chain_compiled(cores: Sequence[Tensor], core_rows: Tensor) -> bool:
+def chain_compiled(cores: Sequence[Tensor], core_rows: Tensor) -> bool:
     """Whether :class:`_TTChain` serves this product: CPU, float32/float64 cores alike and contiguous, int64
     core rows, every core's ``bmm`` on its plain loop (so the compiled loop rounds alike), not tracing."""
     dtype = cores[0].dtype
@@ -225,43 +225,54 @@ def _chain_compiled(cores: Sequence[Tensor], core_rows: Tensor) -> bool:
     return native_library() is not None
 
 
+def chain_forward(lib: ctypes.CDLL, core_rows: Tensor, cores: Sequence[Tensor]) -> tuple[Tensor, tuple]:
+    """Rows (n, D) of the chain product by ``tt_chain_forward`` (``tt_native.cpp``; :func:`chain_compiled`
+    says where it serves), and what :func:`chain_backward` reads: the shapes and the running products."""
+    n, nc = core_rows.shape[0], len(cores)
+    shape = (ctypes.c_int64 * (3 * nc))(*(s for c in cores for s in c.shape[1:]))  # (r_in, q, r_out) per core
+    q, widths = cores[0].shape[2], []  # per id, the running product after cores 1..T-1
+    for c in cores[1:]:
+        q *= c.shape[2]
+        widths.append(q * c.shape[3])
+    partial = cores[0].new_empty(n * sum(widths))
+    parts = [p.view(n, w) for p, w in zip(partial.split([n * w for w in widths]), widths)]
+    void = ctypes.c_void_p
+    lib.tt_chain_forward(cores[0].element_size(), n, nc, shape, (void * nc)(*(c.data_ptr() for c in cores)),
+                         core_rows.data_ptr(), (void * (nc - 1))(*(p.data_ptr() for p in parts)))
+    return parts[-1], (shape, parts[:-1])
+
+
+def chain_backward(lib: ctypes.CDLL, core_rows: Tensor, cores: Sequence[Tensor], state: tuple,
+                   grad: Tensor) -> list[Tensor]:
+    """The core gradients of :func:`chain_forward`'s rows for their gradient ``grad`` (n, D)."""
+    shape, partial = state
+    nc = len(cores)
+    grad = grad.to(cores[0].dtype).contiguous()
+    dcores = [torch.zeros_like(c) for c in cores]
+    void = ctypes.c_void_p
+    lib.tt_chain_backward(cores[0].element_size(), core_rows.shape[0], nc, shape,
+                          (void * nc)(*(c.data_ptr() for c in cores)), core_rows.data_ptr(),
+                          (void * max(1, nc - 2))(*(p.data_ptr() for p in partial)), grad.data_ptr(),
+                          (void * nc)(*(d.data_ptr() for d in dcores)))
+    return dcores
+
+
 class _TTChain(torch.autograd.Function):
     """:class:`_TTRows` with the gathers, the small matrix products and the core-gradient sums in two
-    compiled passes (``tt_chain_forward`` / ``tt_chain_backward`` in ``tt_native.cpp``): per id the same
-    loops as ``bmm``'s for small matrices, so rows and gradients are equal bit for bit."""
+    compiled passes (:func:`chain_forward`, :func:`chain_backward`): per id the same loops as ``bmm``'s
+    for small matrices, so rows and gradients are equal bit for bit."""
 
     @staticmethod
     def forward(ctx: Any, core_rows: Tensor, *cores: Tensor) -> Tensor:  # type: ignore[override]
-        lib = native_library()
-        n, nc = core_rows.shape[0], len(cores)
         core_rows = core_rows.contiguous()
-        shape = (ctypes.c_int64 * (3 * nc))(*(s for c in cores for s in c.shape[1:]))  # (r_in, q, r_out) per core
-        q, widths = cores[0].shape[2], []  # per id, the running product after cores 1..T-1
-        for c in cores[1:]:
-            q *= c.shape[2]
-            widths.append(q * c.shape[3])
-        partial = cores[0].new_empty(n * sum(widths))
-        parts = [p.view(n, w) for p, w in zip(partial.split([n * w for w in widths]), widths)]
-        void = ctypes.c_void_p
-        lib.tt_chain_forward(cores[0].element_size(), n, nc, shape,
-                             (void * nc)(*(c.data_ptr() for c in cores)), core_rows.data_ptr(),
-                             (void * (nc - 1))(*(p.data_ptr() for p in parts)))
+        rows, ctx.state = chain_forward(native_library(), core_rows, cores)
         ctx.save_for_backward(core_rows, *cores)
-        ctx.shape, ctx.partial = shape, parts[:-1]  # the running products the backward reads
-        return parts[-1]
+        return rows
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        lib = native_library()
         core_rows, *cores = ctx.saved_tensors
-        nc = len(cores)
-        grad = grad_out.to(cores[0].dtype).contiguous()
-        dcores = [torch.zeros_like(c) for c in cores]
-        void = ctypes.c_void_p
-        lib.tt_chain_backward(cores[0].element_size(), core_rows.shape[0], nc, ctx.shape,
-                              (void * nc)(*(c.data_ptr() for c in cores)), core_rows.data_ptr(),
-                              (void * max(1, nc - 2))(*(p.data_ptr() for p in ctx.partial)), grad.data_ptr(),
-                              (void * nc)(*(d.data_ptr() for d in dcores)))
+        dcores = chain_backward(native_library(), core_rows, cores, ctx.state, grad_out)
         return (None, *(d if need else None for d, need in zip(dcores, ctx.needs_input_grad[1:])))
 
 
