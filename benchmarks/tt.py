@@ -9,6 +9,8 @@ dataset; ratios come from contenders measured in the same process (``--threads 1
   lookups per step), ``full``, tt@100x and tt@100x without cache taking turns step by step in one process,
   each step timed in thread CPU time; ``vs_full`` is the ratio of rows/s. ``--warm-steps`` untimed steps
   first (the cache fills from the same stream).
+- ``pieces``: thread CPU time of the compiled passes of one ``tt`` lookup (``tt_native.cpp``) and of the
+  tables' forward, one batch of ``--batch-size`` samples repeated alone after the warm-up steps (warm caches).
 - ``train``: DLRM via ``embcompress.train.loop.run_training``: full; tt@100x; tt@100x without cache;
   tt@100x with one shared TT (``layout=shared``); tt@1000x; hash@1000x. Test AUC, samples/s, bytes.
   ``--extra '{"label": ["tt", 100, {"core_scale": 0.3}]}' --configs full,label`` adds ablations.
@@ -84,6 +86,62 @@ def interleaved_lookup(tables: dict[str, ec.CompressedEmbeddingBag], batches: li
     return out
 
 
+def timed(fn: Any, reps: int = 1000) -> float:
+    """Microseconds of thread CPU time per call of ``fn`` (after 20 untimed calls)."""
+    for _ in range(20):
+        fn()
+    start = time.thread_time()
+    for _ in range(reps):
+        fn()
+    return (time.thread_time() - start) / reps * 1e6
+
+
+def pieces(tables: dict[str, ec.CompressedEmbeddingBag], batches: list[torch.Tensor], warm: int) -> dict[str, Any]:
+    """Microseconds per call of the compiled passes of one ``tt`` lookup and of each table's forward (no
+    gradient, and forward + backward), on one batch repeated after ``warm`` training steps."""
+    import ctypes
+
+    from embcompress.embeddings.tt_cores import chain_backward, chain_forward, native_library
+
+    interleaved_lookup(tables, batches[:-1], warm, "cpu")  # the cache fills (one timed step, unused)
+    ids, tt = batches[-1], tables["tt100"]
+    lib = native_library()
+    if lib is None:
+        return {"error": "no compiled kernels (no C++ compiler, or EMBCOMPRESS_NATIVE=0)"}
+    flat = ids.reshape(-1).contiguous()
+    n, t_cores = flat.numel(), len(tt.q_shape)
+    buf = torch.empty((6 + t_cores) * n, dtype=torch.int64)
+    p, sizes = buf.data_ptr(), (ctypes.c_int64 * 4)()
+    u = lib.tt_dedup(n, flat.data_ptr(), tt.num_embeddings, p, p + 8 * n, p + 16 * n)
+
+    def route() -> None:
+        lib.tt_route(u, p, n, p + 8 * n, len(tt.field_sizes), tt.starts.data_ptr(), tt.field_group.data_ptr(),
+                     tt.field_base.data_ptr(), t_cores, tt.radix.data_ptr(), tt.core_base.data_ptr(),
+                     tt.cache_keys.numel(), tt.cache_keys.data_ptr(), tt.cache_slots.data_ptr(), None, None,
+                     p + 24 * n, p + 32 * n, p + 48 * n, p + 40 * n, sizes)
+
+    route()
+    n_raw, n_cache, n_tt, _ = sizes
+    core_rows, cores = buf[6 * n: 6 * n + t_cores * n_tt].view(n_tt, t_cores), list(tt.cores)
+    rows, state = chain_forward(lib, core_rows, cores)
+    grad, out = torch.randn_like(rows), torch.empty(n, tt.embedding_dim)
+    res: dict[str, Any] = {"ids": n, "distinct": u, "raw": n_raw, "cache": n_cache, "tt": n_tt, "us": {
+        "tt_dedup": timed(lambda: lib.tt_dedup(n, flat.data_ptr(), tt.num_embeddings, p, p + 8 * n, p + 16 * n)),
+        "tt_route": timed(route),
+        "chain_forward": timed(lambda: chain_forward(lib, core_rows, cores)),
+        "chain_backward": timed(lambda: chain_backward(lib, core_rows, cores, state, grad)),
+        "tt_assemble": timed(lambda: lib.tt_assemble(n, tt.embedding_dim, 4, p + 24 * n, n_raw, n_cache, p + 32 * n,
+                                                     tt.raw_weight.data_ptr(), tt.cache_weight.data_ptr(),
+                                                     rows.data_ptr(), out.data_ptr()))}}
+    for label, table in tables.items():
+        table.eval()  # nothing recorded: the cache stays as it is
+        with torch.no_grad():
+            res["us"][f"{label} forward"] = timed(lambda: table(ids))
+        res["us"][f"{label} forward+backward"] = timed(lambda: (table.zero_grad(set_to_none=True),
+                                                                table(ids).sum().backward()))
+    return res
+
+
 def tt_info(table: Any) -> dict[str, Any]:
     return {"ranks": table.ranks, "q_shape": table.q_shape, "tt_groups": len(table.groups),
             "raw_rows": table.raw_weight.shape[0], "cache_rows": table.cache_keys.numel(),
@@ -105,7 +163,7 @@ def main() -> None:
     ap.add_argument("--lookup-steps", type=int, default=300, help="timed steps per batch size")
     ap.add_argument("--lookup-batch", default="128,512,2048", help="samples per lookup step (x fields ids)")
     ap.add_argument("--warm-steps", type=int, default=200, help="untimed steps first (the cache fills)")
-    ap.add_argument("--parts", default="lookup,train", help="comma list of: lookup, train")
+    ap.add_argument("--parts", default="lookup,train", help="comma list of: lookup, pieces, train")
     ap.add_argument("--configs", default="full,tt100,tt100-nocache,tt100-shared,tt1000,hash1000")
     ap.add_argument("--extra", default="{}",
                     help='JSON {label: [method, ratio, options]}: more train configs, e.g. for ablations')
@@ -139,6 +197,17 @@ def main() -> None:
                 res[label]["vs_full"] = res[label]["rows_per_s"] / res["full"]["rows_per_s"]
             look[f"batch{b}"] = res
         results["lookup"] = look
+
+    if "pieces" in parts:
+        starts = field_starts(sizes)
+        b, n = args.batch_size, args.warm_steps + 2
+        glob = torch.as_tensor(ds.sparse[: n * b]).long() + starts
+        tables = {}
+        for label, kw in (("full", {"compression": 1}), ("tt100", {"compression": 100})):
+            torch.manual_seed(args.seed)
+            tables[label] = ec.make_table("full" if label == "full" else "tt", sizes, args.dim, **kw)
+        results["pieces"] = pieces(tables, [glob[i * b:(i + 1) * b].reshape(-1, 1) for i in range(n)],
+                                   args.warm_steps)
 
     if "train" in parts:
         base = dict(data="synthetic", embedding_dim=args.dim, batch_size=args.batch_size, seed=args.seed,
