@@ -181,22 +181,23 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
         return out if psw is None else out * psw.unsqueeze(1).to(out.dtype)
 
     def _native_library(self, input: Tensor, cores: list[Tensor]) -> ctypes.CDLL | None:
-        """``tt_native.cpp`` loaded, where it serves this call: (n, 1) ids on the CPU, sparse gradients, every
-        parameter float32 or float64 alike and contiguous, not while tracing; else None."""
+        """``tt_native.cpp`` loaded, where it serves this call: (n, 1) ids and every parameter on the CPU,
+        sparse gradients, parameters float32 or float64 alike and contiguous, not while tracing; else None."""
         if (input.dim() != 2 or input.shape[1] != 1 or not input.numel() or input.device.type != "cpu"
                 or not self.sparse or torch.compiler.is_compiling()):
             return None
         dtype = self.raw_weight.dtype
         params = (self.raw_weight, self.cache_weight, *cores)
         if dtype not in (torch.float32, torch.float64) or any(
-                p.dtype != dtype or not p.is_contiguous() for p in params):
+                p.dtype != dtype or not p.is_cpu or not p.is_contiguous() for p in params):
             return None
         return native_library()
 
     def _native_rows(self, lib: ctypes.CDLL, ids: Tensor, cores: list[Tensor]) -> Tensor:
         """Rows (n, D) of a batch's ids (n,): as :meth:`_rows` on the distinct ids gathered back to the
-        positions, bit for bit (values, gradients, recorded counts), with the deduplication, the routing and
-        the gathers in compiled passes (``tt_native.cpp``); the chain product is :func:`~.tt_cores.tt_rows`.
+        positions, bit for bit (values, gradients, recorded counts), with the deduplication, the routing, the
+        gathers and (where :func:`~.tt_cores.chain_compiled`) the chain product in compiled passes
+        (``tt_native.cpp``), else the chain product by :func:`~.tt_cores.tt_rows`.
         A subclass that overrides :meth:`_cache_find` has it called on the distinct ids (sorted), as
         :meth:`_rows` would; :meth:`_record` is called as there. ``cores``: ``list(self.cores)``."""
         n, t_cores = ids.shape[0], len(self.q_shape)
@@ -213,7 +214,7 @@ class TTEmbeddingBag(CompressedEmbeddingBag):
             cache = (self.cache_keys.numel(), self.cache_keys.data_ptr(), self.cache_slots.data_ptr(), None, None)
         else:  # the subclass's own index (cafe-tt: its HotSketch)
             found, slot = self._cache_find(unique)
-            found, slot = found.contiguous(), slot.to(torch.int64).contiguous()
+            found, slot = found.to(torch.bool).contiguous(), slot.to(torch.int64).contiguous()
             cache = (0, None, None, found.data_ptr(), slot.data_ptr())
         sizes = (ctypes.c_int64 * 4)()
         lib.tt_route(u, unique.data_ptr(), n, inverse.data_ptr(), len(self.field_sizes), self.starts.data_ptr(),
