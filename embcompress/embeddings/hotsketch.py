@@ -282,6 +282,8 @@ class HotSketch(nn.Module):
     def _views(self) -> tuple[Tensor, Tensor, Tensor]:
         """(keys, scores, hot_row) as (w, c) views of :attr:`table` (made once per table tensor)."""
         table = self.table
+        if torch.compiler.is_compiling():  # views made in the graph: AOT autograd refuses to mutate
+            return slot_views(table)  # inputs that are views of another input in another dtype
         cache = self._view_cache
         if cache is None or cache[0] is not table:
             cache = self._view_cache = (table, *slot_views(table))
@@ -708,10 +710,11 @@ class HotSketch(nn.Module):
                 found, new = found & keep, new & keep
             self.scores.view(-1).scatter_add_(0, loc.flat, found.float() if s is None else s * found)
             self._insert_newcomers_masked(ids, s, loc.bucket, new)
+            # add_ rather than +=, which torch.compile takes for a new tensor bound to the attribute
             if keep is None:
-                self.mass += ids.numel() if s is None else s.sum(dtype=torch.float64)
+                self.mass.add_(ids.numel() if s is None else s.sum(dtype=torch.float64))
             else:
-                self.mass += keep.sum(dtype=torch.float64) if s is None else (s * keep).sum(dtype=torch.float64)
+                self.mass.add_(keep.sum(dtype=torch.float64) if s is None else (s * keep).sum(dtype=torch.float64))
             self._bump()
         return self._maintain_masked()
 
