@@ -44,6 +44,10 @@ _CELLS_MIN = 2048  # newcomers from which _newcomers_by_bucket aggregates by cel
 _CELLS_MAX_PER_BUCKET = 1.0  # ... up to this many newcomers per bucket
 _PICK_COUNT_MIN = 1024  # columns from which pick_ranked counts comparisons rather than sorting
 DEFAULT_SEED = 0x5EED  # bucket hash seed, distinct from the hash tables' seeds
+# The generation of a Located made, and of a sketch changed, while tracing: never trusted. Traced code
+# neither reads nor increments the counter (torch.compile guards on a module's ints, so reading it would
+# recompile every step); it sets this constant, and the next change outside tracing takes a fresh number.
+TRACED = -2
 _MIX1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (golden ratio)
 _MIX2 = -4658895280553007687  # 0xBF58476D1CE4E5B9 (SplitMix64's first multiplier)
 
@@ -277,6 +281,7 @@ class HotSketch(nn.Module):
         self.register_buffer("row_used", torch.zeros(num_hot_rows, dtype=torch.bool))  # the free-row list
         self.register_buffer("mass", torch.zeros((), dtype=torch.float64))  # inserted since last decay
         self.generation = 0  # bumped by every change of keys/scores/rows; invalidates Located
+        self._last_generation = 0  # the highest generation handed out (the next is one more)
 
     # ------------------------------------------------------------------ the slots
     def _views(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -303,6 +308,10 @@ class HotSketch(nn.Module):
     def hot_row(self) -> Tensor:
         """(w, c) int32 hot row of each slot, -1 when not hot: a view of :attr:`table`."""
         return self._views()[2]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_last_generation", max(state.get("generation", 0), 0))  # pickles without it
+        super().__setstate__(state)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -353,7 +362,7 @@ class HotSketch(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.generation += 1  # .to(device) etc. replace the buffers
+        self._bump()  # .to(device) etc. replace the buffers
         return super()._apply(fn, *args, **kwargs)
 
     def _native(self) -> bool:
@@ -382,9 +391,22 @@ class HotSketch(nn.Module):
     def _bump(self) -> int:
         """Mark a change of the slots (invalidates every Located); returns the new generation. (Plain
         attribute write: nn.Module.__setattr__ costs ~1 us, paid several times per batch.)"""
-        generation = self.generation + 1
+        if torch.compiler.is_compiling():
+            object.__setattr__(self, "generation", TRACED)
+            return TRACED
+        generation = self._last_generation + 1
+        object.__setattr__(self, "_last_generation", generation)
         object.__setattr__(self, "generation", generation)
         return generation
+
+    def _generation_now(self) -> int:
+        """The generation a Located made now carries (:data:`TRACED` while tracing)."""
+        return TRACED if torch.compiler.is_compiling() else self.generation
+
+    def _current(self, located: Located) -> bool:
+        """Whether ``located`` still describes the sketch (never while tracing, nor one made then)."""
+        return (not torch.compiler.is_compiling() and located.generation != TRACED
+                and located.generation == self.generation)
 
     # ------------------------------------------------------------------ reading
     def bucket(self, ids: Tensor) -> Tensor:
@@ -398,7 +420,7 @@ class HotSketch(nn.Module):
         table = self._native_table() if bucket is None else None
         if table is not None:
             code, rows, scores = native.op("hotsketch_locate")(table, ids, self.seed * 0x2545F491)
-            return Located(None, None, None, self.generation, code, table.shape[1], (rows, scores))
+            return Located(None, None, None, self._generation_now(), code, table.shape[1], (rows, scores))
         b = self.bucket(ids) if bucket is None else bucket
         c = self.slots
         base = b * c
@@ -414,19 +436,19 @@ class HotSketch(nn.Module):
                 offset.add_(hit.view(torch.uint8), alpha=j)  # at most one slot of a bucket holds an id
                 found |= hit
             base.add_(offset)
-        return Located(b, base, found, self.generation)
+        return Located(b, base, found, self._generation_now())
 
     def _valid(self, located: Located | None, ids: Tensor) -> Located:
         if located is None or len(located) != ids.numel():
             return self.locate(ids)
-        if located.generation == self.generation:
+        if self._current(located):
             return located
         return self.locate(ids, located.bucket)
 
     def query(self, ids: Tensor, located: Located | None = None) -> tuple[Tensor, Tensor]:
         """Hot row (int64, -1 if not hot) and score (float32, 0 if absent) of each id. Changes nothing."""
         ids = ids.reshape(-1).long()
-        if located is not None and located.answer is not None and located.generation == self.generation:
+        if located is not None and located.answer is not None and self._current(located):
             answer, located.answer = located.answer, None  # handed out once: the caller owns the tensors
             if answer[0].numel() == ids.numel():
                 return answer
@@ -465,7 +487,7 @@ class HotSketch(nn.Module):
         if table is not None:  # the same rule compiled (native.py); it checks the int32-key range itself
             n = ids.numel()
             mass_add = float(n) if s is None else float(s.sum(dtype=torch.float64))
-            fresh = located is not None and located.generation == self.generation and len(located) == n
+            fresh = located is not None and self._current(located) and len(located) == n
             gen, waiting, used = self._waiting_left
             row_used = self._buffers["row_used"]
             if gen != self.generation:

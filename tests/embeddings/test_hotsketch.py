@@ -577,3 +577,28 @@ def test_sync_free_insert_captured_in_a_cuda_graph_replays_the_cpu_state(kernels
     assert cpu.num_hot() > 0
     for name, t in cpu.state_dict().items():
         assert torch.equal(t, gpu.state_dict()[name].cpu()), name
+
+
+def test_traced_insert_compiles_once_and_outdates_earlier_slots(kernels):
+    """Traced code neither reads nor counts the generation (torch.compile would guard on it and recompile
+    every step): a compiled insert_masked compiles once, and slots located before it are not trusted."""
+    if kernels == "native":
+        pytest.skip("a PyTorch path")
+    sk, reference = HotSketch(16, 8, 2.0), HotSketch(16, 8, 2.0)
+    sk.sync_free = True
+    graphs = []
+    torch._dynamo.reset()
+    insert = torch.compile(lambda i, s: sk.insert_masked(i, s), fullgraph=True,
+                           backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        ids = torch.randint(0, 60, (64,), generator=gen)
+        before = sk.locate(ids)
+        insert(ids, torch.ones(64))
+        sk.insert(ids, located=before)  # located before the traced insert: found again
+        for _ in range(2):
+            reference.insert(ids)
+        for name, t in reference.state_dict().items():
+            assert torch.equal(sk.state_dict()[name], t), name
+    assert len(graphs) == 1 and reference.num_hot() > 0
+    torch._dynamo.reset()
