@@ -315,7 +315,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         rows are compacted)."""
         ids, scores, keeps, used = [], [], [], []
         for e in pending:
-            self._stat_rows.append(e.rows)
+            # counted now rather than listed for _count_hot: torch.compile guards on a list's length
+            hot = (e.rows >= self.num_hash_rows).sum()
+            self._stat_hot = hot if self._stat_hot is None else self._stat_hot + hot
             keep = None if self._all_hashed else self.field_hashed.index_select(0, e.field)
             hashed = e.ids.numel() if keep is None else keep.sum()
             self._stat_lookups = self._stat_lookups + hashed  # a tensor: read back by training_stats only
@@ -329,8 +331,6 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             scores.append(score)
             keeps.append(keep)
             used.append(e.located)
-        if len(self._stat_rows) >= _MAX_PENDING:
-            self._count_hot()
         if ids:
             keep = None if self._all_hashed else _joined(keeps)  # type: ignore[arg-type]
             self._apply_sync_free(_joined(ids), _joined(scores), keep, _joined_located(used))

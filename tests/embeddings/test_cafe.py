@@ -525,3 +525,29 @@ def test_sync_free_step_traces_as_one_graph():
         assert eager.sketch.num_hot() > 0
         for name, want in eager.state_dict().items():
             assert torch.equal(traced.state_dict()[name], want), (importance, name)
+
+
+def test_compiled_sync_free_hook_compiles_at_most_twice():
+    """The pre-step hook under torch.compile keeps no Python state that changes every step (a list's
+    length, the sketch's generation), so it compiles once, and once more when its statistics turn from
+    ints into tensors; it trains as the eager hook."""
+    torch.manual_seed(0)
+    eager = CafeEmbeddingBag(FIELDS, DIM, [4, 50, 100, 100], num_hot_rows=16, threshold=2.0)
+    eager.sketch.native = False
+    traced = copy.deepcopy(eager)
+    graphs = []
+    torch._dynamo.reset()
+    hook = torch.compile(traced.before_optimizer_step, fullgraph=True,
+                         backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        ids = (torch.randint(0, 4, (32, 4), generator=gen) + torch.tensor([0, 4, 54, 20_054])).reshape(-1, 1)
+        for t, step in ((eager, eager.before_optimizer_step), (traced, hook)):
+            t.train()
+            t(ids).pow(2).sum().backward()
+            step()
+    assert len(graphs) <= 2 and eager.sketch.num_hot() > 0
+    for name, want in eager.state_dict().items():
+        assert torch.equal(traced.state_dict()[name], want), name
+    assert traced.training_stats() == eager.training_stats()
+    torch._dynamo.reset()
