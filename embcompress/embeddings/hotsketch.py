@@ -122,11 +122,12 @@ def masked_put(flat: Tensor, target: Tensor, value: Tensor, mask: Tensor) -> Non
     """``flat[target[i]] = value[i]`` where ``mask[i]``, with no read back and no data-dependent size.
 
     The targets of the entries in ``mask`` must be distinct. Every other entry repeats the write of the
-    first entry in ``mask`` (or, with none, rewrites the value already at the first entry's target), so
+    first entry in ``mask`` (or, with none, rewrites the value already at the last entry's target), so
     where indices repeat they write equal values and the result does not depend on the write order.
     """
     target = target.clamp(0, flat.shape[0] - 1)
-    first = mask.to(torch.uint8).argmax().view(1)  # 0 where no entry is in mask
+    last = mask.shape[0] - 1  # (argmax of the mask: inductor's CPU kernel misreads short all-False masks)
+    first = torch.where(mask, torch.arange(mask.shape[0], device=mask.device), last).amin().view(1)
     at = target.index_select(0, first)
     stay = flat.index_select(0, at)
     mask_first = mask.index_select(0, first)
