@@ -27,6 +27,6 @@ $py -m embcompress demo --device cuda --no-progress --methods full,hash,qr,cafe,
     done
     $py benchmarks/hotsketch.py --device cuda --skip-recall --threads 1 --exponents 1.1 --stream 10000000
     $py benchmarks/cafe_profile.py --device cuda
-    $py benchmarks/cafe_sync_free.py --device cuda --scale 1 --batch-size 4096 --ratio 1000 --blocks 5
+    $py benchmarks/cafe_sync_free.py --device cuda --scale 1 --batch-size 4096 --ratio 1000 --blocks 5 --compile
 } 2>>"$out/bench.log" | tee "$out/bench.jsonl" || status=1
 exit $status
