@@ -211,3 +211,14 @@ def test_compiled_chain_product_equals_the_bmm_path(t_cores, data):
     assert torch.equal(out_a, out_b)
     for a, b in zip(grads_a, grads_b):
         assert torch.equal(a, b)
+
+
+def test_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    table = tt_table()
+    ids = zipf_ids(500, 0)
+    expected = table(ids).detach()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("EMBCOMPRESS_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_libraries", {})
+    assert native_library() is None and table._native_library(ids, list(table.cores)) is None
+    assert torch.equal(table(ids), expected)
