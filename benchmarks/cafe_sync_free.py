@@ -31,7 +31,8 @@ from typing import Any, Callable
 import torch
 
 import embcompress as ec
-from common import add_threads_arg, apply_threads, emit, kaggle_field_sizes, log, zipf_requests  # type: ignore[import-not-found]
+from common import (add_threads_arg, apply_threads, emit, kaggle_field_sizes, log,  # type: ignore[import-not-found]
+                    zipf_requests)
 
 DIM = 16
 

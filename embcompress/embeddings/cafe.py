@@ -12,9 +12,10 @@ normalises the norms per field and batch to mean 1 (``importance="frequency"``: 
 the hashed fields' lookups (one ``nonzero``; the sketch insert itself has data-dependent sizes; on the
 CPU both in one compiled pass, ``cafe_native.cpp``, with the same scores; while tracing or capturing a
 CUDA graph, or with ``sketch.sync_free = True``, masks and :meth:`HotSketch.insert_masked` instead, with
-no host sync), inserts them into the sketch and migrates rows: a promoted feature's hot row starts as the hashed row that served
-it, a demoted one goes back to its hashed row. Under data parallelism the (ids, scores) of all ranks are
-gathered first, in rank order, so every rank applies the same update. Eval forwards change nothing.
+no host sync), inserts them into the sketch and migrates rows: a promoted feature's hot row starts as
+the hashed row that served it, a demoted one goes back to its hashed row. Under data parallelism the
+(ids, scores) of all ranks are gathered first, in rank order, so every rank applies the same update.
+Eval forwards change nothing.
 
 Budget: ``memory_bytes`` is the state dict. A hot row costs 4·D bytes plus its share of the sketch,
 ``buckets_per_row`` buckets of ``slots`` slots of 12 bytes (int32 id, float32 score, int32 row) and a
