@@ -40,8 +40,9 @@ from .ops import field_of, field_starts, topk_ties_first
 from .options import Option, mode_option, sparse_option
 from .registry import register
 from .sync import gather_across_ranks
-from .tt_cores import (EMPTY, TTPlan, chain_compiled, chain_backward, chain_forward, core_std, native_library,
-                       plan_bytes, plan_for_budget, split_index, trunc_normal_slice_, tt_params, tt_rows)
+from .tt_cores import (EMPTY, TTPlan, chain_compiled, chain_backward, chain_forward, core_std, index_add_rows,
+                       native_library, plan_bytes, plan_for_budget, split_index, trunc_normal_slice_, tt_params,
+                       tt_rows)
 
 log = logging.getLogger(__name__)
 
@@ -510,10 +511,7 @@ class _Routed(torch.autograd.Function):
         raw_shape, cache_shape, n_tt = ctx.shapes
         if grad.stride(1) != 1:
             grad = grad.contiguous()
-        summed = grad.new_zeros(n_raw + n_cache + n_tt, grad.shape[1])
-        scatter = lib.tt_scatter_f32 if grad.dtype == torch.float32 else lib.tt_scatter_f64
-        scatter(grad.shape[0], grad.shape[1], cat_of_pos.data_ptr(), 1, grad.data_ptr(), grad.stride(0),
-                summed.data_ptr())
+        summed = index_add_rows(n_raw + n_cache + n_tt, cat_of_pos, grad)  # in position order, compiled
 
         def sparse(lo: int, hi: int, shape: torch.Size) -> Tensor:
             return torch.sparse_coo_tensor(cat_src[lo:hi].view(1, -1), summed[lo:hi], shape, check_invariants=False)
