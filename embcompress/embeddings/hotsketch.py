@@ -136,6 +136,15 @@ def masked_put(flat: Tensor, target: Tensor, value: Tensor, mask: Tensor) -> Non
     flat.index_put_((torch.where(mask, target, at),), torch.where(mask.view(-1, *extra), value, fill))
 
 
+def _batch(ids: Tensor, scores: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """An insert's ids (int64) and scores (float32, None: 1 each), flat; ValueError if their shapes differ."""
+    ids = ids.reshape(-1).long()
+    s = None if scores is None else scores.reshape(-1).float()
+    if s is not None and s.shape != ids.shape:
+        raise ValueError(f"scores shape {tuple(s.shape)} differs from ids shape {tuple(ids.shape)}")
+    return ids, s
+
+
 class Located:
     """Where the ids of a batch live in the sketch, valid while ``generation`` is the sketch's.
 
@@ -480,10 +489,7 @@ class HotSketch(nn.Module):
         ``located`` (from :meth:`locate` on the same ids) skips the hash and, if the sketch has not
         changed since, the slot search.
         """
-        ids = ids.reshape(-1).long()
-        s = None if scores is None else scores.reshape(-1).float()
-        if s is not None and s.shape != ids.shape:
-            raise ValueError(f"scores shape {tuple(s.shape)} differs from ids shape {tuple(ids.shape)}")
+        ids, s = _batch(ids, scores)
         table = self._native_table()
         if table is not None:  # the same rule compiled (native.py); it checks the int32-key range itself
             n = ids.numel()
@@ -721,10 +727,7 @@ class HotSketch(nn.Module):
         mass sums the scores of all n entries in float64, the others' as 0: the same number as the
         sum over the kept ones alone, up to the float64 summation order (equal for integer scores).
         """
-        ids = ids.reshape(-1).long()
-        s = None if scores is None else scores.reshape(-1).float()
-        if s is not None and s.shape != ids.shape:
-            raise ValueError(f"scores shape {tuple(s.shape)} differs from ids shape {tuple(ids.shape)}")
+        ids, s = _batch(ids, scores)
         if ids.numel() > 0:
             loc = self._valid(located, ids)
             found, new = loc.found, ~loc.found
