@@ -102,13 +102,6 @@ def _joined(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _joined_located(parts: list[Located]) -> Located | None:
-    """Where the forwards found their ids, joined while all are of one sketch generation, else None."""
-    if len(parts) == 1:
-        return parts[0]
-    return Located.cat(parts) if all(p.generation == parts[0].generation for p in parts) else None
-
-
 @dataclass
 class _Pending:
     """Every lookup of one training forward, waiting for its gradient norm; the hashed fields' lookups
@@ -304,7 +297,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         if len(self._stat_rows) >= _MAX_PENDING:
             self._count_hot()
         if ids:
-            self.apply_importance(_joined(ids), _joined(scores), _joined_located(used))
+            self.apply_importance(_joined(ids), _joined(scores), Located.joined(used))
 
     def _step_sync_free(self, pending: list[_Pending]) -> None:
         """:meth:`before_optimizer_step` with no host sync (:meth:`HotSketch.insert_masked`): every
@@ -334,7 +327,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             used.append(e.located)
         if ids:
             keep = None if self._all_hashed else _joined(keeps)  # type: ignore[arg-type]
-            self._apply_sync_free(_joined(ids), _joined(scores), keep, _joined_located(used))
+            self._apply_sync_free(_joined(ids), _joined(scores), keep, Located.joined(used))
 
     @torch.no_grad()
     def _apply_sync_free(self, ids: Tensor, scores: Tensor, keep: Tensor | None, located: Located | None) -> None:

@@ -122,10 +122,7 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
         if pending:
             ids = torch.cat([p[0] for p in pending])
             counts = torch.cat([p[1] for p in pending]).float()
-            found = [p[2] for p in pending]
-            located = None
-            if all(loc is not None and loc.generation == found[0].generation for loc in found):
-                located = found[0] if len(found) == 1 else Located.cat(found)
+            located = Located.joined([p[2] for p in pending])
         else:  # still take part in the gather: every rank must call it
             ids = torch.zeros(0, dtype=torch.int64, device=self.cache_weight.device)
             counts = torch.zeros(0, device=self.cache_weight.device)

@@ -204,6 +204,15 @@ class Located:
         return Located(*(torch.cat([getattr(p, k) for p in parts]) for k in ("bucket", "flat", "found")),
                        first.generation)
 
+    @staticmethod
+    def joined(parts: Sequence[Located | None]) -> Located | None:
+        """Several forwards' Located as one (:meth:`cat`; the one itself, uncopied, when alone), while every
+        part exists and all are of one sketch generation; else None (the insert locates afresh)."""
+        present = [p for p in parts if p is not None]
+        if len(present) < len(parts) or any(p.generation != present[0].generation for p in present):
+            return None
+        return present[0] if len(present) == 1 else Located.cat(present)
+
 
 @dataclass
 class SketchUpdate:
