@@ -126,7 +126,8 @@ class _Pending:
 class CafeEmbeddingBag(IndexedEmbeddingBag):
     """CAFE table. Options: ``threshold``, ``hash_rate``, ``decay`` (0.98), ``importance``
     (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (0.5), ``decay_mass`` (10),
-    ``pressure_decay`` (False) and ``preempt`` (True; :mod:`.hotsketch` explains both), ``key_dtype``
+    ``pressure_decay`` (False), ``preempt`` (True) and ``hysteresis`` (one decay step; :mod:`.hotsketch`
+    explains the three), ``key_dtype``
     (``"auto"`` | ``"int32"`` | ``"int64"``: the sketch's ids, module doc "Budget") and
     ``optimizer_state`` (what a hot row handed to a new feature starts with, under a stateful optimizer
     bound by :func:`~embcompress.attach`: ``"slot"`` keeps the row's state, ``"copy"`` takes that of
@@ -145,6 +146,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                "decay_mass x buckets x T", low=0, low_open=True),
         Option("pressure_decay", "bool", PRESSURE_DECAY, "also decay when more features reach T than hot rows are free"),
         Option("preempt", "bool", True, "a feature waiting for a hot row takes the row of a hot feature it outscores"),
+        Option("hysteresis", "float", None, "how many times a hot feature's score a waiting feature needs to take "
+               "its row", low=1, auto="1 / decay (one decay step)"),
         Option("importance", "str", "gradient", "what a lookup adds to its feature's score: its gradient norm "
                "(normalised per field and batch) or 1", choices=("gradient", "frequency")),
         Option("slots", "int", 4, "sketch slots per bucket", low=1),
@@ -161,8 +164,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
                  num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
                  slots: int = 4, buckets_per_row: float = BUCKETS_PER_ROW, decay_mass: float = 10.0,
-                 pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True, optimizer_state: str = "slot",
-                 key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum", seed: int = 0,
+                 pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True, hysteresis: float | None = None,
+                 optimizer_state: str = "slot", key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum", seed: int = 0,
                  sparse: bool = True) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
         if len(rows) != len(field_sizes) or min(rows) < 1 or num_hot_rows < 1:
@@ -185,7 +188,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         buckets = sketch_buckets(buckets_per_row, num_hot_rows)
         self.sketch = HotSketch(buckets, int(num_hot_rows), threshold, slots=slots, decay=decay,
                                 decay_mass=decay_mass, pressure_decay=pressure_decay, preempt=preempt,
-                                key_dtype=sketch_key_dtype(field_sizes, key_dtype))
+                                hysteresis=hysteresis, key_dtype=sketch_key_dtype(field_sizes, key_dtype))
         uniform_rows_(self.weight[: sum(rows)], rows)
         with torch.no_grad():
             self.weight[sum(rows):].zero_()  # extra and hot rows: set when used

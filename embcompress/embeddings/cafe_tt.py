@@ -39,8 +39,8 @@ from .tt_cores import TTPlan, plan_bytes, plan_for_budget
 log = logging.getLogger(__name__)
 
 _TT_OPTIONS = ("layout", "num_cores", "q_shape", "ranks", "max_rank")
-_SKETCH_OPTIONS = ("threshold", "decay", "decay_mass", "pressure_decay", "preempt", "slots", "buckets_per_row",
-                   "key_dtype")
+_SKETCH_OPTIONS = ("threshold", "decay", "decay_mass", "pressure_decay", "preempt", "hysteresis", "slots",
+                   "buckets_per_row", "key_dtype")
 _TT_TABLE_OPTIONS = ("core_scale", "init_scale", "seed", "mode", "sparse")
 
 
@@ -58,8 +58,8 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
                "takes the rest (and hands back what it cannot use)", low=0, high=1, low_open=True, high_open=True),
         Option("threshold", "float", None, "lookup count a feature needs for a hot row (T)", low=0, low_open=True,
                auto="the CAFE artifact's value for the nearest compression ratio"),
-        *(_option(CafeEmbeddingBag, name) for name in ("decay", "decay_mass", "pressure_decay", "preempt", "slots",
-                                                       "buckets_per_row", "key_dtype")),
+        *(_option(CafeEmbeddingBag, name) for name in ("decay", "decay_mass", "pressure_decay", "preempt",
+                                                       "hysteresis", "slots", "buckets_per_row", "key_dtype")),
         *(_option(TTEmbeddingBag, name) for name in ("layout", "num_cores", "q_shape", "ranks", "max_rank",
                                                      "core_scale", "init_scale", "seed", "mode", "sparse")),
     )
@@ -68,10 +68,11 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
                  p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int], hot_rows: int,
                  threshold: float, buckets_per_row: float = BUCKETS_PER_ROW, slots: int = 4, decay: float = 0.98,
                  decay_mass: float = 10.0, pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True,
-                 key_dtype: str = "auto", **options: Any) -> None:
+                 hysteresis: float | None = None, key_dtype: str = "auto", **options: Any) -> None:
         self._sketch_args = dict(buckets=sketch_buckets(buckets_per_row, max(1, int(hot_rows))), threshold=threshold,
                                  slots=slots, decay=decay, decay_mass=decay_mass, pressure_decay=pressure_decay,
-                                 preempt=preempt, key_dtype=sketch_key_dtype(field_sizes, key_dtype))
+                                 preempt=preempt, hysteresis=hysteresis,
+                                 key_dtype=sketch_key_dtype(field_sizes, key_dtype))
         super().__init__(field_sizes, embedding_dim, groups=groups, p_shapes=p_shapes, q_shape=q_shape,
                          ranks=ranks, cache_rows=max(1, int(hot_rows)), tracker_rows=0, **options)
         del self._sketch_args
@@ -80,7 +81,7 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
         a = self._sketch_args
         self.sketch = HotSketch(a["buckets"], cache_rows, a["threshold"], slots=a["slots"], decay=a["decay"],
                                 decay_mass=a["decay_mass"], pressure_decay=a["pressure_decay"],
-                                preempt=a["preempt"], key_dtype=a["key_dtype"])
+                                preempt=a["preempt"], hysteresis=a["hysteresis"], key_dtype=a["key_dtype"])
         self._stat_promoted, self._stat_demoted, self._stat_lookups, self._stat_hot = 0, 0, 0, 0
         self._found: tuple[Tensor, Located, Tensor] | None = None  # the last training _cache_find
 

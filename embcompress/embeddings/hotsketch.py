@@ -254,6 +254,8 @@ class HotSketch(nn.Module):
         decay_mass: decay once the inserted score mass exceeds ``decay_mass * w * T``.
         pressure_decay: also decay when more entries have reached T than rows are free (see module doc).
         preempt: let an entry waiting for a row take the row of a hot entry it outscores (module doc).
+        hysteresis: how many times the hot entry's score a waiting entry needs to take its row; None: one
+            decay step (``1 / decay``), the least margin that stops two equal features trading a row.
         seed: seed of the bucket hash.
         key_dtype: dtype of the stored ids. ``torch.int32`` (12-byte slots, the paper's 48 bytes per
             bucket) holds ids in ``[0, 2^31)`` and rejects others at insert; the default int64 holds any id.
@@ -264,7 +266,8 @@ class HotSketch(nn.Module):
 
     def __init__(self, num_buckets: int, num_hot_rows: int, threshold: float, slots: int = 4,
                  decay: float = 0.98, decay_mass: float = 10.0, pressure_decay: bool = True,
-                 preempt: bool = True, seed: int = DEFAULT_SEED, key_dtype: torch.dtype = torch.int64) -> None:
+                 preempt: bool = True, hysteresis: float | None = None, seed: int = DEFAULT_SEED,
+                 key_dtype: torch.dtype = torch.int64) -> None:
         super().__init__()
         if num_buckets < 1 or slots < 1 or num_hot_rows < 0:
             raise ValueError(f"need num_buckets >= 1, slots >= 1, num_hot_rows >= 0; got "
@@ -275,11 +278,15 @@ class HotSketch(nn.Module):
             raise ValueError(f"key_dtype must be torch.int32 or torch.int64, got {key_dtype}")
         if threshold <= 0 or not 0 < decay <= 1:
             raise ValueError(f"need threshold > 0 and 0 < decay <= 1, got {threshold}, {decay}")
+        if hysteresis is not None and not hysteresis >= 1:
+            raise ValueError(f"need hysteresis >= 1, got {hysteresis}")
         self.threshold = float(threshold)
         self.decay = float(decay)
         self.decay_mass = float(decay_mass)
         self.pressure_decay = bool(pressure_decay)
         self.preempt = bool(preempt)
+        # a swap needs waiting score * preempt_margin > hot score (decay itself by default, bit for bit)
+        self.preempt_margin = self.decay if hysteresis is None else 1.0 / float(hysteresis)
         self.seed = int(seed)
         self.bucket_cells = True  # aggregate newcomers per bucket cell (False: sort them all; same result)
         self.native = True  # compiled kernels where available (False: the vectorised PyTorch path; same result)
@@ -510,7 +517,8 @@ class HotSketch(nn.Module):
                 waiting, used = None, int(row_used.sum())  # type: ignore[union-attr]
             *changes, waiting = native.op("hotsketch_insert")(
                 table, row_used, self._buffers["mass"], ids, s, mass_add, self.seed * 0x2545F491, self.threshold,
-                self.decay, self.decay_mass, self.pressure_decay, self.preempt, located.code if fresh else None,
+                self.decay, self.decay_mass, self.pressure_decay, self.preempt, self.preempt_margin,
+                located.code if fresh else None,
                 waiting, used)
             object.__setattr__(self, "_waiting_left",
                                (self._bump(), waiting, used + changes[0].numel() - changes[2].numel()))
@@ -669,8 +677,9 @@ class HotSketch(nn.Module):
         lowest-scored hot entries they beat.
 
         A waiting entry (non-hot, score >= T, no free row) and the hot entry it replaces are paired
-        highest-waiting with lowest-hot; a swap needs the waiting score above the hot one divided by
-        ``decay`` (a one-decay margin, so two features of equal weight do not trade a row back and forth).
+        highest-waiting with lowest-hot; a swap needs the waiting score above the hot one times
+        ``hysteresis`` (by default one decay step, so two features of equal weight do not trade a row back and
+        forth).
         Returns (ids promoted, ids demoted, rows they traded).
         """
         none = torch.empty(0, dtype=torch.int64, device=self.keys.device)
@@ -683,7 +692,7 @@ class HotSketch(nn.Module):
         hot_scores = flat_scores.index_select(0, hot)
         h_order = topk_ties_first(hot_scores, n, largest=False)  # ties: lower slot first, on every device
         h_scores = hot_scores.index_select(0, h_order)
-        swap = torch.nonzero(w_scores * self.decay > h_scores).squeeze(1)
+        swap = torch.nonzero(w_scores * self.preempt_margin > h_scores).squeeze(1)
         if swap.numel() == 0:
             return none, none, none
         win = wait.index_select(0, swap)
@@ -851,7 +860,7 @@ class HotSketch(nn.Module):
             win = order.index_select(0, (i + promotions) % num_slots)  # the entries still waiting
             lose = order.index_select(0, (i + waiting) % num_slots)  # the hot ones, lowest score first
             swap = (i < waiting - promotions) & (i < hot.sum())
-            swap &= scores.index_select(0, win) * self.decay > scores.index_select(0, lose)
+            swap &= scores.index_select(0, win) * self.preempt_margin > scores.index_select(0, lose)
             traded = rows.index_select(0, lose)
             masked_put(rows, lose, torch.full_like(traded, EMPTY), swap)
             masked_put(rows, win, traded, swap)

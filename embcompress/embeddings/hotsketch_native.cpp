@@ -65,6 +65,7 @@ struct Params {
     float threshold, decay;
     double decay_mass;
     int pressure_decay, preempt;
+    float margin;  // a swap needs waiting score * margin > hot score
 };
 
 template <typename K>
@@ -196,7 +197,7 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
             std::partial_sort(hot.begin(), hot.begin() + n, hot.end(), lower);
             for (; swapped < n; ++swapped) {
                 const int64_t win = wait[k + swapped], lose = hot[swapped];
-                if (!(t[win].score * p.decay > t[lose].score)) break;  // the swaps are a prefix
+                if (!(t[win].score * p.margin > t[lose].score)) break;  // the swaps are a prefix
                 const int32_t row = t[lose].hot;
                 t[lose].hot = -1;
                 t[win].hot = row;
@@ -357,7 +358,7 @@ extern "C" {
 // ids out of range (nothing changed).
 void hotsketch_insert(int key_bytes, void* table, uint8_t* used, double* mass, int64_t w, int64_t c, int64_t rows,
                       int64_t seed_add, double threshold, double decay, double decay_mass, int pressure_decay,
-                      int preempt, int64_t n, const int64_t* ids, const float* add, double mass_add,
+                      int preempt, double preempt_margin, int64_t n, const int64_t* ids, const float* add, double mass_add,
                       const int64_t* code, const int64_t* wait_before, int64_t n_wait_before, int64_t rows_used,
                       int64_t* out, int64_t* counts) {
     const int64_t room = 2 * rows + 1;  // promotions (and demotions) per call: rows + preemptions
@@ -376,7 +377,8 @@ void hotsketch_insert(int key_bytes, void* table, uint8_t* used, double* mass, i
             return;
         }
     }
-    Params p{w, c, rows, seed_add, threshold, (float)threshold, (float)decay, decay_mass, pressure_decay, preempt};
+    Params p{w, c, rows, seed_add, threshold, (float)threshold, (float)decay, decay_mass, pressure_decay, preempt,
+             (float)preempt_margin};
     Changes changes{prom_ids, prom_rows, dem_ids, dem_rows};
     Waiting waiting;
     waiting.before = wait_before;
@@ -405,7 +407,7 @@ void hotsketch_insert(int key_bytes, void* table, uint8_t* used, double* mass, i
 // hot row (-1 if not hot) and score (0 if absent) of each id.
 void hotsketch_locate(int key_bytes, void* table, int64_t w, int64_t c, int64_t seed_add, int64_t n,
                       const int64_t* ids, int64_t* code, int64_t* rows, float* scores) {
-    Params p{w, c, 0, seed_add, 0, 0, 0, 0, 0, 0};
+    Params p{w, c, 0, seed_add, 0, 0, 0, 0, 0, 0, 0};
     if (key_bytes == 8) {
         Sketch<int64_t> s{(Slot<int64_t>*)table, nullptr, nullptr, p};
         locate(s, n, ids, code, rows, scores);

@@ -107,7 +107,8 @@ def _workspace(name: str, n: int) -> Tensor:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    lib.hotsketch_insert.argtypes = [i32, p, p, p, i64, i64, i64, i64, f64, f64, f64, i32, i32, i64, p, p, f64, p,
+    lib.hotsketch_insert.argtypes = [i32, p, p, p, i64, i64, i64, i64, f64, f64, f64, i32, i32, f64, i64, p, p, f64,
+                                     p,
                                      p, i64, i64, p, p]
     lib.hotsketch_insert.restype = None
     lib.hotsketch_locate.argtypes = [i32, p, i64, i64, i64, i64, p, p, p, p]
@@ -126,7 +127,7 @@ _SCHEMAS = {
     "hotsketch_locate": "(Tensor table, Tensor ids, int seed_add) -> (Tensor, Tensor, Tensor)",
     "hotsketch_insert": "(Tensor(a!) table, Tensor(b!) row_used, Tensor(c!) mass, Tensor ids, Tensor? add, "
                         "float mass_add, int seed_add, float threshold, float decay, float decay_mass, "
-                        "bool pressure_decay, bool preempt, Tensor? code, Tensor? waiting, int used) "
+                        "bool pressure_decay, bool preempt, float preempt_margin, Tensor? code, Tensor? waiting, int used) "
                         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "cms_add": "(Tensor(a!) sketch, Tensor ids, Tensor counts) -> ()",
     "cms_estimate": "(Tensor sketch, Tensor ids) -> Tensor",
@@ -167,8 +168,8 @@ def _register(lib: ctypes.CDLL) -> None:
 
     def hotsketch_insert(table: Tensor, row_used: Tensor, mass: Tensor, ids: Tensor, add: Tensor | None,
                          mass_add: float, seed_add: int, threshold: float, decay: float, decay_mass: float,
-                         pressure_decay: bool, preempt: bool, code: Tensor | None, waiting: Tensor | None,
-                         used: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         pressure_decay: bool, preempt: bool, preempt_margin: float, code: Tensor | None,
+                         waiting: Tensor | None, used: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """HotSketch.insert's batch rule and maintenance on the sketch's buffers (in place). ``table``:
         HotSketch.table (w, c, words) int32; ``ids`` int64. Optional: ``code`` from ``hotsketch_locate``
         on the current state; ``waiting``, the last result's waiting entries when nothing else changed
@@ -180,7 +181,7 @@ def _register(lib: ctypes.CDLL) -> None:
         counts = (ctypes.c_int64 * 3)()
         ids = ids.contiguous()
         lib.hotsketch_insert(key_bytes(table), table.data_ptr(), row_used.data_ptr(), mass.data_ptr(), w, c, rows,
-                             seed_add, threshold, decay, decay_mass, pressure_decay, preempt, ids.numel(),
+                             seed_add, threshold, decay, decay_mass, pressure_decay, preempt, preempt_margin, ids.numel(),
                              ids.data_ptr(), None if add is None else add.contiguous().data_ptr(), mass_add,
                              None if code is None else code.contiguous().data_ptr(),
                              None if waiting is None else waiting.contiguous().data_ptr(),
@@ -217,7 +218,8 @@ def _register(lib: ctypes.CDLL) -> None:
 
     # Shapes for tracing (torch.compile / export): the insert's result sizes depend on the data.
     def insert_fake(table, row_used, mass, ids, add, mass_add, seed_add, threshold, decay, decay_mass,
-                    pressure_decay, preempt, code, waiting, used):  # type: ignore[no-untyped-def]
+                    pressure_decay, preempt, preempt_margin, code, waiting,
+                    used):  # type: ignore[no-untyped-def]
         ctx = torch.library.get_ctx()
         p, d, k = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
         return tuple(ids.new_empty(n, dtype=torch.int64) for n in (p, p, d, d, k))

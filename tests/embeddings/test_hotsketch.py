@@ -18,11 +18,12 @@ from embcompress.embeddings.hotsketch import HotSketch, Located, pick_ranked
 
 
 def one_bucket(slots: int = 4, hot_rows: int = 2, threshold: float = 100.0, decay_mass: float = 1e9,
-               decay: float = 0.98, pressure_decay: bool = False, preempt: bool = False) -> HotSketch:
+               decay: float = 0.98, pressure_decay: bool = False, preempt: bool = False,
+               hysteresis: float | None = None) -> HotSketch:
     """A sketch of one bucket (every id collides); the paper's rules only unless asked (no decay, no
     pressure decay, no preemption)."""
     return HotSketch(1, hot_rows, threshold, slots=slots, decay=decay, decay_mass=decay_mass,
-                     pressure_decay=pressure_decay, preempt=preempt)
+                     pressure_decay=pressure_decay, preempt=preempt, hysteresis=hysteresis)
 
 
 def state(sk: HotSketch) -> dict[int, tuple[float, int]]:
@@ -78,6 +79,18 @@ def test_waiting_entry_preempts_a_weaker_hot_entry():
     assert up.promoted_ids.tolist() == [2] and up.demoted_ids.tolist() == [1]
     assert up.promoted_rows.tolist() == [0] and up.demoted_rows.tolist() == [0]
     assert state(sk) == {1: (6.0, -1), 2: (7.0, 0)}
+
+
+def test_hysteresis_sets_how_far_a_waiting_entry_must_outscore_a_hot_one():
+    sk = one_bucket(slots=4, hot_rows=1, threshold=5.0, preempt=True, hysteresis=2.0)
+    assert ins(sk, [1], [6.0]).promoted_ids.tolist() == [1]
+    up = ins(sk, [2], [11.0])  # 11 is not more than twice 6: waits, where one decay step's margin would swap
+    assert up.promoted_ids.numel() == 0 and state(sk)[2] == (11.0, -1)
+    up = ins(sk, [2], [2.0])  # 13 > 2 * 6: takes the row
+    assert up.promoted_ids.tolist() == [2] and up.demoted_ids.tolist() == [1]
+    assert state(sk) == {1: (6.0, -1), 2: (13.0, 0)}
+    with pytest.raises(ValueError, match="hysteresis >= 1"):
+        HotSketch(1, 1, 5.0, hysteresis=0.5)
 
 
 def test_pressure_decay_frees_rows_for_waiting_entries():
@@ -389,41 +402,45 @@ def _zipf(n, universe, seed):
     return torch.from_numpy(rng.permutation(universe)[rng.choice(universe, size=n, p=p / p.sum())] * 7919 + 13)
 
 
-@pytest.mark.parametrize("buckets,rows,threshold,batch,key_dtype,scored,preempt,pressure", [
-    (64, 40, 5.0, 300, torch.int64, False, True, True),  # a full hot set: pressure decays and preemption
-    (1024, 1000, 20.0, 4096, torch.int64, False, True, True),
-    (256, 100, 3.0, 5000, torch.int32, False, True, True),  # newcomers outnumber the buckets
-    (512, 300, 4.0, 2000, torch.int64, True, False, False),  # float scores, the paper's rules alone
-    (128, 50, 0.3, 700, torch.int32, True, True, True),
-    (8, 20, 2.0, 3000, torch.int64, True, True, True),  # hundreds of newcomers per bucket
+@pytest.mark.parametrize("buckets,rows,threshold,batch,key_dtype,scored,preempt,pressure,hysteresis", [
+    (64, 40, 5.0, 300, torch.int64, False, True, True, None),  # a full hot set: pressure decays and preemption
+    (1024, 1000, 20.0, 4096, torch.int64, False, True, True, None),
+    (256, 100, 3.0, 5000, torch.int32, False, True, True, None),  # newcomers outnumber the buckets
+    (512, 300, 4.0, 2000, torch.int64, True, False, False, None),  # float scores, the paper's rules alone
+    (128, 50, 0.3, 700, torch.int32, True, True, True, None),
+    (8, 20, 2.0, 3000, torch.int64, True, True, True, None),  # hundreds of newcomers per bucket
+    (64, 40, 5.0, 300, torch.int64, False, True, True, 2.0),  # preemption with hysteresis 2
+    (128, 50, 0.3, 700, torch.int32, True, True, True, 1.5),
 ])
 def test_compiled_insert_gives_the_state_of_the_pytorch_path(kernels, buckets, rows, threshold, batch, key_dtype,
-                                                            scored, preempt, pressure):
+                                                            scored, preempt, pressure, hysteresis):
     """After every batch the compiled insert leaves the same keys, scores, hot rows, free-row mask and
     mass as the PyTorch path, and reports the same promotions and demotions in the same order."""
     if kernels == "pytorch":
         pytest.skip("compares the two paths")
-    kw = dict(key_dtype=key_dtype, preempt=preempt, pressure_decay=pressure)
+    kw = dict(key_dtype=key_dtype, preempt=preempt, pressure_decay=pressure, hysteresis=hysteresis)
     compiled, reference = HotSketch(buckets, rows, threshold, **kw), HotSketch(buckets, rows, threshold, **kw)
     reference.native = False
     _same_as_reference(compiled, reference, buckets, batch, scored)
 
 
-@pytest.mark.parametrize("buckets,rows,threshold,batch,key_dtype,scored,preempt,pressure", [
-    (64, 40, 5.0, 300, torch.int64, False, True, True),
-    (1024, 1000, 20.0, 4096, torch.int64, False, True, True),  # cells and counted picks on the reference
-    (256, 100, 3.0, 5000, torch.int32, False, True, True),
-    (512, 300, 4.0, 2000, torch.int64, True, False, False),
-    (128, 50, 0.3, 700, torch.int32, True, True, True),
-    (8, 20, 2.0, 3000, torch.int64, True, True, True),
+@pytest.mark.parametrize("buckets,rows,threshold,batch,key_dtype,scored,preempt,pressure,hysteresis", [
+    (64, 40, 5.0, 300, torch.int64, False, True, True, None),
+    (1024, 1000, 20.0, 4096, torch.int64, False, True, True, None),  # cells and counted picks on the reference
+    (256, 100, 3.0, 5000, torch.int32, False, True, True, None),
+    (512, 300, 4.0, 2000, torch.int64, True, False, False, None),
+    (128, 50, 0.3, 700, torch.int32, True, True, True, None),
+    (8, 20, 2.0, 3000, torch.int64, True, True, True, None),
+    (64, 40, 5.0, 300, torch.int64, False, True, True, 2.0),
+    (128, 50, 0.3, 700, torch.int32, True, True, True, 1.5),
 ])
 def test_sync_free_insert_gives_the_state_of_the_pytorch_path(kernels, buckets, rows, threshold, batch, key_dtype,
-                                                             scored, preempt, pressure):
+                                                             scored, preempt, pressure, hysteresis):
     """The insert without host syncs (fixed-size buffers and masks) leaves the state of the vectorised
     path after every batch and reports the same promotions and demotions in the same order."""
     if kernels == "native":
         pytest.skip("compares two PyTorch paths")
-    kw = dict(key_dtype=key_dtype, preempt=preempt, pressure_decay=pressure)
+    kw = dict(key_dtype=key_dtype, preempt=preempt, pressure_decay=pressure, hysteresis=hysteresis)
     sync_free, reference = HotSketch(buckets, rows, threshold, **kw), HotSketch(buckets, rows, threshold, **kw)
     sync_free.sync_free = True
     assert sync_free.uses_sync_free(torch.device("cpu")) and not reference.uses_sync_free(torch.device("cpu"))
@@ -479,7 +496,7 @@ def test_custom_ops_agree_with_their_shape_functions(kernels):
     for code in (None, loc.code):
         state = (sk.table.clone(), sk.row_used.clone(), sk.mass.clone())
         torch.library.opcheck(ops.hotsketch_insert.default, (*state, ids, torch.rand(ids.shape), 150.0, seed, 5.0,
-                                                             0.98, 10.0, True, True, code, None, -1))
+                                                             0.98, 10.0, True, True, 0.5, code, None, -1))
     torch.library.opcheck(ops.cms_estimate.default, (torch.randint(0, 9, (2, 64), dtype=torch.int32), ids))
 
 
@@ -511,7 +528,8 @@ def test_sync_free_insert_equals_the_vectorised_path_on_random_streams(kernels, 
     key_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]))
     kw = dict(slots=data.draw(st.integers(1, 5)), decay=data.draw(st.sampled_from([0.5, 0.9, 0.98, 1.0])),
               decay_mass=data.draw(st.sampled_from([0.5, 2.0, 10.0, 1e9])), pressure_decay=data.draw(st.booleans()),
-              preempt=data.draw(st.booleans()), key_dtype=key_dtype)
+              preempt=data.draw(st.booleans()), hysteresis=data.draw(st.sampled_from([None, 1.0, 2.0, 3.5])),
+              key_dtype=key_dtype)
     buckets, rows = data.draw(st.integers(1, 40)), data.draw(st.integers(0, 30))
     threshold = data.draw(st.sampled_from([0.5, 1.0, 2.0, 3.0, 6.0]))
     sync_free, reference = HotSketch(buckets, rows, threshold, **kw), HotSketch(buckets, rows, threshold, **kw)
