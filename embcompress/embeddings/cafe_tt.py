@@ -15,8 +15,12 @@ never need a hot row), in place of ``tt``'s tracker and periodic refresh:
   demoted id goes back to its TT row (a TT cannot store one row's learned value).
 
 Budget: ``hot_share`` of the bytes buys hot rows (4·D bytes each plus their share of the sketch), the TT
-cores are the largest that fit in the rest, and whatever the TT leaves buys more hot rows. The sketch's
-threshold defaults to CAFE's reference value for the ratio; the importance signal is the lookup count.
+cores are the largest that fit in the rest, and whatever the TT leaves buys more hot rows.
+
+Selection: the importance signal is the lookup count. The threshold is low (T = 10 lookups), so the hot
+rows fill in the first steps, and a waiting id takes a hot id's row only with twice its count
+(``hysteresis`` 2), so the first, noisy choices are corrected without the hot set churning. Both values
+were chosen on validation rows: docs/zch.md, "At Criteo Kaggle's size".
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .cafe import BUCKETS_PER_ROW, PRESSURE_DECAY, CafeEmbeddingBag, reference_defaults, sketch_buckets, sketch_key_dtype
+from .cafe import BUCKETS_PER_ROW, PRESSURE_DECAY, CafeEmbeddingBag, sketch_buckets, sketch_key_dtype
 from .base import FLOAT_BYTES, BudgetError
 from .hotsketch import HotSketch, Located
 from .options import Option
@@ -42,6 +46,8 @@ _TT_OPTIONS = ("layout", "num_cores", "q_shape", "ranks", "max_rank")
 _SKETCH_OPTIONS = ("threshold", "decay", "decay_mass", "pressure_decay", "preempt", "hysteresis", "slots",
                    "buckets_per_row", "key_dtype")
 _TT_TABLE_OPTIONS = ("core_scale", "init_scale", "seed", "mode", "sparse")
+THRESHOLD = 10.0  # lookups an id needs for a hot row (module doc, "Selection")
+HYSTERESIS = 2.0  # how many times a hot id's count a waiting id needs to take its row
 
 
 def _option(cls: type, name: str) -> Option:
@@ -56,19 +62,22 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
     OPTIONS = (
         Option("hot_share", "float", 0.75, "share of the budget that buys hot rows and their sketch; the TT "
                "takes the rest (and hands back what it cannot use)", low=0, high=1, low_open=True, high_open=True),
-        Option("threshold", "float", None, "lookup count a feature needs for a hot row (T)", low=0, low_open=True,
-               auto="the CAFE artifact's value for the nearest compression ratio"),
-        *(_option(CafeEmbeddingBag, name) for name in ("decay", "decay_mass", "pressure_decay", "preempt",
-                                                       "hysteresis", "slots", "buckets_per_row", "key_dtype")),
+        Option("threshold", "float", THRESHOLD, "lookup count a feature needs for a hot row (T)", low=0,
+               low_open=True),
+        Option("hysteresis", "float", HYSTERESIS, "how many times a hot feature's count a waiting feature needs "
+               "to take its row", low=1),
+        *(_option(CafeEmbeddingBag, name) for name in ("decay", "decay_mass", "pressure_decay", "preempt", "slots",
+                                                       "buckets_per_row", "key_dtype")),
         *(_option(TTEmbeddingBag, name) for name in ("layout", "num_cores", "q_shape", "ranks", "max_rank",
                                                      "core_scale", "init_scale", "seed", "mode", "sparse")),
     )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, *, groups: Sequence[Sequence[int]],
                  p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int], hot_rows: int,
-                 threshold: float, buckets_per_row: float = BUCKETS_PER_ROW, slots: int = 4, decay: float = 0.98,
+                 threshold: float = THRESHOLD, buckets_per_row: float = BUCKETS_PER_ROW, slots: int = 4,
+                 decay: float = 0.98,
                  decay_mass: float = 10.0, pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True,
-                 hysteresis: float | None = None, key_dtype: str = "auto", **options: Any) -> None:
+                 hysteresis: float | None = HYSTERESIS, key_dtype: str = "auto", **options: Any) -> None:
         self._sketch_args = dict(buckets=sketch_buckets(buckets_per_row, max(1, int(hot_rows))), threshold=threshold,
                                  slots=slots, decay=decay, decay_mass=decay_mass, pressure_decay=pressure_decay,
                                  preempt=preempt, hysteresis=hysteresis,
@@ -202,8 +211,6 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
     def from_budget_bytes(cls, field_sizes: Sequence[int], embedding_dim: int, budget_bytes: int,
                           **options: Any) -> "CafeTTEmbeddingBag":
         opts = dict(options)
-        ratio = sum(int(n) for n in field_sizes) * embedding_dim * FLOAT_BYTES / budget_bytes
-        opts.setdefault("threshold", reference_defaults(ratio)[0])
         try:
             plan, hot = cls._plan(field_sizes, embedding_dim, int(budget_bytes), opts)
         except ValueError as e:
