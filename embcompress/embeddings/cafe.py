@@ -165,8 +165,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                  num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
                  slots: int = 4, buckets_per_row: float = BUCKETS_PER_ROW, decay_mass: float = 10.0,
                  pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True, hysteresis: float | None = None,
-                 optimizer_state: str = "slot", key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum", seed: int = 0,
-                 sparse: bool = True) -> None:
+                 optimizer_state: str = "slot", key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum",
+                 seed: int = 0, sparse: bool = True) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
         if len(rows) != len(field_sizes) or min(rows) < 1 or num_hot_rows < 1:
             raise ValueError("rows_per_field needs one positive count per field, and num_hot_rows >= 1")

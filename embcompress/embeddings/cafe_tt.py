@@ -75,9 +75,9 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, *, groups: Sequence[Sequence[int]],
                  p_shapes: Sequence[Sequence[int]], q_shape: Sequence[int], ranks: Sequence[int], hot_rows: int,
                  threshold: float = THRESHOLD, buckets_per_row: float = BUCKETS_PER_ROW, slots: int = 4,
-                 decay: float = 0.98,
-                 decay_mass: float = 10.0, pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True,
-                 hysteresis: float | None = HYSTERESIS, key_dtype: str = "auto", **options: Any) -> None:
+                 decay: float = 0.98, decay_mass: float = 10.0, pressure_decay: bool = PRESSURE_DECAY,
+                 preempt: bool = True, hysteresis: float | None = HYSTERESIS, key_dtype: str = "auto",
+                 **options: Any) -> None:
         self._sketch_args = dict(buckets=sketch_buckets(buckets_per_row, max(1, int(hot_rows))), threshold=threshold,
                                  slots=slots, decay=decay, decay_mass=decay_mass, pressure_decay=pressure_decay,
                                  preempt=preempt, hysteresis=hysteresis,

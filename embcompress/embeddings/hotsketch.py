@@ -678,8 +678,8 @@ class HotSketch(nn.Module):
 
         A waiting entry (non-hot, score >= T, no free row) and the hot entry it replaces are paired
         highest-waiting with lowest-hot; a swap needs the waiting score above the hot one times
-        ``hysteresis`` (by default one decay step, so two features of equal weight do not trade a row back and
-        forth).
+        ``hysteresis`` (by default one decay step, so two features of equal weight do not trade a row back
+        and forth).
         Returns (ids promoted, ids demoted, rows they traded).
         """
         none = torch.empty(0, dtype=torch.int64, device=self.keys.device)

@@ -358,7 +358,8 @@ extern "C" {
 // ids out of range (nothing changed).
 void hotsketch_insert(int key_bytes, void* table, uint8_t* used, double* mass, int64_t w, int64_t c, int64_t rows,
                       int64_t seed_add, double threshold, double decay, double decay_mass, int pressure_decay,
-                      int preempt, double preempt_margin, int64_t n, const int64_t* ids, const float* add, double mass_add,
+                      int preempt, double preempt_margin, int64_t n, const int64_t* ids, const float* add,
+                      double mass_add,
                       const int64_t* code, const int64_t* wait_before, int64_t n_wait_before, int64_t rows_used,
                       int64_t* out, int64_t* counts) {
     const int64_t room = 2 * rows + 1;  // promotions (and demotions) per call: rows + preemptions

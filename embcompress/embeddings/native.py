@@ -108,8 +108,7 @@ def _workspace(name: str, n: int) -> Tensor:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.hotsketch_insert.argtypes = [i32, p, p, p, i64, i64, i64, i64, f64, f64, f64, i32, i32, f64, i64, p, p, f64,
-                                     p,
-                                     p, i64, i64, p, p]
+                                     p, p, i64, i64, p, p]
     lib.hotsketch_insert.restype = None
     lib.hotsketch_locate.argtypes = [i32, p, i64, i64, i64, i64, p, p, p, p]
     lib.hotsketch_locate.restype = None
@@ -127,7 +126,8 @@ _SCHEMAS = {
     "hotsketch_locate": "(Tensor table, Tensor ids, int seed_add) -> (Tensor, Tensor, Tensor)",
     "hotsketch_insert": "(Tensor(a!) table, Tensor(b!) row_used, Tensor(c!) mass, Tensor ids, Tensor? add, "
                         "float mass_add, int seed_add, float threshold, float decay, float decay_mass, "
-                        "bool pressure_decay, bool preempt, float preempt_margin, Tensor? code, Tensor? waiting, int used) "
+                        "bool pressure_decay, bool preempt, float preempt_margin, Tensor? code, Tensor? waiting, "
+                        "int used) "
                         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "cms_add": "(Tensor(a!) sketch, Tensor ids, Tensor counts) -> ()",
     "cms_estimate": "(Tensor sketch, Tensor ids) -> Tensor",
@@ -181,8 +181,9 @@ def _register(lib: ctypes.CDLL) -> None:
         counts = (ctypes.c_int64 * 3)()
         ids = ids.contiguous()
         lib.hotsketch_insert(key_bytes(table), table.data_ptr(), row_used.data_ptr(), mass.data_ptr(), w, c, rows,
-                             seed_add, threshold, decay, decay_mass, pressure_decay, preempt, preempt_margin, ids.numel(),
-                             ids.data_ptr(), None if add is None else add.contiguous().data_ptr(), mass_add,
+                             seed_add, threshold, decay, decay_mass, pressure_decay, preempt, preempt_margin,
+                             ids.numel(), ids.data_ptr(), None if add is None else add.contiguous().data_ptr(),
+                             mass_add,
                              None if code is None else code.contiguous().data_ptr(),
                              None if waiting is None else waiting.contiguous().data_ptr(),
                              -1 if waiting is None else waiting.numel(), used, out.data_ptr(), counts)
