@@ -119,3 +119,16 @@ def test_hot_share_moves_bytes_between_hot_rows_and_the_tt():
     high = ec.make_table("cafe-tt", fields, 16, budget_bytes=budget, hot_share=0.9)
     assert low.num_hot_rows < high.num_hot_rows
     assert sum(c.numel() for c in low.cores) > sum(c.numel() for c in high.cores)
+
+
+def test_budget_built_table_uses_the_declared_sketch_defaults_and_takes_overrides():
+    """Built from a budget, the sketch has the declared T (10 lookups) and hysteresis (2), at every ratio;
+    options replace them, and hysteresis 1/0.98 is exactly the one-decay margin of ``hysteresis=None``."""
+    declared = {o.name: o.default for o in CafeTTEmbeddingBag.OPTIONS}
+    for ratio in (10, 100):
+        sketch = ec.make_table("cafe-tt", [20000, 5000, 30], DIM, compression=ratio).sketch
+        assert sketch.threshold == declared["threshold"] == 10.0
+        assert sketch.preempt_margin == 1 / declared["hysteresis"] == 0.5
+    sketch = ec.make_table("cafe-tt", [20000, 5000, 30], DIM, compression=100, threshold=500.0,
+                           hysteresis=1.0204081632653061).sketch
+    assert sketch.threshold == 500.0 and sketch.preempt_margin == small_table(hysteresis=None).sketch.preempt_margin
