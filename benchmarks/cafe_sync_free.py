@@ -262,12 +262,12 @@ def main() -> None:
         "tables_equal": same_state(a, b),
         "hook_ops": {k: hook_ops(t, steps[k]) for k, t in (("vectorised", a), ("sync_free", b))}}
     log(f"us per step {record['step_us']}, per hook {record['hook_us']}")
-    attempts = {"compile": lambda: compiled_hook(sizes, args.ratio, batches, project, args.importance, 50, device)}
+    attempts: dict[str, Callable[[], dict[str, Any]]] = {}
+    if args.compile:
+        attempts["compile"] = lambda: compiled_hook(sizes, args.ratio, batches, project, args.importance, 50, device)
     if device.type == "cuda":
         attempts["cuda_graph"] = lambda: cuda_capture(sizes, args.ratio, batches, project, args.importance, 50)
     for name, attempt in attempts.items():
-        if name == "compile" and not args.compile:
-            continue
         try:
             record[name] = attempt()
         except Exception as e:  # what failed is the finding
