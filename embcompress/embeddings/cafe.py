@@ -21,7 +21,13 @@ Budget: ``memory_bytes`` is the state dict. A hot row costs 4·D bytes plus its 
 ``buckets_per_row`` buckets of ``slots`` slots of 12 bytes (int32 id, float32 score, int32 row) and a
 byte of free-row mask: 4·D + 25 with the defaults (half a bucket per row; 4·D + 33 with int64 ids, above
 2^31 ids or with ``key_dtype="int64"``). ``hash_rate`` of the budget goes to hash rows, the rest to hot rows and sketch;
-``threshold`` and ``hash_rate`` default to the CAFE artifact's values for the nearest compression ratio.
+``hash_rate`` defaults to the CAFE artifact's value for the nearest compression ratio.
+
+Selection: a feature needs a score of ``threshold`` (T = 10, about ten lookups' worth of normalised
+gradient) for a hot row, so the rows fill in the first steps, and a waiting feature takes a hot feature's
+row only with twice its score (``hysteresis`` 2), so those first, noisy choices are corrected without the
+hot set churning. The artifact's T (up to 500) filled rows only as features earned them; both values were
+chosen on validation rows: docs/zch.md, "At Criteo Kaggle's size".
 """
 
 from __future__ import annotations
@@ -49,9 +55,8 @@ from .sync import distributed_world, gather_across_ranks
 
 log = logging.getLogger(__name__)
 
-# The CAFE artifact's defaults by compression ratio CR = 1 / ratio.
+# The CAFE artifact's share of the budget for hash rows by compression ratio CR = 1 / ratio.
 REFERENCE_CR = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
-REFERENCE_THRESHOLD = (10, 10, 20, 30, 50, 100, 200, 500, 500, 500, 500, 500)
 REFERENCE_HASH_RATE = (0.7, 0.5, 0.5, 0.5, 0.3, 0.3, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1)
 _FIELD_BUFFERS = 4  # starts, sizes, rows, row_base: int64 each
 _ROUNDING_SLACK = SLOT_BYTES * 4  # a bucket of int64 slots: room for round(buckets_per_row * hot rows)
@@ -61,6 +66,8 @@ _FEW_IDS = 32  # hashed_row computes up to this many ids in Python on the CPU
 #: half a 4-slot bucket per hot row and no pressure decay: chosen on validation rows (docs/zch.md)
 BUCKETS_PER_ROW = 0.5
 PRESSURE_DECAY = False
+THRESHOLD = 10.0  # score a feature needs for a hot row (module doc, "Selection")
+HYSTERESIS = 2.0  # how many times a hot feature's score a waiting feature needs to take its row
 
 
 def _kernel() -> ctypes.CDLL | None:
@@ -90,11 +97,11 @@ def sketch_buckets(buckets_per_row: float, hot_rows: int) -> int:
     return max(1, int(round(buckets_per_row * hot_rows)))
 
 
-def reference_defaults(ratio: float) -> tuple[float, float]:
-    """(threshold T, hash_rate) of the artifact for the CR nearest (in log scale) to ``1 / ratio``."""
+def reference_hash_rate(ratio: float) -> float:
+    """The artifact's ``hash_rate`` for the CR nearest (in log scale) to ``1 / ratio``."""
     cr = 1.0 / ratio
     i = min(range(len(REFERENCE_CR)), key=lambda j: abs(math.log(REFERENCE_CR[j] / cr)))
-    return float(REFERENCE_THRESHOLD[i]), float(REFERENCE_HASH_RATE[i])
+    return float(REFERENCE_HASH_RATE[i])
 
 
 def _joined(parts: list[Tensor]) -> Tensor:
@@ -124,9 +131,9 @@ class _Pending:
 
 @register("cafe")
 class CafeEmbeddingBag(IndexedEmbeddingBag):
-    """CAFE table. Options: ``threshold``, ``hash_rate``, ``decay`` (0.98), ``importance``
+    """CAFE table. Options: ``threshold`` (10), ``hash_rate``, ``decay`` (0.98), ``importance``
     (``"gradient"`` | ``"frequency"``), ``slots`` (4), ``buckets_per_row`` (0.5), ``decay_mass`` (10),
-    ``pressure_decay`` (False), ``preempt`` (True) and ``hysteresis`` (one decay step; :mod:`.hotsketch`
+    ``pressure_decay`` (False), ``preempt`` (True) and ``hysteresis`` (2; :mod:`.hotsketch`
     explains the three), ``key_dtype``
     (``"auto"`` | ``"int32"`` | ``"int64"``: the sketch's ids, module doc "Budget") and
     ``optimizer_state`` (what a hot row handed to a new feature starts with, under a stateful optimizer
@@ -135,8 +142,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     also drop the gradient the row's previous feature left in that step)."""
 
     OPTIONS = (
-        Option("threshold", "float", None, "score a feature needs for a hot row (T)", low=0, low_open=True,
-               auto="the CAFE artifact's value for the nearest compression ratio"),
+        Option("threshold", "float", THRESHOLD, "score a feature needs for a hot row (T)", low=0, low_open=True),
         Option("hash_rate", "float", None, "share of the budget that goes to the per-field hash rows; the rest "
                "buys hot rows and their sketch", low=0, high=1, low_open=True, high_open=True,
                auto="the CAFE artifact's value for the nearest compression ratio"),
@@ -146,8 +152,8 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
                "decay_mass x buckets x T", low=0, low_open=True),
         Option("pressure_decay", "bool", PRESSURE_DECAY, "also decay when more features reach T than hot rows are free"),
         Option("preempt", "bool", True, "a feature waiting for a hot row takes the row of a hot feature it outscores"),
-        Option("hysteresis", "float", None, "how many times a hot feature's score a waiting feature needs to take "
-               "its row", low=1, auto="1 / decay (one decay step)"),
+        Option("hysteresis", "float", HYSTERESIS, "how many times a hot feature's score a waiting feature needs "
+               "to take its row", low=1),
         Option("importance", "str", "gradient", "what a lookup adds to its feature's score: its gradient norm "
                "(normalised per field and batch) or 1", choices=("gradient", "frequency")),
         Option("slots", "int", 4, "sketch slots per bucket", low=1),
@@ -162,9 +168,9 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
     )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
-                 num_hot_rows: int, threshold: float, decay: float = 0.98, importance: str = "gradient",
+                 num_hot_rows: int, threshold: float = THRESHOLD, decay: float = 0.98, importance: str = "gradient",
                  slots: int = 4, buckets_per_row: float = BUCKETS_PER_ROW, decay_mass: float = 10.0,
-                 pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True, hysteresis: float | None = None,
+                 pressure_decay: bool = PRESSURE_DECAY, preempt: bool = True, hysteresis: float | None = HYSTERESIS,
                  optimizer_state: str = "slot", key_dtype: str = "auto", extra_rows: int = 0, mode: str = "sum",
                  seed: int = 0, sparse: bool = True) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
@@ -515,9 +521,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
         """(hash rows, hot rows, constructor options) for a budget."""
         opts = dict(options)
         ratio = sum(int(n) for n in field_sizes) * embedding_dim * FLOAT_BYTES / budget_bytes
-        t_ref, rate_ref = reference_defaults(ratio)
-        opts.setdefault("threshold", t_ref)
-        hash_rate = float(opts.pop("hash_rate", None) or rate_ref)
+        hash_rate = float(opts.pop("hash_rate", None) or reference_hash_rate(ratio))
         hot = cls._hot_row_bytes(field_sizes, embedding_dim, opts)
         row = embedding_dim * FLOAT_BYTES
         usable = budget_bytes - cls._fixed_bytes(field_sizes)

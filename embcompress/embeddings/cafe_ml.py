@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import FLOAT_BYTES, uniform_rows_
-from .cafe import CafeEmbeddingBag, CafeInference
+from .cafe import THRESHOLD, CafeEmbeddingBag, CafeInference
 from .ops import allocate_rows, bag_of_lookups, field_of, field_starts, hash64, mean_weights
 from .options import Option
 from .registry import register
@@ -57,7 +57,7 @@ class CafeMLEmbeddingBag(CafeEmbeddingBag):
     )
 
     def __init__(self, field_sizes: Sequence[int], embedding_dim: int, rows_per_field: Sequence[int],
-                 second_rows_per_field: Sequence[int], num_hot_rows: int, threshold: float,
+                 second_rows_per_field: Sequence[int], num_hot_rows: int, threshold: float = THRESHOLD,
                  medium_fraction: float = 0.2, second_in_first: bool = False, **options: Any) -> None:
         rows = [min(int(r), int(n)) for r, n in zip(rows_per_field, field_sizes)]
         rows2 = [int(r) if r_ < int(n) else 0 for r, r_, n in zip(second_rows_per_field, rows, field_sizes)]

@@ -17,10 +17,9 @@ never need a hot row), in place of ``tt``'s tracker and periodic refresh:
 Budget: ``hot_share`` of the bytes buys hot rows (4·D bytes each plus their share of the sketch), the TT
 cores are the largest that fit in the rest, and whatever the TT leaves buys more hot rows.
 
-Selection: the importance signal is the lookup count. The threshold is low (T = 10 lookups), so the hot
-rows fill in the first steps, and a waiting id takes a hot id's row only with twice its count
-(``hysteresis`` 2), so the first, noisy choices are corrected without the hot set churning. Both values
-were chosen on validation rows: docs/zch.md, "At Criteo Kaggle's size".
+Selection: the importance signal is the lookup count; the threshold (T = 10 lookups) and the
+``hysteresis`` (2) are ``cafe``'s (:mod:`.cafe`, "Selection"), chosen on validation rows for both tables:
+docs/zch.md, "At Criteo Kaggle's size".
 """
 
 from __future__ import annotations
@@ -31,7 +30,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .cafe import BUCKETS_PER_ROW, PRESSURE_DECAY, CafeEmbeddingBag, sketch_buckets, sketch_key_dtype
+from .cafe import (BUCKETS_PER_ROW, HYSTERESIS, PRESSURE_DECAY, THRESHOLD, CafeEmbeddingBag, sketch_buckets,
+                   sketch_key_dtype)
 from .base import FLOAT_BYTES, BudgetError
 from .hotsketch import HotSketch, Located
 from .options import Option
@@ -46,8 +46,6 @@ _TT_OPTIONS = ("layout", "num_cores", "q_shape", "ranks", "max_rank")
 _SKETCH_OPTIONS = ("threshold", "decay", "decay_mass", "pressure_decay", "preempt", "hysteresis", "slots",
                    "buckets_per_row", "key_dtype")
 _TT_TABLE_OPTIONS = ("core_scale", "init_scale", "seed", "mode", "sparse")
-THRESHOLD = 10.0  # lookups an id needs for a hot row (module doc, "Selection")
-HYSTERESIS = 2.0  # how many times a hot id's count a waiting id needs to take its row
 
 
 def _option(cls: type, name: str) -> Option:

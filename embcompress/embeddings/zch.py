@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import FLOAT_BYTES, IndexedEmbeddingBag, uniform_rows_
-from .cafe import reference_defaults
+from .cafe import reference_hash_rate
 from .ops import allocate_rows, field_hash_rows, field_of, field_starts, hash64
 from .options import Option, hash_seed_option, mode_option, sparse_option
 from .registry import register
@@ -290,7 +290,7 @@ class ZchEmbeddingBag(IndexedEmbeddingBag):
             return 0, max(1, min(total, usable // slot))
         hash_rate = options.get("hash_rate")
         if hash_rate is None:
-            hash_rate = reference_defaults(total * row / budget_bytes)[1]
+            hash_rate = reference_hash_rate(total * row / budget_bytes)
         hash_rows = max(len(field_sizes), min(total, int(hash_rate * usable) // row))
         slots = max(1, min(total, (usable - hash_rows * row) // slot))
         hash_rows = max(len(field_sizes), min(total, (usable - slots * slot) // row))

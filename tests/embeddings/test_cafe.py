@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import embcompress as ec
-from embcompress.embeddings.cafe import CafeEmbeddingBag, reference_defaults
+from embcompress.embeddings.cafe import CafeEmbeddingBag, reference_hash_rate
 from embcompress.embeddings.hotsketch import HotSketch
 from embcompress.embeddings.ops import field_of
 
@@ -34,17 +34,30 @@ def step(t: CafeEmbeddingBag, ids: torch.Tensor, weights: torch.Tensor | None = 
     return out.detach()
 
 
-def test_reference_defaults_by_nearest_ratio():
-    assert reference_defaults(10) == (20, 0.5)
-    assert reference_defaults(100) == (100, 0.3)
-    assert reference_defaults(1000) == (500, 0.2)
-    assert reference_defaults(10000) == (500, 0.1)
-    assert reference_defaults(80) == (100, 0.3)  # 100x is nearer than 50x in log scale
-    t = table(ratio=100)
-    assert t.sketch.threshold == 100
-    t2 = table(ratio=100, threshold=7, decay=0.9, hash_rate=0.6, importance="frequency")
+def test_reference_hash_rate_by_nearest_ratio():
+    assert reference_hash_rate(10) == 0.5
+    assert reference_hash_rate(100) == 0.3
+    assert reference_hash_rate(1000) == 0.2
+    assert reference_hash_rate(10000) == 0.1
+    assert reference_hash_rate(80) == 0.3  # 100x is nearer than 50x in log scale
+
+
+@pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
+def test_budget_built_sketch_has_the_declared_threshold_and_hysteresis_and_takes_overrides(method):
+    """T and the preemption margin are the declared defaults at every ratio (not the artifact's T per
+    ratio); options replace them, and hysteresis 1/0.98 is exactly the one-decay margin of ``None``."""
+    declared = {o.name: o.default for o in CafeEmbeddingBag.OPTIONS}
+    for ratio in (10, 100, 1000):
+        t = table(method, ratio)
+        assert t.sketch.threshold == declared["threshold"] == 10.0
+        assert t.sketch.preempt_margin == 1 / declared["hysteresis"] == 0.5
+    t = table(method, ratio=100)
+    t2 = table(method, ratio=100, threshold=7, decay=0.9, hash_rate=0.6, importance="frequency", hysteresis=1.5)
     assert (t2.sketch.threshold, t2.sketch.decay, t2.importance) == (7, 0.9, "frequency")
+    assert t2.sketch.preempt_margin == 1 / 1.5
     assert t2.num_hash_rows > t.num_hash_rows  # a larger hash_rate buys hash rows with hot rows
+    one_decay = table(method, ratio=100, hysteresis=1.0204081632653061).sketch
+    assert one_decay.preempt_margin == HotSketch(1, 1, 5.0, hysteresis=None).preempt_margin
 
 
 @pytest.mark.parametrize("method", ["cafe", "cafe-ml"])
@@ -87,7 +100,7 @@ def test_memory_counts_every_buffer(method, ratio, key_dtype):
         v.numel() * v.element_size() for k, v in state.items() if k.startswith("sketch."))
     hash_bytes = t.num_hash_rows * DIM * 4
     budget = ec.full_table_bytes(FIELDS, DIM) / ratio
-    _, rate = reference_defaults(ratio)
+    rate = reference_hash_rate(ratio)
     assert abs(hash_bytes / budget - rate) < 0.05 + (0.2 if method == "cafe-ml" else 0)
     if method == "cafe-ml":
         assert int(t.rows2.sum()) > 0 and t.num_hash_rows == int(t.rows.sum() + t.rows2.sum())
