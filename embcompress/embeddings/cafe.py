@@ -541,7 +541,7 @@ class CafeEmbeddingBag(IndexedEmbeddingBag):
             hash_rows = min(total, max(hash_rows, spare // row))
             log.warning("%s: %d bytes cannot honour hash_rate=%g: the hash rows (at least one per field) take "
                         "%.0f%% of them, leaving %d hot rows. Plain 'hash' may do better: it beat cafe on a "
-                        "4.3 KB table of 26 fields (README, 'The method comparison').", getattr(cls, "name", "cafe"),
+                        "4.3 KB table of 26 fields (docs/results.md, 'The method comparison').", getattr(cls, "name", "cafe"),
                         budget_bytes, hash_rate, 100 * hash_rows * row / budget_bytes, hot_rows)
         return hash_rows, hot_rows, opts
 
