@@ -43,8 +43,10 @@ def test_every_method_rejects_an_unknown_option_listing_the_valid_ones():
 
 
 def test_options_in_range_build_and_null_means_auto():
-    t = ec.make_table("cafe", SIZES, 8, compression=10, hash_rate=0.5, threshold=None, slots=2)
-    assert t.sketch.keys.shape[1] == 2
+    t = ec.make_table("cafe", SIZES, 8, compression=10, hash_rate=None, threshold=20, slots=2)
+    assert t.sketch.keys.shape[1] == 2 and t.sketch.threshold == 20
+    with pytest.raises(OptionError, match=r"option threshold must be a number > 0, got null"):
+        ec.make_table("cafe", SIZES, 8, compression=10, threshold=None)  # null only where the method chooses
     ec.make_table("tt", SIZES, 8, compression=4, q_shape=[2, 4], num_cores=2)
     with pytest.raises(OptionError, match=r"q_shape must be a list of integers"):
         ec.make_table("tt", SIZES, 8, compression=4, q_shape="2x4")
