@@ -104,11 +104,11 @@ struct Changes {
 // Waiting entries (non-hot, score >= T) left after the previous call: given when nothing else changed
 // the sketch since, so that only they and the slots this batch raised to T need looking at (no scan).
 struct Waiting {
-    const int64_t* before = nullptr;  // ascending
+    const int64_t* before = nullptr;  // distinct, in no order
     int64_t n_before = -1;  // -1: unknown, scan
     int64_t used = -1;  // rows in use (-1: unknown, count them)
-    std::vector<int64_t> touched;  // slots this batch left non-hot at score >= T
-    int64_t* after = nullptr;  // out: the waiting entries left, ascending
+    std::vector<int64_t> touched;  // slots this batch brought to score >= T, non-hot, that are not in before
+    int64_t* after = nullptr;  // out: the waiting entries left, distinct, in no order
     int64_t n_after = 0;
 };
 
@@ -141,9 +141,7 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
             if (t[f].hot < 0 && t[f].score >= p.threshold) wait.push_back(f);
         };
         for (int64_t i = 0; i < waiting.n_before; ++i) consider(waiting.before[i]);
-        for (int64_t f : waiting.touched) consider(f);
-        std::sort(wait.begin(), wait.end());
-        wait.erase(std::unique(wait.begin(), wait.end()), wait.end());
+        for (int64_t f : waiting.touched) consider(f);  // distinct from before: no sort, no dedup
         used = waiting.used;
         if (used < 0)
             for (int64_t r = 0; r < p.rows; ++r) used += s.used[r] != 0;
@@ -170,14 +168,24 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
     }
     std::vector<int64_t> left;  // waiting entries after promotion and preemption
     if (!wait.empty()) {
-        // highest score first, ties by slot position (wait is ascending)
-        std::stable_sort(wait.begin(), wait.end(), [&](int64_t a, int64_t b) { return t[a].score > t[b].score; });
-        size_t k = 0;
-        for (int64_t r = 0; r < p.rows && k < wait.size() && used < p.rows; ++r) {  // free rows, smallest first
+        // Waiting entries are taken highest score first, ties by slot position, and preemption pairs them
+        // with the hot entries lowest (score, slot) first. Both are heaps popped only as far as entries are
+        // taken: with a low T most entries wait and most batches move none, so sorting them all would cost
+        // more than the rest of the insert.
+        auto behind = [&](int64_t a, int64_t b) {  // a is taken after b
+            return t[a].score < t[b].score || (t[a].score == t[b].score && a > b);
+        };
+        std::make_heap(wait.begin(), wait.end(), behind);
+        size_t queued = wait.size();  // wait[0, queued) is the heap
+        auto take = [&]() {
+            std::pop_heap(wait.begin(), wait.begin() + queued, behind);
+            return wait[--queued];
+        };
+        for (int64_t r = 0; r < p.rows && queued > 0 && used < p.rows; ++r) {  // free rows, smallest first
             const void* free = std::memchr(s.used + r, 0, (size_t)(p.rows - r));
             if (!free) break;
             r = (const uint8_t*)free - s.used;
-            const int64_t f = wait[k++];
+            const int64_t f = take();
             t[f].hot = (int32_t)r;
             s.used[r] = 1;
             ++used;
@@ -185,19 +193,20 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
             out.prom_ids[out.n_prom] = (int64_t)t[f].key;
             out.prom_rows[out.n_prom++] = r;
         }
-        size_t swapped = 0;
-        if (p.preempt && k < wait.size()) {
+        if (p.preempt && queued > 0) {
             // the i-th highest waiting entry against the i-th lowest-scored hot entry
             if (!hot_listed) list_hot();
-            const size_t n = std::min(wait.size() - k, hot.size());
-            auto lower = [&](int64_t a, int64_t b) {
+            auto above = [&](int64_t a, int64_t b) {  // hot entry a is given up after b
                 const float x = t[a].score + 0.0f, y = t[b].score + 0.0f;
-                return x < y || (x == y && a < b);
+                return y < x || (x == y && b < a);
             };
-            std::partial_sort(hot.begin(), hot.begin() + n, hot.end(), lower);
-            for (; swapped < n; ++swapped) {
-                const int64_t win = wait[k + swapped], lose = hot[swapped];
+            std::make_heap(hot.begin(), hot.end(), above);
+            size_t held = hot.size();
+            while (queued > 0 && held > 0) {
+                const int64_t win = wait[0], lose = hot[0];
                 if (!(t[win].score * p.margin > t[lose].score)) break;  // the swaps are a prefix
+                take();
+                std::pop_heap(hot.begin(), hot.begin() + held--, above);
                 const int32_t row = t[lose].hot;
                 t[lose].hot = -1;
                 t[win].hot = row;
@@ -208,10 +217,9 @@ void maintain(Sketch<K>& s, Changes& out, Waiting& waiting) {
                 if (t[lose].score >= p.threshold) left.push_back(lose);
             }
         }
-        left.insert(left.end(), wait.begin() + k + swapped, wait.end());
+        left.insert(left.end(), wait.begin(), wait.begin() + queued);
     }
     if (waiting.after) {
-        std::sort(left.begin(), left.end());
         std::copy(left.begin(), left.end(), waiting.after);
         waiting.n_after = (int64_t)left.size();
     }
@@ -281,8 +289,10 @@ void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, doubl
             m += f < 0;
             const uintptr_t keep = (uintptr_t)0 - (uintptr_t)(f >= 0);  // a select, not a branch
             Slot<K>* x = (Slot<K>*)(((uintptr_t)(t + f) & keep) | ((uintptr_t)&scratch & ~keep));
+            const float was = x->score;
             x->score += a;
-            if (track && x->hot < 0 && x->score >= p.threshold) waiting.touched.push_back(f);
+            // a non-hot slot at >= T before this batch is in waiting.before: list only those crossing T
+            if (track && x->hot < 0 && x->score >= p.threshold && !(was >= p.threshold)) waiting.touched.push_back(f);
         }
         // 2. newcomers grouped by bucket, in batch order within a bucket (stable LSD radix passes over the
         // bucket's bytes), so that each bucket's newcomers and then its slots are read in sequence
@@ -337,7 +347,9 @@ void insert(Sketch<K>& s, int64_t n, const int64_t* ids, const float* add, doubl
                 if (!(slot_score < INF) || !(r == 0 || nc.score > slot_score)) continue;
                 bk[j].key = (K)nc.id;
                 bk[j].score = std::max(slot_score, 0.0f) + nc.score;
-                if (track && bk[j].hot < 0 && bk[j].score >= p.threshold) waiting.touched.push_back((int64_t)b * c + j);
+                // a slot whose evicted entry was waiting is listed already (each slot takes one newcomer)
+                if (track && bk[j].hot < 0 && bk[j].score >= p.threshold && !(slot_score >= p.threshold))
+                    waiting.touched.push_back((int64_t)b * c + j);
             }
         }
         *s.mass += mass_add;

@@ -411,6 +411,7 @@ def _zipf(n, universe, seed):
     (8, 20, 2.0, 3000, torch.int64, True, True, True, None),  # hundreds of newcomers per bucket
     (64, 40, 5.0, 300, torch.int64, False, True, True, 2.0),  # preemption with hysteresis 2
     (128, 50, 0.3, 700, torch.int32, True, True, True, 1.5),
+    (96, 48, 0.5, 400, torch.int64, True, True, False, 2.0),  # cafe's rule: most entries wait at a low T
 ])
 def test_compiled_insert_gives_the_state_of_the_pytorch_path(kernels, buckets, rows, threshold, batch, key_dtype,
                                                             scored, preempt, pressure, hysteresis):
