@@ -60,12 +60,9 @@ class CafeTTEmbeddingBag(TTEmbeddingBag):
     OPTIONS = (
         Option("hot_share", "float", 0.75, "share of the budget that buys hot rows and their sketch; the TT "
                "takes the rest (and hands back what it cannot use)", low=0, high=1, low_open=True, high_open=True),
-        Option("threshold", "float", THRESHOLD, "lookup count a feature needs for a hot row (T)", low=0,
-               low_open=True),
-        Option("hysteresis", "float", HYSTERESIS, "how many times a hot feature's count a waiting feature needs "
-               "to take its row", low=1),
-        *(_option(CafeEmbeddingBag, name) for name in ("decay", "decay_mass", "pressure_decay", "preempt", "slots",
-                                                       "buckets_per_row", "key_dtype")),
+        *(_option(CafeEmbeddingBag, name) for name in ("threshold", "hysteresis", "decay", "decay_mass",
+                                                       "pressure_decay", "preempt", "slots", "buckets_per_row",
+                                                       "key_dtype")),
         *(_option(TTEmbeddingBag, name) for name in ("layout", "num_cores", "q_shape", "ranks", "max_rank",
                                                      "core_scale", "init_scale", "seed", "mode", "sparse")),
     )
